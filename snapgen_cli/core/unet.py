@@ -1,0 +1,304 @@
+"""The SnapGen efficient UNet (paper sec. 3.1, Fig. 2) and its named presets.
+
+One config describes every rung of the Fig. 2 ablation ladder:
+
+====  ====================================================  =========================================
+step  change (sec. 3.1)                                      config switch
+====  ====================================================  =========================================
+(a)   thin SDXL UNet: channels [256, 512, 896],              ``block_channels``, ``transformer_depth``
+      transformer blocks [0, 2, 4]
+(b)   self-attention only in the lowest-resolution stage     ``self_attention=(False, False, True)``
+(c)   residual blocks as expanded separable convs            ``resblock="sepconv"``, ``sepconv_expansion=2``
+(d)   FFN expansion 3 (gated) and MQA                        ``ffn_mult=3``, ``attention="mqa"``
+(e)   stage 1: cross-attention + FFN blocks replace the      ``first_stage="transformer"``
+      residual blocks (no self-attention)
+(f)   QK RMSNorm and 2D RoPE                                 ``qk_norm=True``, ``rope=True``
+====  ====================================================  =========================================
+
+Decisions where the paper is silent (all config keys, documented here once):
+
+* **Layout** follows SDXL: ``layers_per_block=2`` layers per down stage and 3 per up
+  stage, a mid block (res, transformer, res) at the lowest resolution whose
+  transformer depth equals the last stage's, skip connections concatenated.
+* **Timestep + pooled text** enter the SD3 way: a sinusoidal timestep embedding
+  (timestep in [0, 1000], i.e. ``sigma * 1000`` for flow matching) through an MLP,
+  plus an MLP of the pooled text vector, summed into one conditioning vector that
+  every residual block adds to its features.
+* **Text conditioning** (see ``core/text.py``): CLIP-L (768) and CLIP-G (1280)
+  penultimate token features are concatenated along channels (2048) and zero-padded
+  to Gemma-2-2b's width (2304); the Gemma tokens are appended along the sequence. So
+  ``context_dim=2304`` and ``pooled_dim=768+1280=2048`` for ``snapgen-t2i``. The
+  ImageNet model uses one CLIP-L text encoder (sup. H): ``context_dim=pooled_dim=768``,
+  and an 8-channel autoencoder latent (sup. H), so ``in_channels=8``.
+* **Attention** uses 64-channel heads; MQA keeps one 64-channel key/value head.
+  RoPE is applied in self-attention only; QK-norm in self- and cross-attention.
+* **Stage-1 transformer layers** (step e) hold ``first_stage_depth=1`` block each and
+  take the place of the residual blocks one for one; a 1x1 projection carries the
+  residual where a skip connection changes the channel count.
+* **Separable convs** (step c) also replace the 3x3 convs of the down/up-samplers
+  ("we replace all Conv layers with SepConv"); ``conv_in``/``conv_out`` stay regular.
+* **Feature distillation** (sec. 3.3, Eq. 5) reads the output of the last layer
+  that contains a transformer (the last one run in the decoder path), returned by
+  ``forward(..., return_features=True)``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.embeddings import PixArtAlphaTextProjection, TimestepEmbedding, Timesteps
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import BaseOutput
+from torch import nn
+
+from .blocks import Downsample, ResBlock, Transformer2D, Upsample, group_norm
+
+
+@dataclass
+class SnapGenUNetOutput(BaseOutput):
+    """``sample``: the predicted velocity (flow) or noise (DDPM); ``features``: the last
+    transformer layer's feature map (B, C, H, W) when requested, else ``None``."""
+
+    sample: torch.Tensor
+    features: torch.Tensor | None = None
+
+
+class UNetLayer(nn.Module):
+    """One UNet layer: a residual block and/or a transformer (SDXL: res -> transformer)."""
+
+    def __init__(self, in_ch: int, out_ch: int, depth: int, *, stage_cfg: dict, transformer_only: bool):
+        super().__init__()
+        c = stage_cfg
+        tkw = dict(context_dim=c["context_dim"], head_dim=c["attention_head_dim"], mqa=c["attention"] == "mqa",
+                   qk_norm=c["qk_norm"], rope=c["rope"], rope_theta=c["rope_theta"],
+                   ffn_mult=c["ffn_mult"], ffn_gated=c["ffn_gated"])
+        if transformer_only:
+            self.res = None
+            self.attn = Transformer2D(in_ch, out_ch, depth, self_attention=False, **tkw)
+        else:
+            self.res = ResBlock(in_ch, out_ch, c["time_embed_dim"], c["resblock"], c["sepconv_expansion"])
+            self.attn = (Transformer2D(out_ch, out_ch, depth, self_attention=c["self_attention"], **tkw)
+                         if depth > 0 else None)
+
+    def forward(self, x, temb, context, mask):
+        if self.res is not None:
+            x = self.res(x, temb)
+        if self.attn is not None:
+            x = self.attn(x, context, mask)
+        return x
+
+
+class SnapGenUNet(ModelMixin, ConfigMixin):
+    """Efficient UNet of SnapGen. See the module docstring for the config switches."""
+
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 16,
+        out_channels: int = 16,
+        block_channels: tuple[int, ...] = (256, 512, 896),
+        transformer_depth: tuple[int, ...] = (0, 2, 4),
+        layers_per_block: int = 2,
+        self_attention: tuple[bool, ...] = (False, False, True),
+        resblock: str = "sepconv",
+        sepconv_expansion: int = 2,
+        ffn_mult: float = 3.0,
+        ffn_gated: bool = True,
+        attention: str = "mqa",
+        attention_head_dim: int = 64,
+        first_stage: str = "transformer",
+        first_stage_depth: int = 1,
+        qk_norm: bool = True,
+        rope: bool = True,
+        rope_theta: float = 10000.0,
+        context_dim: int = 2304,
+        pooled_dim: int = 2048,
+        time_embed_dim: int = 1024,
+    ):
+        super().__init__()
+        n = len(block_channels)
+        if not (len(transformer_depth) == len(self_attention) == n):
+            raise ValueError("block_channels, transformer_depth and self_attention must have the same length")
+        if attention not in ("mhsa", "mqa"):
+            raise ValueError(f"attention must be 'mhsa' or 'mqa', got {attention!r}")
+        if first_stage not in ("resnet", "transformer"):
+            raise ValueError(f"first_stage must be 'resnet' or 'transformer', got {first_stage!r}")
+        self.gradient_checkpointing = False
+        base = dict(context_dim=context_dim, attention_head_dim=attention_head_dim, attention=attention,
+                    qk_norm=qk_norm, rope=rope, rope_theta=rope_theta, ffn_mult=ffn_mult, ffn_gated=ffn_gated,
+                    time_embed_dim=time_embed_dim, resblock=resblock, sepconv_expansion=sepconv_expansion)
+        stage_cfgs = [dict(base, self_attention=self_attention[i]) for i in range(n)]
+        sep = resblock == "sepconv"
+
+        c0 = block_channels[0]
+        self.time_proj = Timesteps(c0, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.time_embedding = TimestepEmbedding(c0, time_embed_dim)
+        self.pooled_embedding = PixArtAlphaTextProjection(pooled_dim, time_embed_dim, act_fn="silu")
+        self.conv_in = nn.Conv2d(in_channels, c0, 3, padding=1)
+
+        def make_layer(stage, cin, cout):
+            only_t = stage == 0 and first_stage == "transformer"
+            depth = first_stage_depth if only_t else transformer_depth[stage]
+            return UNetLayer(cin, cout, depth, stage_cfg=stage_cfgs[stage], transformer_only=only_t)
+
+        skip_ch = [c0]
+        ch = c0
+        self.down = nn.ModuleList()
+        self.downsamplers = nn.ModuleList()
+        for i, cout in enumerate(block_channels):
+            layers = nn.ModuleList()
+            for _ in range(layers_per_block):
+                layers.append(make_layer(i, ch, cout))
+                ch = cout
+                skip_ch.append(ch)
+            self.down.append(layers)
+            if i < n - 1:
+                self.downsamplers.append(Downsample(ch, sep))
+                skip_ch.append(ch)
+
+        mid_cfg = stage_cfgs[-1]
+        self.mid = UNetLayer(ch, ch, transformer_depth[-1], stage_cfg=mid_cfg, transformer_only=False)
+        self.mid_res = ResBlock(ch, ch, time_embed_dim, resblock, sepconv_expansion)
+
+        self.up = nn.ModuleList()
+        self.upsamplers = nn.ModuleList()
+        for i in reversed(range(n)):
+            cout = block_channels[i]
+            layers = nn.ModuleList()
+            for _ in range(layers_per_block + 1):
+                layers.append(make_layer(i, ch + skip_ch.pop(), cout))
+                ch = cout
+            self.up.append(layers)
+            if i > 0:
+                self.upsamplers.append(Upsample(ch, sep))
+
+        self.norm_out = group_norm(ch)
+        self.conv_out = nn.Conv2d(ch, out_channels, 3, padding=1)
+
+    def _run(self, module, *args):
+        if torch.is_grad_enabled() and self.gradient_checkpointing:
+            return self._gradient_checkpointing_func(module, *args)
+        return module(*args)
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float,
+        encoder_hidden_states: torch.Tensor,
+        pooled_projections: torch.Tensor,
+        encoder_attention_mask: torch.Tensor | None = None,
+        return_features: bool = False,
+        return_dict: bool = True,
+    ):
+        """Predict the flow velocity (or DDPM noise) for ``sample`` (B, C, H, W).
+
+        ``timestep`` is in [0, 1000] (``sigma * 1000`` for flow matching), a scalar or (B,).
+        ``encoder_hidden_states`` (B, L, context_dim), ``pooled_projections`` (B, pooled_dim),
+        ``encoder_attention_mask`` optional (B, L) bool, True where a token is attended.
+        H and W must be divisible by ``2 ** (len(block_channels) - 1)``.
+        """
+        factor = 2 ** (len(self.config.block_channels) - 1)
+        if sample.shape[-1] % factor or sample.shape[-2] % factor:
+            raise ValueError(f"latent size {tuple(sample.shape[-2:])} must be divisible by {factor}")
+        b = sample.shape[0]
+        t = torch.as_tensor(timestep, device=sample.device, dtype=torch.float32)
+        t = t.expand(b) if t.ndim == 0 else t
+        temb = self.time_embedding(self.time_proj(t).to(sample.dtype))
+        temb = temb + self.pooled_embedding(pooled_projections.to(temb.dtype))
+        ctx, mask = encoder_hidden_states, encoder_attention_mask
+        if mask is not None:
+            mask = mask.bool()
+
+        feats = None
+        h = self.conv_in(sample)
+        skips = [h]
+        for i, layers in enumerate(self.down):
+            for layer in layers:
+                h = self._run(layer, h, temb, ctx, mask)
+                feats = h if layer.attn is not None else feats
+                skips.append(h)
+            if i < len(self.downsamplers):
+                h = self.downsamplers[i](h)
+                skips.append(h)
+        h = self._run(self.mid, h, temb, ctx, mask)
+        feats = h if self.mid.attn is not None else feats
+        h = self.mid_res(h, temb)
+        for i, layers in enumerate(self.up):
+            for layer in layers:
+                h = self._run(layer, torch.cat([h, skips.pop()], dim=1), temb, ctx, mask)
+                feats = h if layer.attn is not None else feats
+            if i < len(self.upsamplers):
+                h = self.upsamplers[i](h)
+        out = self.conv_out(F.silu(self.norm_out(h)))
+        feats = feats if return_features else None
+        if not return_dict:
+            return (out, feats)
+        return SnapGenUNetOutput(sample=out, features=feats)
+
+
+# ----------------------------------------------------------------------------------------
+# Presets: the Fig. 2 ladder, the two paper models, and a CPU-sized model for tests/demo.
+
+#: The ladder models are the paper's ImageNet ablation models (sec. 3.1, "Evaluation
+#: Metrics"; sup. H): one CLIP-L text encoder (768-wide tokens and pooled vector) and an
+#: 8-channel autoencoder; Fig. 3 measures them on a 128x128 latent.
+_LADDER_A = dict(
+    block_channels=(256, 512, 896), transformer_depth=(0, 2, 4), self_attention=(True, True, True),
+    resblock="conv", ffn_mult=4.0, attention="mhsa", first_stage="resnet", qk_norm=False, rope=False,
+    in_channels=8, out_channels=8, context_dim=768, pooled_dim=768,
+)
+_STEPS = [
+    ("ladder-a", "thin SDXL baseline", {}),
+    ("ladder-b", "self-attention only in the lowest-resolution stage", dict(self_attention=(False, False, True))),
+    ("ladder-c", "expanded separable conv residual blocks", dict(resblock="sepconv", sepconv_expansion=2)),
+    ("ladder-d1", "FFN expansion 4 -> 3 (gated)", dict(ffn_mult=3.0)),
+    ("ladder-d2", "MQA instead of MHSA", dict(attention="mqa")),
+    ("ladder-e", "stage 1: cross-attention + FFN blocks", dict(first_stage="transformer")),
+    ("ladder-f", "QK RMSNorm + 2D RoPE", dict(qk_norm=True, rope=True)),
+]
+
+#: Paper's stated change of each ladder step against the previous one (sec. 3.1), in %.
+PAPER_LADDER_DELTAS: dict[str, dict[str, float]] = {
+    "ladder-b": {"macs": -17.0},
+    "ladder-c": {"params": -15.0, "macs": -27.0},
+    "ladder-d1": {"params": -12.0, "macs": -12.0},
+    "ladder-d2": {"params": -16.0, "macs": -6.0},
+}
+
+LADDER: list[tuple[str, str]] = [(name, what) for name, what, _ in _STEPS]
+
+UNET_PRESETS: dict[str, dict] = {}
+_cfg: dict = dict(_LADDER_A)
+for _name, _what, _change in _STEPS:
+    _cfg = {**_cfg, **_change}
+    UNET_PRESETS[_name] = dict(_cfg)
+
+UNET_PRESETS["snapgen-imagenet"] = dict(UNET_PRESETS["ladder-f"])
+UNET_PRESETS["snapgen-t2i"] = dict(UNET_PRESETS["ladder-f"], in_channels=16, out_channels=16,
+                                   context_dim=2304, pooled_dim=2048)
+UNET_PRESETS["tiny"] = dict(
+    UNET_PRESETS["ladder-f"], block_channels=(32, 64, 128), transformer_depth=(0, 1, 1), layers_per_block=1,
+    attention_head_dim=32, context_dim=64, pooled_dim=64, time_embed_dim=128, in_channels=4, out_channels=4,
+)
+
+#: Parameter counts the paper reports for its two models.
+PAPER_PARAMS = {"snapgen-t2i": 379e6, "snapgen-imagenet": 372e6}
+
+
+def unet_config(preset: str, **overrides) -> dict:
+    """The config dict of a named preset, with ``overrides`` applied."""
+    if preset not in UNET_PRESETS:
+        raise KeyError(f"unknown UNet preset {preset!r}; choose one of: {', '.join(UNET_PRESETS)}")
+    cfg = copy.deepcopy(UNET_PRESETS[preset])
+    cfg.update(overrides)
+    return cfg
+
+
+def build_unet(preset: str = "snapgen-t2i", **overrides) -> SnapGenUNet:
+    return SnapGenUNet(**unet_config(preset, **overrides))
