@@ -1,0 +1,166 @@
+"""The ``snapgen`` command line: a Click group with one thin function per subcommand.
+
+Each subcommand turns its flags into a stage ``Config`` and calls the stage's ``run``;
+results go to stdout (a path, or one JSON object with ``--json``), progress and logs to
+stderr. Exit codes: 0 success, 2 bad usage or config, 1 runtime failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .errors import ConfigError, SnapgenError
+
+CONTEXT = dict(help_option_names=["-h", "--help"], show_default=True, max_content_width=100)
+
+
+def stderr_console() -> Console:
+    """Logs and progress go to stderr; a non-terminal gets a wide, colourless console."""
+    tty = sys.stderr.isatty()
+    return Console(file=sys.stderr, width=None if tty else 140, no_color=not tty and "FORCE_COLOR" not in os.environ)
+
+
+def emit(result, as_json: bool, text: str | None = None) -> None:
+    """The result on stdout: one JSON object with ``--json``, else ``text`` (e.g. a path)."""
+    if as_json:
+        click.echo(json.dumps(result, default=str, sort_keys=True))
+    elif text is not None:
+        click.echo(text)
+
+
+def _stage_config(module, values: dict):
+    """Flags -> the stage's Config; a bad value names the flag (``--resolution: ...``)."""
+    from pydantic import ValidationError
+
+    from .recipe import format_validation_error
+
+    try:
+        return module.Config.model_validate({k: v for k, v in values.items() if v is not None})
+    except ValidationError as exc:
+        key, _, rest = format_validation_error(exc, "").partition(":")
+        raise ConfigError(f"--{key.split('.')[0].replace('_', '-')}:{rest}") from None
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, prog_name="snapgen")
+def cli():
+    """snapgen: train, distill, evaluate, export and benchmark SnapGen-style text-to-image models
+    (SnapGen: an efficient 379M UNet + a 1.38M tiny decoder, Hu et al. 2024).
+
+    \b
+    Replay a recipe:     snapgen run recipes/paper.toml --dry-run
+    Benchmark a model:   snapgen bench-device --model unet --preset snapgen-t2i --json
+    """
+
+
+# ----------------------------------------------------------------------------------------- run
+
+@cli.command("run", context_settings=CONTEXT)
+@click.argument("recipe", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--dry-run", is_flag=True, help="Validate, build every model on the meta device, print the plan.")
+@click.option("--from", "start", metavar="STAGE", help="Start at this stage (earlier ones must be done).")
+@click.option("--only", metavar="STAGE", help="Run only this stage.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
+              help="Override a recipe value, e.g. --set stages.pretrain.steps=10 (TOML value syntax).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Run directory (default: the recipe's run.out_dir).")
+@click.option("--fresh", is_flag=True, help="Ignore done-markers and run every selected stage again.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def run_cmd(recipe, dry_run, start, only, overrides, out_dir, fresh, as_json):
+    """Run the stages of RECIPE in order, each reading the previous stage's output.
+
+    Stages that finished (marked atomically after success) are skipped on re-run.
+    """
+    from .recipe import load_recipe, plan_recipe, run_recipe, select_stages
+
+    if recipe is None:
+        raise ConfigError("run: give a recipe file, e.g. snapgen run recipes/paper.toml")
+    rec = load_recipe(recipe, overrides)
+    run_dir = Path(out_dir or rec.run.out_dir)
+    stages = select_stages(rec, start, only)
+    console = stderr_console()
+    if dry_run:
+        rows = plan_recipe(rec, run_dir, stages, console)
+        _print_plan(rec, rows, console)
+        emit(dict(recipe=str(recipe), run_dir=str(run_dir), plan=rows), as_json, str(run_dir))
+        return
+    results = run_recipe(rec, run_dir, stages, console, fresh=fresh)
+    emit(dict(recipe=str(recipe), run_dir=str(run_dir), stages=results), as_json, str(run_dir))
+
+
+def _print_plan(rec, rows, console) -> None:
+    t = Table(title=f"plan: {rec.run.name} ({len(rec.stages)} stages)")
+    for col in ("stage", "kind", "model", "params", "inputs", "outputs"):
+        t.add_column(col, overflow="fold")
+    for r in rows:
+        params = "-" if r["params"] is None else f"{r['params'] / 1e6:,.2f}M"
+        t.add_row(r["stage"], r["kind"], r["model"], params, "\n".join(r["inputs"]) or "-", "\n".join(r["outputs"]) or "-")
+    console.print(t)
+
+
+# -------------------------------------------------------------------------------- bench-device
+
+@cli.command("bench-device", context_settings=CONTEXT)
+@click.option("--model", type=click.Choice(["unet", "decoder", "sd3-decoder", "sdxl-unet"]), default="unet",
+              help="What to measure; sd3-decoder and sdxl-unet are the paper's baselines (public configs, random weights).")
+@click.option("--preset", help="Model preset (unet: snapgen-t2i, snapgen-imagenet, tiny, ladder-a..f; decoder: snapgen-decoder, tiny).")
+@click.option("--checkpoint", type=click.Path(path_type=Path), help="A saved model dir instead of a preset.")
+@click.option("--resolution", type=click.IntRange(min=32), default=1024, help="Image resolution (latent = /8).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1)
+@click.option("--context-len", type=click.IntRange(min=1), help="Text tokens (default: 77 CLIP, +256 Gemma for snapgen-t2i).")
+@click.option("--device", default="cpu", help="cpu, cuda[:i] or mps.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32")
+@click.option("--runs", type=click.IntRange(min=0), default=5, help="Timed runs (0: parameters and MACs only).")
+@click.option("--warmup", type=click.IntRange(min=0), default=1)
+@click.option("--compare", multiple=True, type=click.Choice(["unet", "decoder", "sd3-decoder", "sdxl-unet"]),
+              help="Also measure this target in the same run and report ratios (repeatable).")
+@click.option("--ablation-ladder", is_flag=True, help="Params/MACs of each Fig. 2 step at a 128x128 latent vs. the paper.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout (the table goes to stderr).")
+def bench_device_cmd(as_json, **flags):
+    """Parameters, MACs (= FLOPs/2, the paper's convention), latency and peak memory."""
+    from .stages import bench_device
+    from .stages.base import StageContext
+
+    flags["checkpoint"] = str(flags["checkpoint"]) if flags["checkpoint"] else None
+    flags["compare"] = list(flags["compare"])
+    cfg = _stage_config(bench_device, flags)
+    result = bench_device.run(cfg, StageContext(out_dir=None, console=stderr_console()))
+    emit(result, True if as_json else False)
+    if not as_json:
+        rows = result.get("ablation_ladder") or [result]
+        for r in rows:
+            click.echo(f"{r.get('step', r['name'])}\tparams={r['params']}\tmacs={r['macs']}"
+                       + (f"\tlatency_ms={r['latency_ms_median']:.2f}" if "latency_ms_median" in r else ""))
+
+
+# ------------------------------------------------------------------------------------- entry
+
+def main(argv=None) -> None:
+    """Console entry point: maps errors to one clear line and the documented exit codes."""
+    try:
+        cli.main(args=argv, prog_name="snapgen", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:  # usage errors: exit 2
+        exc.show()
+        sys.exit(exc.exit_code)
+    except SnapgenError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

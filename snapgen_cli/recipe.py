@@ -1,0 +1,295 @@
+"""Recipes: plain TOML -> typed, validated stage configs -> a run of stages in order.
+
+A recipe is a ``[run]`` table and a list of ``[[stages]]``::
+
+    [run]
+    name = "paper"
+    out_dir = "runs/paper"     # relative paths resolve against the current directory
+    seed = 0
+
+    [[stages]]
+    name = "pretrain"          # unique; the stage writes into <out_dir>/<name>
+    kind = "pretrain"          # which stage module runs it (see ``STAGE_KINDS``)
+    input = "previous"         # optional: "previous" (default), "@<stage name>" or a path
+    lr = 3e-4                  # every other key belongs to the stage kind's Config
+
+Validation errors name the key path and what was expected
+(``stages[2].lr: expected a positive number, got "fast"``) and exit with code 2.
+Each stage that succeeds gets an atomically written marker ``.snapgen-done.json`` in
+its output dir; a re-run skips stages that have one (``--fresh`` ignores them).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import ConfigError
+from .stages.base import PlanItem, StageContext, atomic_write_json
+
+#: Stage kinds and the modules that implement them (imported lazily).
+STAGE_KINDS: dict[str, str] = {
+    "bench-device": "snapgen_cli.stages.bench_device",
+}
+
+DONE_MARKER = ".snapgen-done.json"
+_RESERVED = ("name", "kind", "input")
+
+
+def stage_module(kind: str) -> ModuleType:
+    return importlib.import_module(STAGE_KINDS[kind])
+
+
+class RunSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = "run"
+    out_dir: str = "runs/run"
+    seed: int = Field(0, ge=0)
+    description: str = ""
+
+
+@dataclass
+class Stage:
+    index: int
+    name: str
+    kind: str
+    input: str | None
+    config: Any  # the kind's pydantic Config
+
+    @property
+    def module(self) -> ModuleType:
+        return stage_module(self.kind)
+
+
+@dataclass
+class Recipe:
+    path: Path | None
+    run: RunSection
+    stages: list[Stage]
+
+    def stage(self, name: str) -> Stage:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise ConfigError(f"no stage named {name!r} in the recipe; stages: {', '.join(s.name for s in self.stages)}")
+
+
+# ---------------------------------------------------------------------------------------
+# Errors: pydantic's structured errors -> one line naming the key path.
+
+def _fmt_path(prefix: str, loc: tuple) -> str:
+    out = prefix
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+_EXPECTED = {
+    "float_parsing": "expected a number", "float_type": "expected a number",
+    "int_parsing": "expected an integer", "int_type": "expected an integer", "int_from_float": "expected an integer",
+    "bool_parsing": "expected true or false", "bool_type": "expected true or false",
+    "string_type": "expected a string", "list_type": "expected a list", "dict_type": "expected a table",
+    "model_type": "expected a table", "tuple_type": "expected a list",
+    "missing": "missing required key",
+}
+
+
+def _expected(err: dict) -> str:
+    typ, ctx = err["type"], err.get("ctx") or {}
+    if typ in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        if typ == "greater_than" and ctx.get("gt") == 0:
+            return "expected a positive number"
+        op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}[typ]
+        return f"expected a number {op} {list(ctx.values())[0]}"
+    if typ == "literal_error":
+        return f"expected one of {ctx.get('expected')}"
+    if typ == "extra_forbidden":
+        return "unknown key"
+    if typ in ("value_error", "assertion_error"):
+        return str(ctx.get("error", err["msg"]))
+    if typ in ("too_short", "too_long"):
+        return err["msg"].lower()
+    return _EXPECTED.get(typ, err["msg"][0].lower() + err["msg"][1:])
+
+
+def format_validation_error(exc: ValidationError, prefix: str, allowed: list[str] | None = None) -> str:
+    """The first error of ``exc`` as one line ``<key path>: <expected>, got <value>``."""
+    err = exc.errors()[0]
+    path = _fmt_path(prefix, err["loc"])
+    msg = _expected(err)
+    if err["type"] == "extra_forbidden" and allowed:
+        return f"{path}: unknown key; allowed keys: {', '.join(sorted(allowed))}"
+    if err["type"] == "missing":
+        return f"{path}: {msg}"
+    return f"{path}: {msg}, got {json.dumps(err.get('input'), default=str)}"
+
+
+def validate_config(config_cls: type[BaseModel], data: dict, prefix: str) -> BaseModel:
+    try:
+        return config_cls.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, prefix, list(config_cls.model_fields) + list(_RESERVED))) from None
+
+
+# ---------------------------------------------------------------------------------------
+# Loading, overrides, validation.
+
+def read_toml(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: recipe file not found")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: malformed TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file") from None
+
+
+def _parse_value(text: str) -> Any:
+    """``--set`` values are TOML values (``5e-5``, ``true``, ``[256, 512]``, ``"x"``); a bare
+    word that is not valid TOML is taken as a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply ``key.path=value``. Stage keys may be addressed by index (``stages[2].lr`` or
+    ``stages.2.lr``) or by stage name (``stages.pretrain.lr``)."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected key.path=value")
+    key, value = assignment.split("=", 1)
+    parts = [p for p in key.replace("[", ".").replace("]", "").split(".") if p]
+    if not parts:
+        raise ConfigError(f"--set {assignment!r}: empty key")
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            if part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+                continue
+            named = [s for s in node if isinstance(s, dict) and s.get("name") == part]
+            if not named:
+                raise ConfigError(f"--set {key}: no stage with index or name {part!r}")
+            node = named[0]
+        else:
+            node = node.setdefault(part, {})
+            if not isinstance(node, (dict, list)):
+                raise ConfigError(f"--set {key}: {'.'.join(parts[:i + 1])} is not a table")
+    if not isinstance(node, dict):
+        raise ConfigError(f"--set {key}: cannot set a key inside a non-table value")
+    node[parts[-1]] = _parse_value(value)
+
+
+def parse_recipe(data: dict, path: Path | None = None) -> Recipe:
+    unknown = set(data) - {"run", "stages"}
+    if unknown:
+        raise ConfigError(f"{sorted(unknown)[0]}: unknown top-level key; allowed keys: run, stages")
+    try:
+        run = RunSection.model_validate(data.get("run", {}))
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, "run", list(RunSection.model_fields))) from None
+    raw_stages = data.get("stages", [])
+    if not isinstance(raw_stages, list) or not all(isinstance(s, dict) for s in raw_stages):
+        raise ConfigError("stages: expected an array of tables ([[stages]])")
+    stages, seen = [], set()
+    for i, raw in enumerate(raw_stages):
+        where = f"stages[{i}]"
+        kind = raw.get("kind")
+        if kind is None:
+            raise ConfigError(f"{where}.kind: missing required key; one of: {', '.join(STAGE_KINDS)}")
+        if kind not in STAGE_KINDS:
+            raise ConfigError(f"{where}.kind: unknown stage kind {kind!r}; expected one of: {', '.join(STAGE_KINDS)}")
+        name = raw.get("name", kind)
+        if not isinstance(name, str) or not name or "/" in name:
+            raise ConfigError(f"{where}.name: expected a non-empty string without '/', got {json.dumps(name)}")
+        if name in seen:
+            raise ConfigError(f"{where}.name: duplicate stage name {name!r}")
+        seen.add(name)
+        inp = raw.get("input")
+        if inp is not None and not isinstance(inp, str):
+            raise ConfigError(f"{where}.input: expected \"previous\", \"@<stage>\" or a path, got {json.dumps(inp)}")
+        if isinstance(inp, str) and inp.startswith("@") and inp[1:] not in seen:
+            raise ConfigError(f"{where}.input: {inp!r} does not name an earlier stage")
+        body = {k: v for k, v in raw.items() if k not in _RESERVED}
+        cfg = validate_config(stage_module(kind).Config, body, where)
+        stages.append(Stage(i, name, kind, inp, cfg))
+    return Recipe(path, run, stages)
+
+
+def load_recipe(path: Path, overrides: tuple[str, ...] = ()) -> Recipe:
+    data = read_toml(path)
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return parse_recipe(data, Path(path))
+
+
+# ---------------------------------------------------------------------------------------
+# Running.
+
+def select_stages(recipe: Recipe, start: str | None, only: str | None) -> list[Stage]:
+    if start and only:
+        raise ConfigError("--from and --only cannot be used together")
+    if only:
+        return [recipe.stage(only)]
+    if start:
+        return recipe.stages[recipe.stage(start).index:]
+    return list(recipe.stages)
+
+
+def _context(recipe: Recipe, stage: Stage, run_dir: Path, dry_run: bool, console) -> StageContext:
+    prev = run_dir / recipe.stages[stage.index - 1].name if stage.index > 0 else None
+    ctx = StageContext(out_dir=run_dir / stage.name, previous=prev, run_dir=run_dir,
+                       seed=recipe.run.seed, dry_run=dry_run, console=console)
+    if stage.input not in (None, "previous"):
+        ctx.previous = ctx.resolve_input(stage.input)
+    return ctx
+
+
+def plan_recipe(recipe: Recipe, run_dir: Path, stages: list[Stage], console) -> list[dict]:
+    rows = []
+    for st in stages:
+        ctx = _context(recipe, st, run_dir, True, console)
+        for item in st.module.plan(st.config, ctx):
+            rows.append(dict(stage=st.name, kind=st.kind, **item.__dict__))
+    return rows
+
+
+def run_recipe(recipe: Recipe, run_dir: Path, stages: list[Stage], console, fresh: bool = False) -> list[dict]:
+    """Run ``stages`` in order; skip those already marked done (unless ``fresh``)."""
+    results = []
+    for n, st in enumerate(stages, 1):
+        ctx = _context(recipe, st, run_dir, False, console)
+        marker = ctx.out_dir / DONE_MARKER
+        if marker.is_file() and not fresh:
+            console.print(f"[dim][{n}/{len(stages)}] {st.name}: done already, skipped[/dim]")
+            results.append({**json.loads(marker.read_text()), "stage": st.name, "skipped": True})
+            continue
+        if fresh:
+            marker.unlink(missing_ok=True)
+        console.rule(f"[bold][{n}/{len(stages)}] {st.name}[/bold] ({st.kind})")
+        ctx.out_dir.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        summary = st.module.run(st.config, ctx)
+        record = dict(summary=summary, wall_s=round(time.perf_counter() - t0, 3), kind=st.kind,
+                      config=st.config.model_dump(mode="json"))
+        atomic_write_json(marker, record)
+        results.append({**record, "stage": st.name, "skipped": False})
+    return results
+
+
+__all__ = ["STAGE_KINDS", "Recipe", "Stage", "PlanItem", "load_recipe", "parse_recipe", "plan_recipe",
+           "run_recipe", "select_stages", "apply_override", "validate_config", "format_validation_error"]

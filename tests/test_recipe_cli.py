@@ -1,0 +1,162 @@
+"""Recipes and the CLI contract: validation errors (one line, exit 2), overrides, stage selection, markers."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from snapgen_cli.errors import ConfigError
+from snapgen_cli.recipe import apply_override, load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+BENCH = """
+[run]
+name = "t"
+out_dir = "{out}"
+
+[[stages]]
+name = "a"
+kind = "bench-device"
+preset = "tiny"
+resolution = 64
+runs = 0
+
+[[stages]]
+name = "b"
+kind = "bench-device"
+preset = "tiny"
+resolution = 128
+runs = 0
+"""
+
+
+def _recipe(tmp_path, text=BENCH):
+    p = tmp_path / "r.toml"
+    p.write_text(text.format(out=tmp_path / "run"))
+    return p
+
+
+def _one_error_line(code, err, *needles):
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_malformed_toml(tmp_path, run_cli):
+    p = tmp_path / "bad.toml"
+    p.write_text("[run\nname = 'x'\n")
+    code, out, err = run_cli("run", p, "--dry-run")
+    _one_error_line(code, err, "bad.toml", "malformed TOML")
+    assert out == ""
+
+
+def test_unknown_key(tmp_path, run_cli):
+    p = _recipe(tmp_path, BENCH.replace('runs = 0\n', 'runs = 0\nspeed = 3\n', 1))
+    code, _, err = run_cli("run", p, "--dry-run")
+    _one_error_line(code, err, "stages[0].speed: unknown key", "allowed keys:", "resolution")
+
+
+def test_wrong_type(tmp_path, run_cli):
+    p = _recipe(tmp_path, BENCH.replace("resolution = 64", 'resolution = "fast"'))
+    code, _, err = run_cli("run", p, "--dry-run")
+    _one_error_line(code, err, 'stages[0].resolution: expected an integer, got "fast"')
+
+
+def test_negative_value_names_the_constraint(tmp_path, run_cli):
+    p = _recipe(tmp_path, BENCH.replace("resolution = 64", "resolution = -64"))
+    code, _, err = run_cli("run", p, "--dry-run")
+    _one_error_line(code, err, "stages[0].resolution: expected a positive number, got -64")
+
+
+def test_unknown_preset(tmp_path, run_cli):
+    p = _recipe(tmp_path, BENCH.replace('preset = "tiny"', 'preset = "huge"', 1))
+    code, _, err = run_cli("run", p, "--dry-run")
+    _one_error_line(code, err, "unknown UNet preset 'huge'", "snapgen-t2i")
+
+
+def test_unknown_stage_kind(tmp_path, run_cli):
+    p = _recipe(tmp_path, BENCH.replace('kind = "bench-device"', 'kind = "teleport"', 1))
+    code, _, err = run_cli("run", p, "--dry-run")
+    _one_error_line(code, err, "stages[0].kind: unknown stage kind 'teleport'")
+
+
+def test_missing_recipe_file(tmp_path, run_cli):
+    code, _, err = run_cli("run", tmp_path / "nope.toml", "--dry-run")
+    _one_error_line(code, err, "nope.toml: recipe file not found")
+
+
+def test_missing_checkpoint_dir(tmp_path, run_cli):
+    code, _, err = run_cli("bench-device", "--checkpoint", tmp_path / "missing", "--runs", "0")
+    _one_error_line(code, err, "missing", "no such file or directory")
+
+
+def test_bad_flag_value_names_the_flag(run_cli):
+    code, _, err = run_cli("bench-device", "--resolution", "100", "--runs", "0")
+    _one_error_line(code, err, "--resolution: expected a multiple of 32")
+    code, _, err = run_cli("bench-device", "--model", "gpt")
+    assert code == 2 and "Invalid value for '--model'" in err
+
+
+def test_set_overrides_by_name_and_index(tmp_path):
+    p = _recipe(tmp_path)
+    r = load_recipe(p, ("stages.b.resolution=256", "stages[0].runs=3", "run.seed=7"))
+    assert r.stages[1].config.resolution == 256 and r.stages[0].config.runs == 3 and r.run.seed == 7
+    with pytest.raises(ConfigError, match="no stage with index or name 'zzz'"):
+        load_recipe(p, ("stages.zzz.runs=1",))
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        apply_override({}, "novalue")
+
+
+def test_dry_run_plan_json(tmp_path, run_cli):
+    code, out, err = run_cli("run", _recipe(tmp_path), "--dry-run", "--json")
+    assert code == 0, err
+    plan = json.loads(out)["plan"]
+    assert [r["stage"] for r in plan] == ["a", "b"]
+    assert plan[0]["params"] > 0 and plan[0]["model"] == "unet:tiny"
+    assert not (tmp_path / "run").exists()  # a dry run writes nothing
+
+
+def test_run_marks_stages_and_skips_them_on_rerun(tmp_path, run_cli):
+    p = _recipe(tmp_path)
+    code, out, _ = run_cli("run", p, "--json")
+    assert code == 0
+    res = json.loads(out)["stages"]
+    assert [s["skipped"] for s in res] == [False, False]
+    marker = tmp_path / "run" / "a" / ".snapgen-done.json"
+    assert json.loads(marker.read_text())["summary"]["latent"] == 8
+    code, out, _ = run_cli("run", p, "--json")
+    assert [s["skipped"] for s in json.loads(out)["stages"]] == [True, True]
+    code, out, _ = run_cli("run", p, "--json", "--only", "b", "--fresh")
+    assert [(s["stage"], s["skipped"]) for s in json.loads(out)["stages"]] == [("b", False)]
+    code, out, _ = run_cli("run", p, "--json", "--from", "b")
+    assert [s["stage"] for s in json.loads(out)["stages"]] == ["b"]
+    code, _, err = run_cli("run", p, "--only", "zzz")
+    _one_error_line(code, err, "no stage named 'zzz'")
+
+
+def test_paper_recipe_dry_runs(run_cli):
+    code, out, err = run_cli("run", ROOT / "recipes" / "paper.toml", "--dry-run", "--json")
+    assert code == 0, err
+    stages = {r["stage"] for r in json.loads(out)["plan"]}
+    assert {"bench", "bench-imagenet", "bench-ladder"} <= stages
+
+
+def test_bench_device_json_and_compare(run_cli):
+    code, out, _ = run_cli("bench-device", "--preset", "tiny", "--resolution", "64", "--runs", "2",
+                           "--warmup", "0", "--compare", "unet", "--json")
+    assert code == 0
+    r = json.loads(out)
+    assert r["params"] > 0 and r["macs"] > 0 and r["latency_ms_median"] > 0
+    assert r["latency_ms_p25"] <= r["latency_ms_median"] <= r["latency_ms_p75"]
+    assert r["ratios"]["tiny"]["macs"] == 1.0
+
+
+def test_bench_device_ladder_json(run_cli):
+    code, out, _ = run_cli("bench-device", "--ablation-ladder", "--json")
+    rows = json.loads(out)["ablation_ladder"]
+    assert code == 0 and [r["step"] for r in rows][:2] == ["ladder-a", "ladder-b"]
+    assert rows[1]["paper"] == {"macs": -17.0} and rows[1]["delta_macs_pct"] == pytest.approx(-16.9, abs=0.5)

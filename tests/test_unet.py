@@ -1,0 +1,149 @@
+"""The efficient UNet (sec. 3.1): preset sizes vs. the paper, ladder switches, forward contract."""
+
+import pytest
+import torch
+
+from snapgen_cli.core.blocks import Attention, apply_rope, rope_2d
+from snapgen_cli.core.measure import count_macs, count_params
+from snapgen_cli.core.unet import LADDER, PAPER_LADDER_DELTAS, SnapGenUNet, build_unet
+
+
+def _meta_macs(model, latent, tokens):
+    c = model.config
+    with torch.device("meta"):
+        args = (torch.randn(1, c.in_channels, latent, latent), torch.tensor([500.0]),
+                torch.randn(1, tokens, c.context_dim), torch.randn(1, c.pooled_dim))
+        return count_macs(lambda: model(*args))
+
+
+def _meta(preset):
+    with torch.device("meta"):
+        return build_unet(preset)
+
+
+def test_t2i_params_within_3pct_of_paper():
+    n = count_params(_meta("snapgen-t2i"))
+    assert abs(n / 379e6 - 1) < 0.03, n
+
+
+def test_imagenet_params_and_macs_match_table1():
+    m = _meta("snapgen-imagenet")
+    assert abs(count_params(m) / 372e6 - 1) < 0.03
+    macs = _meta_macs(m, 32, 77)  # 256^2 image -> 32x32 latent, one CLIP-L text
+    assert abs(macs / 38e9 - 1) < 0.10, macs
+
+
+def test_ladder_deltas_track_the_paper():
+    rows = {}
+    for name, _ in LADDER:
+        m = _meta(name)
+        rows[name] = (count_params(m), _meta_macs(m, 128, 77))
+    names = [n for n, _ in LADDER]
+    for prev, cur in zip(names, names[1:]):
+        for key, idx in (("params", 0), ("macs", 1)):
+            paper = PAPER_LADDER_DELTAS.get(cur, {}).get(key)
+            if paper is None:
+                continue
+            ours = 100 * (rows[cur][idx] / rows[prev][idx] - 1)
+            # documented exception: (c) converts every 3x3 conv; the paper's -27% MACs is 7 points off
+            tol = 8 if (cur, key) == ("ladder-c", "macs") else 5
+            assert abs(ours - paper) <= tol, (cur, key, ours, paper)
+
+
+def test_switches_change_the_architecture():
+    a, b, e = _meta("ladder-a"), _meta("ladder-b"), _meta("ladder-e")
+    stage2 = lambda m: m.down[1][0].attn.blocks[0]  # noqa: E731
+    assert stage2(a).attn1 is not None and stage2(b).attn1 is None  # (b) no SA outside the lowest stage
+    assert b.down[2][0].attn.blocks[0].attn1 is not None
+    assert e.down[0][0].res is None and e.down[0][0].attn.blocks[0].attn1 is None  # (e) CA+FFN, no SA
+    d2 = _meta("ladder-d2")
+    assert d2.down[2][0].attn.blocks[0].attn2.to_k.out_features == 64  # MQA: one 64-wide K/V head
+    f = _meta("ladder-f")
+    assert f.down[2][0].attn.blocks[0].attn1.norm_q is not None and f.down[2][0].attn.use_rope
+
+
+def _tiny_inputs(model, b=2, hw=8, tokens=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = model.config
+    return (torch.randn(b, c.in_channels, hw, hw, generator=g), torch.tensor([100.0, 900.0][:b]),
+            torch.randn(b, tokens, c.context_dim, generator=g), torch.randn(b, c.pooled_dim, generator=g))
+
+
+def test_tiny_forward_shapes_features_and_golden_value():
+    torch.manual_seed(0)
+    model = build_unet("tiny").eval()
+    out = model(*_tiny_inputs(model), return_features=True)
+    assert out.sample.shape == (2, 4, 8, 8)
+    assert out.features.shape == (2, 32, 8, 8)  # last transformer layer: stage-1 CA+FFN, full resolution
+    assert model(*_tiny_inputs(model)).features is None
+    # golden value on the seeded tiny model (guards against silent architecture changes)
+    assert out.sample.double().abs().mean().item() == pytest.approx(0.295134, abs=1e-5)
+
+
+def test_timestep_text_and_mask_condition_the_output():
+    torch.manual_seed(0)
+    model = build_unet("tiny").eval()
+    x, t, ctx, pooled = _tiny_inputs(model)
+    base = model(x, t, ctx, pooled).sample
+    assert not torch.allclose(base, model(x, t + 50, ctx, pooled).sample)
+    assert not torch.allclose(base, model(x, t, ctx * 0, pooled).sample)
+    assert not torch.allclose(base, model(x, t, ctx, pooled * 0).sample)
+    mask = torch.ones(2, ctx.shape[1], dtype=torch.bool)
+    torch.testing.assert_close(model(x, t, ctx, pooled, encoder_attention_mask=mask).sample, base)
+    mask[:, 3:] = False  # masked tokens must not matter
+    ctx2 = ctx.clone()
+    ctx2[:, 3:] = 100.0
+    torch.testing.assert_close(model(x, t, ctx2, pooled, encoder_attention_mask=mask).sample,
+                               model(x, t, ctx, pooled, encoder_attention_mask=mask).sample)
+
+
+def test_save_load_roundtrip(tmp_path):
+    torch.manual_seed(0)
+    model = build_unet("tiny").eval()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "diffusion_pytorch_model.safetensors").is_file()
+    loaded = SnapGenUNet.from_pretrained(tmp_path).eval()
+    args = _tiny_inputs(model)
+    torch.testing.assert_close(loaded(*args).sample, model(*args).sample, rtol=0, atol=0)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = build_unet("tiny")
+    args = _tiny_inputs(model)
+    model(*args).sample.square().mean().backward()
+    ref = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.enable_gradient_checkpointing()
+    model(*args).sample.square().mean().backward()
+    for r, p in zip(ref, model.parameters()):
+        torch.testing.assert_close(p.grad, r, rtol=1e-5, atol=1e-6)
+
+
+def test_latent_size_must_fit_the_downsampling():
+    model = build_unet("tiny")
+    x, t, ctx, pooled = _tiny_inputs(model)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        model(x[..., :6, :6], t, ctx, pooled)
+
+
+def test_rope_2d_is_relative_and_norm_preserving():
+    cos, sin = rope_2d(4, 4, 16, 10000.0)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 16, generator=g), torch.randn(1, 1, 1, 16, generator=g)
+    rot = lambda x, i: apply_rope(x, cos[i:i + 1], sin[i:i + 1])  # noqa: E731
+    torch.testing.assert_close(rot(q, 5).norm(), q.norm())
+    # score depends only on the 2D offset: (1,1)-(0,0) == (3,2)-(2,1)
+    s1 = (rot(q, 1 * 4 + 1) * rot(k, 0)).sum()
+    s2 = (rot(q, 3 * 4 + 2) * rot(k, 2 * 4 + 1)).sum()
+    torch.testing.assert_close(s1, s2)
+
+
+def test_mqa_equals_mhsa_with_shared_kv_heads():
+    torch.manual_seed(0)
+    mqa = Attention(64, head_dim=16, mqa=True)
+    mhsa = Attention(64, head_dim=16, mqa=False)
+    mhsa.load_state_dict({**mqa.state_dict(), "to_k.weight": mqa.to_k.weight.repeat(4, 1),
+                          "to_v.weight": mqa.to_v.weight.repeat(4, 1)})
+    x = torch.randn(2, 10, 64)
+    torch.testing.assert_close(mqa(x), mhsa(x))
