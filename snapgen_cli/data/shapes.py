@@ -28,8 +28,8 @@ Decisions (the paper is silent; GenEval's own choices where it has them):
   pixel as a mix of background and one colour, which anti-aliased or blurred edges are).
 * **Layout.** Boxes are normalised to [0, 1] so one spec renders at any resolution;
   objects keep ``EDGE_MARGIN`` from the border and ``GAP`` between boxes (counting and
-  position stay well defined). Position layouts satisfy GenEval's relation rule with a
-  doubled threshold and show *only* the named relation, so they survive blur. Counting
+  position stay well defined). Position layouts show the named relation, and only it, under
+  GenEval's rule at any threshold up to twice GenEval's, so they survive blur. Counting
   uses 2-4 objects, like GenEval. Two-object, position and colour-attribution samples use
   two different shapes; colour attribution also two different colours.
 * **Rendering** draws at 4x and box-downsamples (anti-aliased edges, like a generated
@@ -67,6 +67,7 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 COLORS: tuple[str, ...] = tuple(PALETTE)
 BACKGROUND: tuple[int, int, int] = (240, 240, 240)
 CATEGORIES: tuple[str, ...] = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+COLOR_CATEGORIES: tuple[str, ...] = ("colors", "color_attr")  # the tasks whose prompts name colours
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 NUMBERS: dict[int, str] = {2: "two", 3: "three", 4: "four"}
 CAPTION_PREFIX = "a photo of "
@@ -113,7 +114,7 @@ class ShapeSpec:
 
     def prompt_only(self) -> ShapeSpec:
         """The spec as far as its caption tells it: no boxes, colours only where named."""
-        keep_color = self.category in ("colors", "color_attr")
+        keep_color = self.category in COLOR_CATEGORIES
         objects = tuple(ShapeObject(o.shape, o.color if keep_color else None) for o in self.objects)
         return ShapeSpec(self.category, objects, self.relation)
 
@@ -137,7 +138,7 @@ class ShapeSpec:
             )
             spec = cls(d["category"], objects, d.get("relation"))
         except (KeyError, TypeError) as e:
-            raise ConfigError(f"shape spec {d!r}: expected keys category, objects[shape, color, box], relation ({e})")
+            raise ConfigError(f"shape spec {d!r}: expected keys category, objects[shape, color, box], relation ({e})") from e
         validate(spec)
         return spec
 
@@ -154,11 +155,12 @@ def validate(spec: ShapeSpec) -> None:
     check(len(spec.objects), want, f"{spec.category}: number of objects")
     for i, o in enumerate(spec.objects):
         check(o.shape, SHAPES, f"objects[{i}].shape")
-        check(o.color, (None, *COLORS), f"objects[{i}].color")
+        check(o.color, COLORS if spec.category in COLOR_CATEGORIES else (None, *COLORS), f"objects[{i}].color")
     n_shapes = len({o.shape for o in spec.objects})
-    if spec.category == "counting" and n_shapes != 1:
-        raise ConfigError("shape spec counting: all objects must have the same shape")
-    if len(spec.objects) == 2 and n_shapes != 2:
+    if spec.category == "counting":
+        if n_shapes != 1:
+            raise ConfigError("shape spec counting: all objects must have the same shape")
+    elif len(spec.objects) == 2 and n_shapes != 2:
         raise ConfigError(f"shape spec {spec.category}: the two objects must have different shapes")
     check(spec.relation, RELATIONS if spec.category == "position" else (None,), "relation")
 
@@ -177,7 +179,7 @@ def _phrase(o: ShapeObject, with_color: bool) -> str:
 def caption(spec: ShapeSpec) -> str:
     """GenEval's prompt template for the spec's category (see the module table)."""
     objs = spec.objects
-    colored = spec.category in ("colors", "color_attr")
+    colored = spec.category in COLOR_CATEGORIES
     if spec.category == "counting":
         body = f"{NUMBERS[len(objs)]} {objs[0].shape}s"
     elif spec.category == "position":
@@ -222,7 +224,12 @@ def _layout(rng: np.random.Generator, n: int, relation: str | None = None) -> li
             boxes.append((float(x0), float(y0), float(x0 + s), float(y0 + s)))
         if not all(_apart(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1 :]):
             continue
-        if relation is None or relative_position(boxes[0], boxes[1], 2 * POSITION_THRESHOLD) == {relation}:
+        # Relations only vanish as the threshold grows: this shows `relation` alone for
+        # every threshold up to twice GenEval's.
+        if relation is None or (
+            relative_position(boxes[0], boxes[1], 0.0) == {relation}
+            and relation in relative_position(boxes[0], boxes[1], 2 * POSITION_THRESHOLD)
+        ):
             return boxes
     raise SnapgenError(f"could not lay out {n} shapes in {_MAX_LAYOUT_TRIES} tries (relation {relation!r})")
 
@@ -247,7 +254,10 @@ def sample_spec(rng: np.random.Generator, category: str) -> ShapeSpec:
         shapes = pick(SHAPES, 2)
         if category == "position":
             relation = RELATIONS[rng.integers(len(RELATIONS))]
-    colors = pick(COLORS, 2) if category == "color_attr" else [COLORS[i] for i in rng.integers(len(COLORS), size=len(shapes))]
+    if category == "color_attr":
+        colors = pick(COLORS, 2)
+    else:
+        colors = [COLORS[i] for i in rng.integers(len(COLORS), size=len(shapes))]
     boxes = _layout(rng, len(shapes), relation)
     return ShapeSpec(category, tuple(ShapeObject(s, c, b) for s, c, b in zip(shapes, colors, boxes)), relation)
 
@@ -267,7 +277,9 @@ def render(spec: ShapeSpec, resolution: int = 64) -> Image.Image:
     draw = ImageDraw.Draw(image)
     for o in spec.objects:
         if o.box is None or o.color is None:
-            raise ConfigError(f"render: object {o.shape!r} has no box/colour; render a sampled spec, not a parsed caption")
+            raise ConfigError(
+                f"render: object {o.shape!r} has no box/colour; render a sampled spec, not a parsed caption"
+            )
         # A pixel-aligned box: a shape of side s covers [x0, x0 + s) exactly.
         box = tuple(round(v * big) for v in o.box)
         box = (box[0], box[1], box[2] - 1, box[3] - 1)
@@ -288,7 +300,9 @@ def check_resolution(resolution: int) -> None:
 
 
 @dataclass
-class _ShapesBase(Dataset):
+class ShapesBase(Dataset):
+    """``n`` samples at ``resolution`` px drawn from ``seed`` (sample ``i`` is random-access)."""
+
     n: int
     resolution: int = 64
     seed: int = 0
@@ -322,7 +336,7 @@ class _ShapesBase(Dataset):
 
 
 @dataclass
-class ShapesDataset(_ShapesBase):
+class ShapesDataset(ShapesBase):
     """Text-to-image samples: GenEval's six categories over coloured shapes, cycling."""
 
     categories: Sequence[str] = CATEGORIES
@@ -332,7 +346,9 @@ class ShapesDataset(_ShapesBase):
         self.categories = tuple(self.categories)
         bad = [c for c in self.categories if c not in CATEGORIES]
         if not self.categories or bad:
-            raise ConfigError(f"shapes categories: expected a non-empty subset of {list(CATEGORIES)}, got {list(self.categories)}")
+            raise ConfigError(
+                f"shapes categories: expected a non-empty subset of {list(CATEGORIES)}, got {list(self.categories)}"
+            )
 
     def spec(self, i: int) -> ShapeSpec:
         rng = self._rng(i)
@@ -340,7 +356,7 @@ class ShapesDataset(_ShapesBase):
 
 
 @dataclass
-class ShapesClassDataset(_ShapesBase):
+class ShapesClassDataset(ShapesBase):
     """Class-conditional samples for ``pretrain`` (sup. H's "a photo of <class name>").
 
     One object per image, a random colour, label = index of the shape in
@@ -363,7 +379,7 @@ class ShapesClassDataset(_ShapesBase):
         return {**super().record(i, spec), "label": self.label(i)}
 
 
-def write_folder(out_dir: str | os.PathLike[str], dataset: _ShapesBase) -> Path:
+def write_folder(out_dir: str | os.PathLike[str], dataset: ShapesBase) -> Path:
     """Write ``dataset`` as an HF imagefolder: ``NNNNNN.png`` + ``metadata.jsonl`` lines
     ``{"file_name", "text", "spec"[, "label"]}``.
 
