@@ -105,10 +105,7 @@ def _decoder(cfg: Config, meta: bool) -> Built:
         name = str(path)
     else:
         name = cfg.preset or "snapgen-decoder"
-        try:
-            model = build_decoder(name)
-        except KeyError as exc:
-            raise ConfigError(f"--preset: {exc.args[0]}") from None
+        model = build_decoder(name)
     ch, lat = model.config.latent_channels, cfg.resolution // 8
     return Built(name, model, lambda dev, dt: (torch.randn(cfg.batch_size, ch, lat, lat, device=dev, dtype=dt),),
                  lambda m, x: m.decode(x[0], return_dict=False))
