@@ -141,10 +141,138 @@ def bench_device_cmd(as_json, **flags):
                        + (f"\tlatency_ms={r['latency_ms_median']:.2f}" if "latency_ms_median" in r else ""))
 
 
+# ------------------------------------------------------------------------ stage subcommands
+# Every stage subcommand is generated from its stage's pydantic Config: one option per
+# field (its description is the help, its default is shown), plus --out, --set, --dry-run
+# and --json. The command only turns flags into the Config and calls the stage's run().
+
+def _click_type(annotation):
+    """(click type, multiple, nargs, is_flag) for a pydantic field annotation."""
+    import types
+    import typing
+
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return _click_type(args[0]) if len(args) == 1 else (str, False, 1, False)  # TOML-parsed string
+    if annotation is bool:
+        return bool, False, 1, True
+    if annotation in (int, float, str):
+        return annotation, False, 1, False
+    if origin is typing.Literal:
+        return click.Choice([str(a) for a in args]), False, 1, False
+    if origin is list and args and args[0] in (int, float, str):
+        return args[0], True, 1, False
+    if origin is tuple and args and all(a in (int, float) for a in args):
+        return args[0], False, len(args), False
+    return str, False, 1, False  # tables and specs: a TOML value, e.g. '{a = 1}'
+
+
+def _field_options(config_cls, skip: tuple[str, ...] = ()):
+    from pydantic_core import PydanticUndefined
+
+    opts = []
+    for name, f in config_cls.model_fields.items():
+        if name in skip:
+            continue
+        typ, multiple, nargs, flag = _click_type(f.annotation)
+        flag_name = "--" + name.replace("_", "-")
+        required = f.default is PydanticUndefined and f.default_factory is None
+        default = None if required or f.default_factory is not None else f.default
+        kw = dict(help=f.description or "", show_default=default is not None and not multiple)
+        if flag:
+            decl = f"{flag_name}/--no-{name.replace('_', '-')}"
+            opts.append(click.option(decl, name, default=default, **kw))
+        else:
+            opts.append(click.option(flag_name, name, type=typ, multiple=multiple, nargs=nargs,
+                                     default=() if multiple else default, required=False,
+                                     metavar="VALUE" if typ is str and f.annotation is not str and not multiple else None, **kw))
+    return opts
+
+
+def _flags_to_config(config_cls, flags: dict, overrides: tuple[str, ...]):
+    from .recipe import _parse_value, apply_override
+
+    data = {}
+    for k, v in flags.items():
+        if v is None or v == ():
+            continue
+        f = config_cls.model_fields[k]
+        if isinstance(v, str) and _click_type(f.annotation)[0] is str and f.annotation is not str:
+            v = _parse_value(v)
+        elif isinstance(v, tuple):
+            v = list(v)
+        data[k] = v
+    for assignment in overrides:
+        apply_override(data, assignment)
+    from pydantic import ValidationError
+
+    from .recipe import format_validation_error
+
+    try:
+        return config_cls.model_validate(data)
+    except ValidationError as exc:
+        key, _, rest = format_validation_error(exc, "").partition(":")
+        raise ConfigError(f"--{key.split('.')[0].replace('_', '-')}:{rest}") from None
+
+
+def stage_command(kind: str, summary: str, positional: str | None = None):
+    """A Click command for stage ``kind``: flags from its Config, then ``run(cfg, ctx)``."""
+    from .recipe import stage_module
+
+    module = stage_module(kind)
+
+    def callback(out, overrides, dry_run, as_json, **flags):
+        from .stages.base import StageContext
+
+        if positional:
+            flags[positional] = tuple(flags.pop("_positional")) + tuple(flags.get(positional) or ())
+        cfg = _flags_to_config(module.Config, flags, overrides)
+        console = stderr_console()
+        ctx = StageContext(out_dir=Path(out), dry_run=dry_run, console=console)
+        if dry_run:
+            rows = [item.__dict__ for item in module.plan(cfg, ctx)]
+            for r in rows:
+                console.print(r)
+            emit(dict(stage=kind, plan=rows, config=cfg.model_dump(mode="json")), as_json, str(out))
+            return
+        result = module.run(cfg, ctx)
+        emit(result, as_json, str(out))
+
+    cmd = click.command(kind, context_settings=CONTEXT, help=(module.__doc__ or summary).strip(), short_help=summary)(callback)
+    for opt in _field_options(module.Config):
+        cmd = opt(cmd)
+    cmd = click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+                       help="Output directory.")(cmd)
+    cmd = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                       help="Set any config key (TOML value syntax), e.g. --set model_overrides.layers_per_block=1.")(cmd)
+    cmd = click.option("--dry-run", is_flag=True, help="Validate and print the plan; touch nothing.")(cmd)
+    cmd = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")(cmd)
+    if positional:
+        cmd = click.argument("_positional", nargs=-1, metavar=positional.upper())(cmd)
+    return cmd
+
+
+for _kind, _summary, _pos in (
+    ("precompute", "Images + captions -> latent and text-embedding shards.", None),
+    ("pretrain", "Train the UNet from scratch on class-conditional shards.", None),
+    ("finetune", "Text-to-image training on latent + text shards.", None),
+    ("generate", "Prompts -> PNGs from a trained pipeline dir.", "prompts"),
+):
+    cli.add_command(stage_command(_kind, _summary, _pos))
+
+
 # ------------------------------------------------------------------------------------- entry
 
 def main(argv=None) -> None:
     """Console entry point: maps errors to one clear line and the documented exit codes."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
     try:
         cli.main(args=argv, prog_name="snapgen", standalone_mode=False)
     except click.exceptions.Abort:

@@ -37,6 +37,10 @@ from .stages.base import PlanItem, StageContext, atomic_write_json
 
 #: Stage kinds and the modules that implement them (imported lazily).
 STAGE_KINDS: dict[str, str] = {
+    "precompute": "snapgen_cli.stages.precompute",
+    "pretrain": "snapgen_cli.stages.pretrain",
+    "finetune": "snapgen_cli.stages.finetune",
+    "generate": "snapgen_cli.stages.generate",
     "bench-device": "snapgen_cli.stages.bench_device",
 }
 
