@@ -23,7 +23,11 @@ CONTEXT = dict(help_option_names=["-h", "--help"], show_default=True, max_conten
 
 
 def stderr_console() -> Console:
-    """Logs and progress go to stderr; a non-terminal gets a wide, colourless console."""
+    """Logs and progress go to stderr; a non-terminal gets a wide, colourless console.
+    (Called by commands that do work; it also mutes the libraries' own progress bars.)"""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
     tty = sys.stderr.isatty()
     return Console(file=sys.stderr, width=None if tty else 140, no_color=not tty and "FORCE_COLOR" not in os.environ)
 
@@ -49,7 +53,29 @@ def _stage_config(module, values: dict):
         raise ConfigError(f"--{key.split('.')[0].replace('_', '-')}:{rest}") from None
 
 
-@click.group(context_settings=CONTEXT)
+class LazyGroup(click.Group):
+    """A group whose stage subcommands are built (and their modules imported) only when
+    used, so ``snapgen --help`` stays fast; the listing uses their one-line summaries."""
+
+    lazy: dict[str, tuple[str, str | None]] = {}
+
+    def list_commands(self, ctx):
+        return sorted([*self.commands, *self.lazy])
+
+    def get_command(self, ctx, name):
+        if name not in self.commands and name in self.lazy:
+            summary, positional = self.lazy[name]
+            self.add_command(stage_command(name, summary, positional))
+        return self.commands.get(name)
+
+    def format_commands(self, ctx, formatter):
+        rows = [(n, self.lazy[n][0] if n in self.lazy and n not in self.commands
+                 else self.commands[n].get_short_help_str(80)) for n in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="snapgen")
 def cli():
     """snapgen: train, distill, evaluate, export and benchmark SnapGen-style text-to-image models
@@ -253,13 +279,12 @@ def stage_command(kind: str, summary: str, positional: str | None = None):
     return cmd
 
 
-for _kind, _summary, _pos in (
-    ("precompute", "Images + captions -> latent and text-embedding shards.", None),
-    ("pretrain", "Train the UNet from scratch on class-conditional shards.", None),
-    ("finetune", "Text-to-image training on latent + text shards.", None),
-    ("generate", "Prompts -> PNGs from a trained pipeline dir.", "prompts"),
-):
-    cli.add_command(stage_command(_kind, _summary, _pos))
+LazyGroup.lazy = {
+    "precompute": ("Images + captions -> latent and text-embedding shards.", None),
+    "pretrain": ("Train the UNet from scratch on class-conditional shards.", None),
+    "finetune": ("Text-to-image training on latent + text shards.", None),
+    "generate": ("Prompts -> PNGs from a trained pipeline dir.", "prompts"),
+}
 
 
 # ------------------------------------------------------------------------------------- entry
@@ -267,12 +292,7 @@ for _kind, _summary, _pos in (
 def main(argv=None) -> None:
     """Console entry point: maps errors to one clear line and the documented exit codes."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    try:
-        import transformers
-
-        transformers.utils.logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover
-        pass
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     try:
         cli.main(args=argv, prog_name="snapgen", standalone_mode=False)
     except click.exceptions.Abort:
