@@ -3,7 +3,7 @@
 Every image that cannot be used is *skipped and counted by reason*, never silently
 dropped or silently altered. Decisions where the paper is silent:
 
-* **Skipped** (reason key in the counts):
+* **Skipped** (reason key in the counts): ``no_image`` (a record without an image),
   ``zero_byte`` (empty file), ``corrupt`` (not decodable at all), ``truncated`` (the
   data stream ends early: PIL's ``LOAD_TRUNCATED_IMAGES`` stays off, a half-grey image
   is not a training sample), ``huge`` (more pixels than ``max_pixels``, checked from the
@@ -13,7 +13,7 @@ dropped or silently altered. Decisions where the paper is silent:
   scientific data; quantising them to 8 bits is lossy and they are rarely the training
   distribution), ``too_small`` (shorter side below ``min_side``; by default the largest
   target resolution, i.e. images are never upsampled).
-* **Converted and counted** (lossless conversions, key in ``converted``):
+* **Converted and counted** (well-defined conversions, key in ``converted``):
   ``palette`` (a palette entry *is* an RGB(A) colour), ``grayscale`` (L -> RGB repeats the
   channel), ``alpha`` (transparent pixels composited over white, the common choice of
   web-scraped T2I pipelines; without it transparent areas take arbitrary colours).
@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-SKIP_REASONS = ("zero_byte", "corrupt", "truncated", "huge", "cmyk", "16bit", "too_small")
+SKIP_REASONS = ("no_image", "zero_byte", "corrupt", "truncated", "huge", "cmyk", "16bit", "too_small")
 CONVERSIONS = ("palette", "grayscale", "alpha")
 DEFAULT_MAX_PIXELS = 8192 * 8192
 _HIGH_DEPTH_MODES = {"I", "F", "I;16", "I;16B", "I;16L", "I;16N"}

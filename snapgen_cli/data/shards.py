@@ -76,7 +76,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def write_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, object] | None = None) -> dict:
+def write_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, object] | None = None
+                  ) -> dict:
     """Atomically write a safetensors file; JSON-encode ``metadata`` values. Returns sha256 + size."""
     data = st_save({k: v.contiguous() for k, v in tensors.items()},
                    metadata={k: json.dumps(v) for k, v in (metadata or {}).items()})
@@ -84,7 +85,8 @@ def write_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Map
     return {"file": path.name, "sha256": sha256_bytes(data), "bytes": len(data)}
 
 
-def read_tensors(path: Path, sha256: str | None = None, *, rebuild_hint: str = "") -> tuple[dict[str, torch.Tensor], dict]:
+def read_tensors(path: Path, sha256: str | None = None, *, rebuild_hint: str = ""
+                 ) -> tuple[dict[str, torch.Tensor], dict]:
     """Read a safetensors file written by :func:`write_tensors`, checking its sha256 if given.
     Returns ``(tensors, metadata)``; a missing or corrupt file is a :class:`SnapgenError`."""
     try:
@@ -124,8 +126,14 @@ def completed_shard(out_dir: Path, shard_id: int) -> dict | None:
 
 
 def shard_records(out_dir: Path) -> list[dict]:
-    """All shard records in ``out_dir``, sorted by shard id."""
-    return sorted((json.loads(p.read_text()) for p in out_dir.glob("shard-*.json")), key=lambda r: r["id"])
+    """All readable shard records in ``out_dir``, sorted by shard id (an unreadable one counts as not done)."""
+    records = []
+    for p in out_dir.glob("shard-*.json"):
+        try:
+            records.append(json.loads(p.read_text()))
+        except json.JSONDecodeError:
+            continue
+    return sorted(records, key=lambda r: r["id"])
 
 
 def check_contiguous(records: list[dict], shard_size: int, num_samples: int | None) -> None:
@@ -149,6 +157,15 @@ def sum_counts(records: list[dict], field: str) -> dict[str, int]:
     for r in records:
         total.update(r.get(field, {}))
     return dict(sorted(total.items()))
+
+
+def encoder_features(features: Mapping[str, torch.Tensor], manifest: dict, role: str = "student"
+                     ) -> dict[str, torch.Tensor]:
+    """One role's (``"student"`` / ``"teacher"``) text features keyed by its spec names
+    (stored ``teacher_clip_l.tokens`` -> ``clip_l.tokens``), ready for ``core.text.combine``."""
+    names = manifest["encoders"][role]
+    return {f"{name}.{part}": features[f"{stored}.{part}"] for name, stored in names.items()
+            for part in ("tokens", "pooled", "mask") if f"{stored}.{part}" in features}
 
 
 def read_manifest(root: str | Path) -> dict:
@@ -183,7 +200,7 @@ class ShardDataset(Dataset):
                  cache_shards: int = 4, verify: bool = True):
         self.root = Path(root)
         self.manifest = read_manifest(self.root)
-        self.shards = [s for s in self.manifest["shards"]]
+        self.shards = list(self.manifest["shards"])
         self.fields, self.verify, self.cache_shards = fields, verify, cache_shards
         if fields is not None and (unknown := sorted(set(fields) - set(self.manifest["tensors"]))):
             raise ConfigError(f"fields: {', '.join(unknown)} not in {self.root / MANIFEST} "
@@ -235,8 +252,8 @@ class ShardDataset(Dataset):
     def shard_ranges(self) -> list[range]:
         """The dataset indices of each shard (clipped to this process's slice)."""
         starts = np.concatenate([[0], self._ends[:-1]]) - self._offset
-        ends = self._ends - self._offset
-        return [range(max(0, int(a)), min(self._len, int(b))) for a, b in zip(starts, ends) if min(self._len, b) > max(0, a)]
+        clipped = (range(max(0, int(a)), min(self._len, int(b))) for a, b in zip(starts, self._ends - self._offset))
+        return [r for r in clipped if len(r)]
 
 
 class ShardShuffleSampler(Sampler[int]):
@@ -269,7 +286,8 @@ class ClassText:
         manifest = read_manifest(root)
         classes = manifest.get("classes")
         if not classes:
-            raise ConfigError(f"{root / MANIFEST}: no class names (precompute a source with a ClassLabel --label-column)")
+            raise ConfigError(f"{root / MANIFEST}: no class names; precompute a source with a ClassLabel "
+                              "--label-column")
         self.names: list[list[str]] = classes["names"]
         self.template: str = classes["template"]
         self.tensors, _ = read_tensors(root / classes["file"], classes["sha256"], rebuild_hint=_rebuild_hint(root))
@@ -277,5 +295,6 @@ class ClassText:
         self._rows = [torch.nonzero(owner == c).flatten() for c in range(len(self.names))]
 
     def sample(self, labels: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        rows = torch.stack([r[torch.randint(len(r), (), generator=generator)] for r in (self._rows[int(c)] for c in labels)])
+        choices = [self._rows[int(c)] for c in labels]
+        rows = torch.stack([r[torch.randint(len(r), (), generator=generator)] for r in choices])
         return {k: v[rows] for k, v in self.tensors.items()}

@@ -35,6 +35,7 @@ from ..errors import ConfigError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 SOURCE_KINDS = ("auto", "hf", "folder", "webdataset")
+_SAVED_DATASET_FILES = ("state.json", "dataset_dict.json", "dataset_info.json")  # what save_to_disk writes
 
 
 @dataclass
@@ -119,16 +120,16 @@ class HFSource(Source):
                                   f"pass --{option.replace('_', '-')} with one of them")
         if features is not None and isinstance(features.get(image_column), datasets.Image):
             ds = ds.cast_column(image_column, datasets.Image(decode=False))
-        if label_column is not None and features is not None and isinstance(features[label_column], datasets.ClassLabel):
+        if label_column and features is not None and isinstance(features[label_column], datasets.ClassLabel):
             self.label_names = split_synonyms(features[label_column].names)
-        self.ds, self.image_column, self.caption_column, self.label_column = ds, image_column, caption_column, label_column
+        self.ds, self.image_column = ds, image_column
+        self.caption_column, self.label_column = caption_column, label_column
         self.has_captions = caption_column is not None
 
     @staticmethod
     def _load(datasets, path: str, split: str, streaming: bool):
-        local = Path(path)
-        if local.is_dir() and any((local / f).exists() for f in ("state.json", "dataset_dict.json", "dataset_info.json")):
-            ds = datasets.load_from_disk(str(local))
+        if detect_kind(path) == "hf" and Path(path).is_dir():
+            ds = datasets.load_from_disk(path)
             if isinstance(ds, datasets.DatasetDict):
                 if split not in ds:
                     raise ConfigError(f"split: {split!r} is not in {path!r} (splits: {', '.join(ds)}); pass --split")
@@ -163,7 +164,9 @@ class HFSource(Source):
 
 def _as_image_src(value: Any) -> bytes | Path | Image.Image | None:
     if isinstance(value, dict):  # datasets.Image(decode=False)
-        return value.get("bytes") if value.get("bytes") is not None else (Path(value["path"]) if value.get("path") else None)
+        if value.get("bytes") is not None:
+            return value["bytes"]
+        return Path(value["path"]) if value.get("path") else None
     if isinstance(value, str):
         return Path(value)
     return value
@@ -268,7 +271,7 @@ def detect_kind(path: str) -> str:
     -> webdataset; another folder -> folder; anything else -> a hub dataset name (hf)."""
     p = Path(path)
     if p.is_dir():
-        if any((p / f).exists() for f in ("state.json", "dataset_dict.json", "dataset_info.json")):
+        if any((p / f).exists() for f in _SAVED_DATASET_FILES):
             return "hf"
         if any(p.glob("*.tar")) and not any(f.suffix.lower() in IMAGE_EXTS for f in p.iterdir()):
             return "webdataset"

@@ -1,7 +1,7 @@
 """``snapgen precompute``: images + captions -> AE latent and text-embedding shards
 (paper sec. 4 and sup. H: "we pre-compute both the image latent and the text embeddings,
 which reduces the GPU memory and non-trivial computation time during training").
-
+
 Decisions where the paper is silent:
 
 * **Latents** are ``(latent_dist.mean - shift_factor) * scaling_factor`` of any diffusers
@@ -12,22 +12,25 @@ Decisions where the paper is silent:
 * **Several resolutions** from one pass: each image is resized + cropped for every
   resolution separately; an image is kept only if it is usable at all of them (so shards stay
   aligned), and by default it must not need upsampling for the largest (``min_side``).
-* **Text features** are stored as ``TextEncoderStack.encode`` returns them, for the union of the
-  student's ``encoders`` and the teacher's ``teacher_encoders`` (an encoder in both, same spec,
-  is encoded once). An empty caption is kept (a valid unconditional sample) and counted; a
-  missing caption is stored as ``""`` and counted; a caption longer than an encoder's
-  ``max_length`` is truncated by its tokenizer and counted. Class-conditional sources
-  (ImageNet, sup. H) get ``class_text.safetensors``: the features of
-  ``class_template.format(synonym)`` for every synonym of every class, so training can pick a
-  random synonym each step; their per-sample shards hold no text.
+* **Text features** are stored as ``TextEncoderStack.encode`` returns them, for the student's
+  ``encoders`` and the teacher's ``teacher_encoders``; a teacher encoder is stored as
+  ``teacher_<name>`` unless the student has the identical spec (then it is encoded once and
+  shared). ``manifest["encoders"]`` maps each role's names to stored names
+  (``data.shards.encoder_features`` undoes the renaming). An empty caption is kept (a valid
+  unconditional sample) and counted; a missing caption is stored as ``""`` and counted; a
+  caption longer than an encoder's ``max_length`` is truncated by its tokenizer and counted.
+  Class-conditional sources (ImageNet, sup. H) get ``class_text.safetensors``: the features
+  of ``class_template.format(synonym)`` for every synonym of every class, so training can
+  pick a random synonym each step; their per-sample shards hold no text.
 * **Resume**: shard ``i`` always holds source indices ``[i*shard_size, (i+1)*shard_size)``; a
   shard is done when its record file exists and its checksum matches. A re-run skips done
   shards, redoes the rest, and writes ``manifest.json`` at the end. ``precompute.json`` pins the
   settings that change the output; resuming with different ones is refused.
 * **Multi-process** (``accelerate launch``): process ``r`` of ``W`` encodes shards ``i % W == r``;
   the main process writes the manifest after a barrier.
-* **Precision**: the AE and text encoders run in ``compute_dtype`` (fp32 default: SDXL-family
-  AEs overflow in fp16); features are stored in ``dtype`` (fp16 default).
+* **Precision**: the AE runs in ``vae_dtype`` (fp32 default: SDXL-family AEs overflow in
+  fp16), each text encoder in its spec's ``dtype``; features are stored in ``dtype`` (fp16
+  default; labels, indices, crops and masks keep their integer/bool types).
 """
 
 from __future__ import annotations
@@ -43,19 +46,21 @@ from typing import Literal
 import torch
 from accelerate import PartialState
 from pydantic import Field, field_validator
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+from rich.text import Text
 
-from ..core.text import EncoderSpec, TextEncoderStack, resolve_encoders
+from ..core.measure import count_params, resolve_device
+from ..core.text import EncoderSpec, TextEncoderStack, parse_specs, spec_set
 from ..data import shards
 from ..data.images import DEFAULT_MAX_PIXELS, ImageSkipped, ImageStats, open_image, resize_crop, sample_rng, to_tensor
 from ..data.sources import Sample, Source, open_source
-from ..errors import ConfigError, SnapgenError
+from ..errors import ConfigError
 from .base import PlanItem, StageConfig, StageContext, atomic_write_json
 
 SD3_VAE = "stabilityai/stable-diffusion-3-medium-diffusers"
 RUN_CONFIG = "precompute.json"
 # Settings that do not change the output; a resumed run may use other values.
-_RUNTIME_ONLY = {"batch_size", "num_workers", "device", "compute_dtype"}
+_RUNTIME_ONLY = {"batch_size", "num_workers", "device", "streaming"}
 
 
 class Config(StageConfig):
@@ -71,21 +76,27 @@ class Config(StageConfig):
     streaming: bool = False
     resolutions: list[int] = Field(default_factory=lambda: [256])
     crop: Literal["center", "random"] = "center"
-    min_side: int | None = Field(None, description="skip images whose shorter side is smaller (default: max resolution)")
+    min_side: int | None = Field(None, description="skip images with a shorter side below (default: max resolution)")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0)
     vae: str = SD3_VAE
     vae_subfolder: str | None = "vae"
     latent: Literal["mean", "sample"] = "mean"
-    encoders: list[EncoderSpec] | str = "clip-l"
-    teacher_encoders: list[EncoderSpec] | str | None = None
+    encoders: list[EncoderSpec] | str = Field("student", description="a named set (core.text.SPEC_SETS) or specs")
+    teacher_encoders: list[EncoderSpec] | str | None = Field(None, description="e.g. 'teacher' (SD3.5) for distill")
     batch_size: int = Field(32, gt=0)
     shard_size: int = Field(1024, gt=0)
     dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
-    compute_dtype: Literal["fp16", "bf16", "fp32"] = "fp32"
+    vae_dtype: Literal["fp16", "bf16", "fp32"] = "fp32"
     max_samples: int | None = Field(None, gt=0)
     seed: int | None = None
     device: str = "auto"
     num_workers: int = Field(4, ge=0, description="threads decoding and resizing images")
+
+    @field_validator("caption_column", "label_column", "vae_subfolder", mode="before")
+    @classmethod
+    def _none_word(cls, v):
+        """``--caption-column none`` (flags cannot spell null): no captions, e.g. for ImageNet."""
+        return None if isinstance(v, str) and v.strip().lower() in ("", "none") else v
 
     @field_validator("resolutions")
     @classmethod
@@ -95,23 +106,56 @@ class Config(StageConfig):
         return sorted(set(v))
 
 
-def _specs(cfg: Config) -> tuple[list[EncoderSpec], list[str], list[str]]:
-    """Union of student and teacher encoder specs (deduplicated by name) + each role's names."""
-    student = resolve_encoders(cfg.encoders)
-    teacher = resolve_encoders(cfg.teacher_encoders) if cfg.teacher_encoders else []
-    merged: dict[str, EncoderSpec] = {}
-    for spec in [*student, *teacher]:
-        if spec.name in merged and merged[spec.name] != spec:
-            raise ConfigError(f"teacher_encoders: {spec.name!r} names a different encoder than encoders' {spec.name!r}; "
-                              "give it another name")
-        merged[spec.name] = spec
-    return list(merged.values()), [s.name for s in student], [s.name for s in teacher]
+def _resolve(value: list[EncoderSpec] | str | None, key: str) -> list[EncoderSpec]:
+    if not value or value == "none":
+        return []
+    return spec_set(value) if isinstance(value, str) else parse_specs(value, key)
+
+
+def _specs(cfg: Config) -> tuple[list[EncoderSpec], list[EncoderSpec], dict[str, str]]:
+    """Student specs, teacher specs renamed to their stored names, and teacher name -> stored name.
+
+    A teacher encoder identical to a student one is encoded once and shared; any other teacher
+    encoder is stored as ``teacher_<name>`` (SD3.5's CLIP-L is not the student's CLIP-L file)."""
+    student = _resolve(cfg.encoders, "encoders")
+    by_name = {s.name: s for s in student}
+    teacher, stored = [], {}
+    for spec in _resolve(cfg.teacher_encoders, "teacher_encoders"):
+        stored[spec.name] = spec.name if by_name.get(spec.name) == spec else f"teacher_{spec.name}"
+        teacher.append(spec.model_copy(update={"name": stored[spec.name]}))
+    return student, teacher, stored
+
+
+class _Texts:
+    """The student's and the teacher's :class:`TextEncoderStack` behind one ``encode``; each
+    stack keeps its own layout checks, the teacher's encodes only what it does not share."""
+
+    def __init__(self, student: list[EncoderSpec], teacher: list[EncoderSpec], device: torch.device):
+        self.groups: list[tuple[TextEncoderStack, list[str]]] = []
+        if student:
+            self.groups.append((TextEncoderStack(student).to(device), [s.name for s in student]))
+        own = [s.name for s in teacher if s.name.startswith("teacher_")]
+        if own:
+            self.groups.append((TextEncoderStack(teacher).to(device), own))
+
+    def encode(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        return {k: v for stack, names in self.groups for k, v in stack.encode(captions, names).items()}
+
+    def count_truncated(self, captions: list[str]) -> int:
+        """Captions longer than some encoder's ``max_length`` tokens (its tokenizer truncates them)."""
+        long = [False] * len(captions)
+        for stack, names in self.groups if captions else ():
+            for e in (stack.encoders[n] for n in names):
+                ids = e.tokenizer(captions, truncation=False)["input_ids"]
+                long = [was or len(t) > e.spec.max_length for was, t in zip(long, ids)]
+        return sum(long)
 
 
 def _vae_location(cfg: Config) -> tuple[str, str | None]:
     """A local folder that holds ``config.json`` itself needs no subfolder."""
     local = Path(cfg.vae)
-    if local.is_dir() and cfg.vae_subfolder and not (local / cfg.vae_subfolder).is_dir() and (local / "config.json").exists():
+    if (local.is_dir() and cfg.vae_subfolder and not (local / cfg.vae_subfolder).is_dir()
+            and (local / "config.json").exists()):
         return cfg.vae, None
     return cfg.vae, cfg.vae_subfolder
 
@@ -121,18 +165,17 @@ def load_vae(cfg: Config):
 
     path, sub = _vae_location(cfg)
     try:
-        return AutoencoderKL.from_pretrained(path, subfolder=sub)
+        return AutoencoderKL.from_pretrained(path, subfolder=sub, torch_dtype=shards.DTYPES[cfg.vae_dtype])
     except Exception as e:  # noqa: BLE001 - offline hub, bad folder, wrong class: all a bad --vae
         where = f"{path!r}" + (f" (subfolder {sub!r})" if sub else "")
-        raise ConfigError(f"vae: cannot load an AutoencoderKL from {where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
-                          "pass --vae a local diffusers AutoencoderKL folder (and --vae-subfolder if it is nested)") from None
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"vae: cannot load an AutoencoderKL from {where}: {reason}; pass --vae a local diffusers "
+                          "AutoencoderKL folder (and --vae-subfolder if it is nested)") from None
 
 
 def plan(cfg: Config, ctx: StageContext) -> list[PlanItem]:
     """The AE built on the meta device from its config when that config is on disk; no data read."""
     from diffusers import AutoencoderKL
-
-    from ..core.measure import count_params
 
     path, sub = _vae_location(cfg)
     params, note = None, f"latents {cfg.latent} at {cfg.resolutions}, {cfg.dtype}"
@@ -142,30 +185,33 @@ def plan(cfg: Config, ctx: StageContext) -> list[PlanItem]:
         params = count_params(vae)
     except Exception as e:  # noqa: BLE001
         note += f"; config not available locally ({type(e).__name__}), resolved at run time"
-    specs, student, teacher = _specs(cfg)
+    student, teacher, _ = _specs(cfg)
     out = [str(ctx.out_dir / "shard-*.safetensors"), str(ctx.out_dir / shards.MANIFEST)]
+    texts = [(s, "student") for s in student] + [(s, "teacher") for s in teacher if s.name.startswith("teacher_")]
     return [PlanItem(f"AutoencoderKL {cfg.vae}", params, [cfg.source], out, note),
-            *[PlanItem(f"text encoder {s.name} ({'teacher' if s.name in teacher and s.name not in student else 'student'})",
-                       None, [s.path], [], f"max_length {s.max_length}") for s in specs]]
+            *[PlanItem(f"text encoder {s.name} ({role}, {s.kind})", None, [s.path], [], f"max_length {s.max_length}")
+              for s, role in texts]]
 
 
-class _Encoder:
-    """Turns a list of samples into one shard's tensors (images -> latents, captions -> text)."""
+class _ShardEncoder:
+    """Turns one shard's samples into its tensors: images -> latents, captions -> text features."""
 
-    def __init__(self, cfg: Config, vae, text: TextEncoderStack | None, seed: int, device: torch.device):
+    def __init__(self, cfg: Config, vae, text: _Texts | None, *, has_captions: bool, has_labels: bool, seed: int,
+                 device: torch.device):
         self.cfg, self.vae, self.text, self.seed, self.device = cfg, vae, text, seed, device
+        self.has_captions, self.has_labels = has_captions, has_labels
         self.dtype = shards.DTYPES[cfg.dtype]
         self.min_side = max(cfg.resolutions) if cfg.min_side is None else cfg.min_side
         vc = vae.config
         self.shift = float(getattr(vc, "shift_factor", None) or 0.0)
         self.scale = float(vc.scaling_factor)
         self.factor = 2 ** (len(vc.block_out_channels) - 1)
-        bad = [r for r in cfg.resolutions if r % self.factor]
-        if bad:
+        if bad := [r for r in cfg.resolutions if r % self.factor]:
             raise ConfigError(f"resolutions: {bad} are not multiples of the AE's downsampling factor {self.factor}")
         self.pool = ThreadPoolExecutor(cfg.num_workers) if cfg.num_workers else None
 
     def _prepare(self, sample: Sample) -> tuple[Sample, dict | None, ImageStats]:
+        """Decode + validate one image, then resize + crop it for every resolution."""
         stats = ImageStats()
         try:
             if sample.image is None:
@@ -180,62 +226,66 @@ class _Encoder:
 
     @torch.no_grad()
     def _latents(self, pixels: torch.Tensor, indices: list[int]) -> torch.Tensor:
+        """SD3 normalisation of the AE posterior: ``(z - shift_factor) * scaling_factor``."""
         dist = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
         z = dist.mean
         if self.cfg.latent == "sample":
-            noise = torch.stack([torch.randn(z.shape[1:], generator=torch.Generator().manual_seed(self.seed * 1_000_003 + i))
-                                 for i in indices]).to(z)
-            z = z + dist.std * noise
+            gens = [torch.Generator().manual_seed(self.seed * 1_000_003 + i) for i in indices]
+            z = z + dist.std * torch.stack([torch.randn(z.shape[1:], generator=g) for g in gens]).to(z)
         return ((z - self.shift) * self.scale).to("cpu", self.dtype)
 
+    def _latents_at(self, res: int, kept: list[Sample], views: list[dict]) -> torch.Tensor:
+        b = self.cfg.batch_size
+        lat = [self._latents(torch.stack([v[res][0] for v in views[i:i + b]]), [s.index for s in kept[i:i + b]])
+               for i in range(0, len(views), b)]
+        h = res // self.factor
+        return torch.cat(lat) if lat else torch.zeros(0, self.vae.config.latent_channels, h, h, dtype=self.dtype)
+
     def text_features(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """Encoded in batches; an empty list gives empty tensors of the right shapes."""
         feats: dict[str, list[torch.Tensor]] = {}
         for i in range(0, max(len(captions), 1), self.cfg.batch_size):
-            batch = captions[i:i + self.cfg.batch_size] or [""]
-            for k, v in self.text.encode(batch).items():
+            for k, v in self.text.encode(captions[i:i + self.cfg.batch_size] or [""]).items():
                 feats.setdefault(k, []).append(v.to("cpu", self.dtype if v.is_floating_point() else v.dtype))
         return {k: torch.cat(v)[:len(captions)] for k, v in feats.items()}
 
-    def encode_shard(self, samples: list[Sample], advance) -> tuple[dict[str, torch.Tensor], list[Sample], ImageStats, dict]:
+    def encode_shard(self, samples: list[Sample]) -> tuple[dict[str, torch.Tensor], list[Sample], ImageStats, dict]:
+        """(tensors, kept samples, image stats, caption stats) of one shard."""
         stats, kept, views = ImageStats(), [], []
-        prepared = self.pool.map(self._prepare, samples) if self.pool else map(self._prepare, samples)
-        for sample, view, s in prepared:
+        for sample, view, s in (self.pool.map if self.pool else map)(self._prepare, samples):
             stats.merge(s)
             if view is not None:
                 kept.append(sample)
                 views.append(view)
-        out: dict[str, torch.Tensor] = {
-            "index": torch.tensor([s.index for s in kept], dtype=torch.int64),
-            "original_size": torch.tensor([list(v[self.cfg.resolutions[0]][1].original) for v in views],
-                                          dtype=torch.int32).reshape(-1, 2)}
-        if any(s.label is not None for s in samples):
+        sizes = [list(v[self.cfg.resolutions[0]][1].original) for v in views]
+        out = {"index": torch.tensor([s.index for s in kept], dtype=torch.int64),
+               "original_size": torch.tensor(sizes, dtype=torch.int32).reshape(-1, 2)}
+        if self.has_labels:
             out["label"] = torch.tensor([-1 if s.label is None else s.label for s in kept], dtype=torch.int64)
         for r in self.cfg.resolutions:
-            lat = [self._latents(torch.stack([v[r][0] for v in views[i:i + self.cfg.batch_size]]),
-                                 [s.index for s in kept[i:i + self.cfg.batch_size]])
-                   for i in range(0, len(views), self.cfg.batch_size)]
-            h = r // self.factor
-            out[f"latents.{r}"] = torch.cat(lat) if lat else torch.zeros(0, self.vae.config.latent_channels, h, h, dtype=self.dtype)
-            out[f"crop.{r}"] = torch.tensor([[v[r][1].top, v[r][1].left] for v in views], dtype=torch.int32).reshape(-1, 2)
+            out[f"latents.{r}"] = self._latents_at(r, kept, views)
+            crops = [[v[r][1].top, v[r][1].left] for v in views]
+            out[f"crop.{r}"] = torch.tensor(crops, dtype=torch.int32).reshape(-1, 2)
         caption_stats: dict[str, int] = {}
-        if self.text is not None and samples and self._has_captions:
+        if self.text is not None and self.has_captions:
             captions = [s.caption or "" for s in kept]
             caption_stats = {"missing": sum(s.caption is None for s in kept),
                              "empty": sum(s.caption == "" for s in kept),
-                             "truncated": sum(self.text.count_truncated(captions).values())}
+                             "truncated": self.text.count_truncated(captions)}
             out.update(self.text_features(captions))
-        advance(len(samples))
         return out, kept, stats, {k: v for k, v in caption_stats.items() if v}
 
-    _has_captions = True
 
-
-def _check_run_config(cfg: Config, out: Path, state: PartialState) -> None:
+def _check_run_config(cfg: Config, seed: int, out: Path, state: PartialState) -> None:
     """Pin the output-changing settings; refuse to resume into a folder made with others."""
-    pinned = cfg.model_dump(mode="json", exclude=_RUNTIME_ONLY)
+    pinned = {**cfg.model_dump(mode="json", exclude=_RUNTIME_ONLY), "seed": seed}
     path = out / RUN_CONFIG
-    if state.is_main_process and not path.exists():
-        atomic_write_json(path, pinned)
+    if state.is_main_process:
+        for name in ("shard-", f"{shards.MANIFEST}.", f"{shards.CLASS_TEXT}.", f"{RUN_CONFIG}."):
+            for stray in out.glob(f".{name}*"):  # temp files of atomic writes cut short by a crash
+                stray.unlink()
+        if not path.exists():
+            atomic_write_json(path, pinned)
     state.wait_for_everyone()
     previous = json.loads(path.read_text())
     if diff := sorted(k for k in set(previous) | set(pinned) if previous.get(k) != pinned.get(k)):
@@ -245,21 +295,21 @@ def _check_run_config(cfg: Config, out: Path, state: PartialState) -> None:
 
 def _pending(source: Source, size: int, out: Path, rank: int, world: int):
     """(shard id, samples) of this process's shards that are not done yet, in order."""
-    todo = lambda sid: sid % world == rank and shards.completed_shard(out, sid) is None  # noqa: E731
+    done = {r["id"] for r in shards.shard_records(out)
+            if r["id"] % world == rank and shards.completed_shard(out, r["id"]) is not None}
+    todo = lambda sid: sid % world == rank and sid not in done  # noqa: E731
     n = source.num_samples
     if n is not None:
-        for sid in range(math.ceil(n / size)):
-            if todo(sid):
-                yield sid, list(source.iter_range(sid * size, (sid + 1) * size))
+        for sid in filter(todo, range(math.ceil(n / size))):
+            yield sid, list(source.iter_range(sid * size, (sid + 1) * size))
         return
-    done = {r["id"] for r in shards.shard_records(out)}
-    first = next(s for s in itertools.count(rank, world) if s not in done)
+    first = next(filter(todo, itertools.count(rank, world)))  # streaming: start reading there
     for sid, group in itertools.groupby(source.iter_range(first * size), key=lambda s: s.index // size):
         if todo(sid):
             yield sid, list(group)
 
 
-def _class_text(enc: _Encoder, names: list[list[str]], template: str, out: Path) -> dict:
+def _class_text(enc: _ShardEncoder, names: list[list[str]], template: str, out: Path) -> dict:
     """Text features of ``template.format(synonym)`` for every class synonym (sup. H)."""
     classes: dict = {"names": names, "template": template, "file": None, "sha256": None}
     if enc.text is None:
@@ -271,77 +321,79 @@ def _class_text(enc: _Encoder, names: list[list[str]], template: str, out: Path)
     return {**classes, "file": rec["file"], "sha256": rec["sha256"], "num_prompts": len(prompts)}
 
 
-def _progress(ctx: StageContext, enabled: bool) -> Progress:
-    speed = TextColumn("{task.fields[rate]}")
-    return Progress(TextColumn("precompute"), BarColumn(), MofNCompleteColumn(), speed, TimeElapsedColumn(),
-                    console=ctx.console, disable=not enabled, transient=False)
+def _write_shard(enc: _ShardEncoder, out: Path, sid: int, samples: list[Sample], size: int) -> None:
+    tensors, kept, stats, captions = enc.encode_shard(samples)
+    record = {"start": sid * size, "stop": sid * size + len(samples), "num_samples": len(kept),
+              "skipped": dict(stats.skipped), "converted": dict(stats.converted), "captions": captions,
+              "tensors": {k: {"shape": list(v.shape[1:]), "dtype": str(v.dtype).removeprefix("torch.")}
+                          for k, v in tensors.items()}}
+    shards.write_shard(out, sid, tensors, keys=[s.key for s in kept], record=record,
+                       captions=[s.caption or "" for s in kept] if enc.has_captions else None)
+
+
+def _write_manifest(cfg: Config, out: Path, source: Source, enc: _ShardEncoder, student: list[EncoderSpec],
+                    teacher: list[EncoderSpec], teacher_names: dict[str, str]) -> None:
+    records = shards.shard_records(out)
+    shards.check_contiguous(records, cfg.shard_size, source.num_samples)
+    text = enc.text is not None
+    manifest = {
+        "format": shards.FORMAT_VERSION, "created_by": "snapgen precompute",
+        "num_samples": sum(r["num_samples"] for r in records), "num_shards": len(records),
+        "source_samples": records[-1]["stop"] if records else 0, "shard_size": cfg.shard_size,
+        "source": source.describe(), "resolutions": cfg.resolutions, "crop": cfg.crop,
+        "latent": {"vae": cfg.vae, "subfolder": _vae_location(cfg)[1], "mode": cfg.latent,
+                   "channels": enc.vae.config.latent_channels, "downsample": enc.factor,
+                   "scaling_factor": enc.scale, "shift_factor": enc.shift, "dtype": cfg.dtype},
+        "encoders": {"student": {s.name: s.name for s in student} if text else {},
+                     "teacher": teacher_names if text else {},
+                     "specs": {s.name: s.model_dump(mode="json") for s in [*student, *teacher]} if text else {}},
+        "tensors": records[0]["tensors"] if records else {},
+        "skipped": shards.sum_counts(records, "skipped"), "converted": shards.sum_counts(records, "converted"),
+        "captions": shards.sum_counts(records, "captions"),
+        "classes": _class_text(enc, source.label_names, cfg.class_template, out) if source.label_names else None,
+        "shards": [{k: r[k] for k in ("id", "file", "start", "stop", "num_samples", "sha256", "bytes")}
+                   for r in records],
+        "config": cfg.model_dump(mode="json"),
+    }
+    atomic_write_json(out / shards.MANIFEST, manifest)
+
+
+class _Rate(ProgressColumn):
+    def render(self, task) -> Text:
+        return Text(f"{task.speed or 0:.1f} samples/s")
 
 
 def run(cfg: Config, ctx: StageContext) -> dict:
     """Encode the source into ``ctx.out_dir``; return the summary (counts, skips, out dir)."""
     t0 = time.perf_counter()
-    state = PartialState()
+    # CPU-only processes started by `accelerate launch --multi_gpu` (torchrun) need cpu=True to form a group.
+    state = PartialState(cpu=cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()))
     out = Path(ctx.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     seed = ctx.seed if cfg.seed is None else cfg.seed
     source = open_source(cfg.source, kind=cfg.source_kind, split=cfg.split, image_column=cfg.image_column,
                          caption_column=cfg.caption_column, label_column=cfg.label_column, streaming=cfg.streaming,
                          max_samples=cfg.max_samples)
-    specs, student, teacher = _specs(cfg)
-    _check_run_config(cfg, out, state)
-    from ..core.measure import resolve_device
+    student, teacher, teacher_names = _specs(cfg)
+    _check_run_config(cfg, seed, out, state)
 
     device = state.device if cfg.device == "auto" else resolve_device(cfg.device)
-    compute = shards.DTYPES[cfg.compute_dtype]
-    vae = load_vae(cfg).to(device, compute).eval().requires_grad_(False)
-    needs_text = bool(specs) and (source.has_captions or source.label_names is not None)
-    text = TextEncoderStack(specs, device=device, dtype=compute) if needs_text else None
-    enc = _Encoder(cfg, vae, text, seed, device)
-    enc._has_captions = source.has_captions
-
-    with _progress(ctx, state.is_main_process) as bar:
-        task = bar.add_task("precompute", total=source.num_samples, rate="")
-        t_start, seen = time.perf_counter(), [0]
-
-        def advance(n: int) -> None:
-            seen[0] += n
-            bar.update(task, advance=n, rate=f"{seen[0] / max(time.perf_counter() - t_start, 1e-9):.1f} samples/s")
-
+    vae = load_vae(cfg).to(device).eval().requires_grad_(False)
+    needs_text = bool(student or teacher) and (source.has_captions or source.label_names is not None)
+    enc = _ShardEncoder(cfg, vae, _Texts(student, teacher, device) if needs_text else None,
+                        has_captions=source.has_captions, has_labels=cfg.label_column is not None,
+                        seed=seed, device=device)
+    with Progress(TextColumn("precompute"), BarColumn(), MofNCompleteColumn(), _Rate(), TimeElapsedColumn(),
+                  console=ctx.console, disable=not state.is_main_process) as bar:
+        task = bar.add_task("precompute", total=source.num_samples)
         for sid, samples in _pending(source, cfg.shard_size, out, state.process_index, state.num_processes):
-            tensors, kept, stats, captions = enc.encode_shard(samples, advance)
-            record = {"start": sid * cfg.shard_size, "stop": sid * cfg.shard_size + len(samples),
-                      "num_samples": len(kept), "skipped": dict(stats.skipped), "converted": dict(stats.converted),
-                      "captions": captions,
-                      "tensors": {k: {"shape": list(v.shape[1:]), "dtype": str(v.dtype).removeprefix("torch.")}
-                                  for k, v in tensors.items()}}
-            shards.write_shard(out, sid, tensors, keys=[s.key for s in kept],
-                               captions=[s.caption or "" for s in kept] if source.has_captions else None, record=record)
+            _write_shard(enc, out, sid, samples, cfg.shard_size)
+            bar.advance(task, len(samples))
     state.wait_for_everyone()
     if state.is_main_process:
-        records = shards.shard_records(out)
-        shards.check_contiguous(records, cfg.shard_size, source.num_samples)
-        classes = _class_text(enc, source.label_names, cfg.class_template, out) if source.label_names else None
-        vc = vae.config
-        manifest = {
-            "format": shards.FORMAT_VERSION, "created_by": "snapgen precompute",
-            "num_samples": sum(r["num_samples"] for r in records), "num_shards": len(records),
-            "source_samples": records[-1]["stop"] if records else 0, "shard_size": cfg.shard_size,
-            "source": source.describe(), "resolutions": cfg.resolutions, "crop": cfg.crop,
-            "latent": {"vae": cfg.vae, "subfolder": _vae_location(cfg)[1], "mode": cfg.latent,
-                       "channels": vc.latent_channels, "downsample": enc.factor, "scaling_factor": enc.scale,
-                       "shift_factor": enc.shift, "dtype": cfg.dtype},
-            "encoders": {"student": student if needs_text else [], "teacher": teacher if needs_text else [],
-                         "specs": [s.model_dump(mode="json") for s in specs] if needs_text else []},
-            "tensors": records[0]["tensors"] if records else {},
-            "skipped": shards.sum_counts(records, "skipped"), "converted": shards.sum_counts(records, "converted"),
-            "captions": shards.sum_counts(records, "captions"), "classes": classes,
-            "shards": [{k: r[k] for k in ("id", "file", "start", "stop", "num_samples", "sha256", "bytes")} for r in records],
-            "config": cfg.model_dump(mode="json"),
-        }
-        atomic_write_json(out / shards.MANIFEST, manifest)
+        _write_manifest(cfg, out, source, enc, student, teacher, teacher_names)
     state.wait_for_everyone()
-    manifest = shards.read_manifest(out)
-    seconds = time.perf_counter() - t0
-    return {"out_dir": str(out), "num_samples": manifest["num_samples"], "num_shards": manifest["num_shards"],
-            "source_samples": manifest["source_samples"], "skipped": manifest["skipped"],
-            "converted": manifest["converted"], "captions": manifest["captions"], "seconds": round(seconds, 2)}
+    m = shards.read_manifest(out)
+    return {"out_dir": str(out), **{k: m[k] for k in ("num_samples", "num_shards", "source_samples", "skipped",
+                                                        "converted", "captions")},
+            "seconds": round(time.perf_counter() - t0, 2)}

@@ -1,0 +1,611 @@
+"""The one accelerate training loop every training stage shares (paper sec. 4, sup. G).
+
+A stage describes *what* to train with a :class:`TrainTask`; :func:`train` does the rest:
+AdamW (weight decay 0.01, betas (0.9, 0.999)) per trainable, a constant LR of 5e-5 at a
+global batch of 1024 scaled linearly with the global batch, gradient accumulation and
+clipping, EMA (decay 0.999) of the main model, mixed precision, gradient checkpointing,
+atomic checkpoints with exact resume, per-step losses, trackers, sample grids and a NaN
+guard. It runs unchanged under ``accelerate launch`` (DDP, multi-node, FSDP configs).
+
+How stages plug in (no inheritance beyond the small :class:`TrainTask` base):
+
+* ``pretrain`` / ``finetune``: one trainable (the UNet), phase ``"main"``; ``loss`` noises
+  a batch with a :class:`~snapgen_cli.core.flow.Objective` and regresses its target.
+* ``distill``: trainables ``{"unet", "projector"}`` in one phase; the teacher in ``frozen()``.
+* ``train-decoder`` / ``step-distill``: trainables ``{"decoder"|"unet", "discriminator"}`` and
+  two phases (``{"generator": ("unet",), "discriminator": ("discriminator",)}``) updated in
+  turn on every micro-batch; during a phase the other trainables' parameters do not require
+  gradients, so e.g. the generator's adversarial loss never leaves gradients in the critic.
+
+Decisions where the paper is silent:
+
+* **Exactness.** All per-sample randomness comes from :attr:`StepContext.generators`, one
+  generator per sample seeded by ``(seed, step, global slot)``; the data order is a
+  permutation seeded by ``(seed, epoch)`` of which each process takes its slice of every
+  global batch. So a resumed run repeats the uninterrupted one, and ``P`` processes with
+  batch ``b`` compute what one process computes with batch ``P * b``. Resuming jumps to the
+  data position of the checkpoint's step without reading the skipped batches.
+* **Steps** count optimizer updates, from 1; ``checkpoints/step_000100`` holds the state
+  after 100 of them. A checkpoint is written to ``step_000100.tmp`` and renamed, so a kill
+  never leaves a broken latest checkpoint; ``resume="auto"`` ignores ``.tmp`` dirs.
+* **EMA** is diffusers' ``EMAModel`` (its default warm-up: decay ``min(0.999, (1+n)/(10+n))``
+  at update ``n``), kept on every process and saved as ``model_ema`` apart from ``model``.
+* **LR overrides** (``lr_overrides``, e.g. for a discriminator) are, like ``lr``, values at
+  ``lr_reference_batch`` and are scaled the same way. ``max_grad_norm`` defaults to 1.0;
+  ``lr_warmup_steps`` (default 0) adds a linear warm-up to the constant schedule.
+* **Logged losses** are means over the global batch (all micro-batches and processes).
+* **NaN guard.** A non-finite loss term (checked before ``backward``) or gradient norm
+  (checked before the optimizer step; not under fp16, whose loss scaler skips such steps)
+  stops every process with a :class:`SnapgenError` naming the step and the term; nothing is
+  saved, so the latest checkpoint is the last good state.
+* **Not covered here (CPU-only tests):** FSDP. The loop passes FSDP configs through
+  accelerate unchanged, but EMA, sample grids and the final ``save_pretrained`` use the
+  unwrapped module of each process, which is only the full model under DDP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.optimization import get_constant_schedule_with_warmup
+from diffusers.training_utils import EMAModel
+from diffusers.utils.torch_utils import randn_tensor
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from safetensors.torch import save_model
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..errors import ConfigError, SnapgenError
+from ..stages.base import StageConfig, atomic_write_json
+
+CHECKPOINTS = "checkpoints"
+
+
+class LoopConfig(StageConfig):
+    """Settings of the shared training loop; defaults are the paper's (sec. 4, sup. G)."""
+
+    steps: PositiveInt = 1000
+    batch_size: PositiveInt = Field(32, description="samples per process per micro-batch")
+    grad_accum: PositiveInt = 1
+    lr: PositiveFloat = Field(5e-5, description="learning rate at a global batch of lr_reference_batch")
+    lr_reference_batch: PositiveInt = 1024
+    scale_lr: bool = Field(True, description="scale lr linearly with the global batch (paper)")
+    lr_overrides: dict[str, PositiveFloat] = Field(default_factory=dict,
+                                                   description="per-trainable lr at the reference batch")
+    lr_warmup_steps: NonNegativeInt = 0
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.01, ge=0)
+    max_grad_norm: PositiveFloat | None = 1.0
+    ema_decay: float = Field(0.999, ge=0, le=1)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    checkpoint_every: PositiveInt = 1000
+    keep_checkpoints: PositiveInt | None = 3
+    sample_every: NonNegativeInt = Field(0, description="steps between sample grids; 0: none")
+    log_every: PositiveInt = 10
+    seed: NonNegativeInt = 0
+    tracker: str = Field("tensorboard", description='"tensorboard", "none" or any accelerate tracker name')
+    num_workers: NonNegativeInt = 0
+
+
+# ----------------------------------------------------------------------------------------
+# What a stage provides.
+
+
+@dataclass
+class StepContext:
+    """What :meth:`TrainTask.loss` gets besides the batch.
+
+    ``step``: the optimizer step being computed (from 1); ``micro``: the micro-batch index
+    within it; ``models``: the trainables as prepared by accelerate (DDP-wrapped; call these
+    in ``loss``) plus the frozen models; ``generators``: one per sample of this process's
+    micro-batch, seeded by ``(seed, step, global slot)`` -- draw all randomness from them.
+    """
+
+    step: int
+    micro: int
+    models: dict[str, nn.Module]
+    generators: list[torch.Generator]
+    accelerator: Accelerator
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def randn(self, *shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Per-sample standard normal noise of shape (B, *shape) on the device."""
+        return randn_tensor((len(self.generators), *shape), generator=self.generators, device=self.device, dtype=dtype)
+
+
+class TrainTask:
+    """What a training stage plugs into :func:`train`. Override :meth:`trainables`,
+    :meth:`dataset` and :meth:`loss`; the rest have defaults."""
+
+    #: Name of the trainable that gets EMA and is saved as ``model`` / ``model_ema``;
+    #: ``None``: the first one.
+    main: str | None = None
+
+    def trainables(self) -> dict[str, nn.Module]:
+        """Modules to train, each with its own AdamW (called once; return the task's own modules)."""
+        raise NotImplementedError
+
+    def phases(self) -> dict[str, tuple[str, ...]] | None:
+        """Phase name -> the trainables it updates, run in order on every micro-batch.
+        ``None``: one phase, ``"main"``, updating every trainable."""
+        return None
+
+    def frozen(self) -> dict[str, nn.Module]:
+        """Models used but not trained (teacher, encoders): moved to the device, eval, no grad."""
+        return {}
+
+    def dataset(self) -> Dataset:
+        """A map-style dataset; items go through :meth:`collate`."""
+        raise NotImplementedError
+
+    def collate(self, items: list[Any]) -> Any:
+        return torch.utils.data.default_collate(items)
+
+    def loss(self, phase: str, batch: Any, ctx: StepContext) -> tuple[torch.Tensor, Mapping[str, float | torch.Tensor]]:
+        """The scalar loss of ``phase`` on this process's micro-batch, and named terms to log."""
+        raise NotImplementedError
+
+    def sample_grid(self, model: nn.Module, step: int):  # -> PIL.Image.Image | None
+        """An image of samples from ``model`` (the main model, EMA weights); ``None``: skip."""
+        return None
+
+
+# ----------------------------------------------------------------------------------------
+# Deterministic data order and per-sample seeds.
+
+
+def _seed(*ints: int) -> int:
+    return int(np.random.SeedSequence(list(ints)).generate_state(1, np.uint64)[0])
+
+
+def sample_generators(seed: int, step: int, slots: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per sample, seeded by ``(seed, step, global slot)``."""
+    return [torch.Generator().manual_seed(_seed(seed, step, s)) for s in slots]
+
+
+class GlobalBatchSampler(Sampler[list[int]]):
+    """This process's micro-batches of dataset indices, from step ``start_step + 1`` on.
+
+    The data stream is the concatenation of per-epoch permutations seeded by ``(seed,
+    epoch)``. Step ``k`` (from 1) consumes stream positions ``[(k-1) G, k G)`` with
+    ``G = batch_size * num_processes * grad_accum``; micro-batch ``m`` of process ``r`` takes
+    the global slots ``(m * P + r) * B + [0, B)`` of it.
+    """
+
+    def __init__(self, n: int, batch_size: int, num_processes: int, rank: int, grad_accum: int,
+                 seed: int, start_step: int, steps: int):
+        if n < 1:
+            raise SnapgenError("the training data set is empty")
+        self.n, self.b, self.p, self.r, self.a = n, batch_size, num_processes, rank, grad_accum
+        self.seed, self.start_step, self.steps = seed, start_step, steps
+        self._perm: tuple[int, torch.Tensor] | None = None
+
+    @property
+    def global_batch(self) -> int:
+        return self.b * self.p * self.a
+
+    def slots(self, micro: int) -> range:
+        first = (micro * self.p + self.r) * self.b
+        return range(first, first + self.b)
+
+    def _index(self, position: int) -> int:
+        epoch = position // self.n
+        if self._perm is None or self._perm[0] != epoch:
+            gen = torch.Generator().manual_seed(_seed(self.seed, epoch))
+            self._perm = (epoch, torch.randperm(self.n, generator=gen))
+        return int(self._perm[1][position % self.n])
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start_step + 1, self.steps + 1):
+            base = (step - 1) * self.global_batch
+            for m in range(self.a):
+                yield [self._index(base + s) for s in self.slots(m)]
+
+    def __len__(self) -> int:
+        return (self.steps - self.start_step) * self.a
+
+
+# ----------------------------------------------------------------------------------------
+# Checkpoints and saved models.
+
+
+@dataclass
+class _LoopState:
+    """The loop's own resumable state (registered with accelerate): steps done."""
+
+    step: int = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.step = int(state["step"])
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def complete_checkpoints(out_dir: Path) -> list[Path]:
+    """Finished checkpoints of a run, oldest first (``.tmp`` dirs are never complete)."""
+    root = Path(out_dir) / CHECKPOINTS
+    found = [p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()] if root.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def save_module(module: nn.Module, path: Path) -> None:
+    """``save_pretrained`` for diffusers models, else ``model.safetensors``; written to a
+    ``.tmp`` dir and renamed."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(module, ModelMixin):
+        module.save_pretrained(tmp, safe_serialization=True)
+    else:
+        tmp.mkdir(parents=True)
+        save_model(module, str(tmp / "model.safetensors"))
+    _replace_dir(tmp, path)
+
+
+@contextlib.contextmanager
+def ema_weights(ema: EMAModel, model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` with its EMA weights swapped in, restored on exit."""
+    ema.store(model.parameters())
+    ema.copy_to(model.parameters())
+    try:
+        yield model
+    finally:
+        ema.restore(model.parameters())
+
+
+def _tracker_config(cfg: LoopConfig) -> dict[str, Any]:
+    """Flat scalar hyper-parameters (what TensorBoard's hparams accept)."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in cfg.model_dump().items()}
+
+
+# ----------------------------------------------------------------------------------------
+# The loop.
+
+
+def train(task: TrainTask, cfg: LoopConfig, out_dir: str | Path, resume: Literal["auto"] | str | Path | None = "auto",
+          console: Console | None = None) -> dict[str, Any]:
+    """Train ``task`` with ``cfg`` into ``out_dir``; return (and write) a JSON-able summary.
+
+    ``resume``: ``"auto"`` continues from the latest complete checkpoint in
+    ``out_dir/checkpoints`` (or starts fresh if there is none), a path resumes from that
+    checkpoint, ``None`` starts fresh (and refuses to mix with an earlier run's checkpoints).
+    Writes ``model/`` (raw), ``model_ema/``, one dir per other trainable, ``losses.jsonl``,
+    ``logs/`` (trackers), ``samples/step_*.png``, ``checkpoints/`` and ``train_summary.json``.
+    """
+    accelerator = Accelerator(
+        cpu=not torch.accelerator.is_available(),
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.grad_accum,
+        log_with=None if cfg.tracker == "none" else cfg.tracker,
+        project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(Path(out_dir) / "logs")),
+        step_scheduler_with_optimizer=False,
+    )
+    try:
+        return _Run(task, cfg, Path(out_dir), accelerator, console or Console(file=sys.stderr)).run(resume)
+    finally:
+        # Not ``end_training()``: it destroys the process group, and a recipe may run further
+        # stages in this process. Those may pick another mixed precision, hence the reset.
+        for tracker in accelerator.trackers:
+            tracker.finish()
+        AcceleratorState._reset_state(reset_partial_state=False)
+
+
+class _Run:
+    """One call of :func:`train`: set-up, the step loop, checkpoints and outputs."""
+
+    def __init__(self, task: TrainTask, cfg: LoopConfig, out_dir: Path, accelerator: Accelerator, console: Console):
+        self.task, self.cfg, self.out_dir, self.acc, self.console = task, cfg, out_dir, accelerator, console
+        self.state = _LoopState()
+        self.losses_path = out_dir / "losses.jsonl"
+
+    # -- set-up ------------------------------------------------------------------------
+
+    def _build(self) -> None:
+        task, cfg, acc = self.task, self.cfg, self.acc
+        set_seed(cfg.seed)
+        trainables = task.trainables()
+        if not trainables:
+            raise SnapgenError(f"{type(task).__name__}.trainables() returned no modules")
+        self.main = task.main or next(iter(trainables))
+        if self.main not in trainables:
+            raise SnapgenError(f"main trainable {self.main!r} is not one of {', '.join(trainables)}")
+        self.phases = task.phases() or {"main": tuple(trainables)}
+        for phase, names in self.phases.items():
+            unknown = set(names) - set(trainables)
+            if unknown:
+                raise SnapgenError(f"phase {phase!r} names unknown trainables {sorted(unknown)}")
+        self._enable_checkpointing(trainables)
+
+        self.global_batch = cfg.batch_size * acc.num_processes * cfg.grad_accum
+        scale = self.global_batch / cfg.lr_reference_batch if cfg.scale_lr else 1.0
+        unknown = set(cfg.lr_overrides) - set(trainables)
+        if unknown:
+            raise ConfigError(f"lr_overrides: unknown trainables {sorted(unknown)}; "
+                              f"choose from {', '.join(trainables)}")
+        self.lrs = {name: cfg.lr_overrides.get(name, cfg.lr) * scale for name in trainables}
+        optimizers = {name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=self.lrs[name],
+                                              betas=cfg.betas, weight_decay=cfg.weight_decay)
+                      for name, m in trainables.items()}
+        schedulers = {name: get_constant_schedule_with_warmup(opt, cfg.lr_warmup_steps)
+                      for name, opt in optimizers.items()}
+
+        names = list(trainables)
+        for m in trainables.values():
+            m.train()
+        prepared = acc.prepare(*trainables.values(), *optimizers.values(), *schedulers.values())
+        prepared = prepared if isinstance(prepared, tuple) else (prepared,)
+        k = len(names)
+        self.models = dict(zip(names, prepared[:k]))
+        self.optimizers = dict(zip(names, prepared[k:2 * k]))
+        self.schedulers = dict(zip(names, prepared[2 * k:]))
+        # Read back from the optimizers: wrappers such as FSDP may have replaced the parameters.
+        self.params = {n: [p for g in opt.param_groups for p in g["params"]] for n, opt in self.optimizers.items()}
+        self.frozen = {name: m.to(acc.device).eval().requires_grad_(False) for name, m in task.frozen().items()}
+
+        self.main_module = acc.unwrap_model(self.models[self.main])
+        self.ema = EMAModel(self.main_module.parameters(), decay=cfg.ema_decay)
+        acc.register_for_checkpointing(self.ema, self.state)
+
+    def _enable_checkpointing(self, trainables: dict[str, nn.Module]) -> None:
+        if not self.cfg.gradient_checkpointing:
+            return
+        for name, m in trainables.items():
+            if isinstance(m, ModelMixin) and m._supports_gradient_checkpointing:
+                m.enable_gradient_checkpointing()
+            elif name == self.main:
+                raise ConfigError(f"gradient_checkpointing: {type(m).__name__} does not support it; set it to false")
+
+    def _resume(self, resume: str | Path | None) -> Path | None:
+        ckpts = complete_checkpoints(self.out_dir)
+        if resume is None:
+            if ckpts:
+                raise ConfigError(f"{self.out_dir}: holds checkpoints of an earlier run; resume with resume='auto' "
+                                  "or choose an empty output directory")
+            return None
+        if resume == "auto":
+            if not ckpts:
+                return None
+            path = ckpts[-1]
+        else:
+            path = Path(resume)
+            if not path.is_dir() or path.name.endswith(".tmp"):
+                example = self.out_dir / CHECKPOINTS / checkpoint_name(self.cfg.checkpoint_every)
+                raise ConfigError(f"resume: {str(path)!r} is not a complete checkpoint directory (e.g. {example}), "
+                                  "or pass resume='auto'")
+        self.acc.load_state(str(path))
+        self.ema.to(self.acc.device)
+        if self.state.step > self.cfg.steps:
+            raise ConfigError(f"steps: checkpoint {path} is at step {self.state.step}, past steps={self.cfg.steps}")
+        return path
+
+    def _prepare_out_dir(self) -> None:
+        """Main process: drop half-written checkpoints and losses logged after the resume point."""
+        if not self.acc.is_main_process:
+            return
+        (self.out_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+        for tmp in (self.out_dir / CHECKPOINTS).glob("*.tmp"):
+            shutil.rmtree(tmp)
+        kept = []
+        if self.losses_path.exists():
+            for line in self.losses_path.read_text().splitlines():
+                with contextlib.suppress(json.JSONDecodeError):
+                    if json.loads(line)["step"] <= self.state.step:
+                        kept.append(line + "\n")
+        self.losses_path.write_text("".join(kept))
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def run(self, resume: str | Path | None) -> dict[str, Any]:
+        cfg, acc = self.cfg, self.acc
+        self._build()
+        resumed_from = self._resume(resume)
+        start = self.state.step
+        self._prepare_out_dir()
+        if cfg.tracker != "none":
+            acc.init_trackers("snapgen", config=_tracker_config(cfg))
+
+        dataset = self.task.dataset()
+        sampler = GlobalBatchSampler(len(dataset), cfg.batch_size, acc.num_processes, acc.process_index,
+                                     cfg.grad_accum, cfg.seed, start, cfg.steps)
+        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=self.task.collate, num_workers=cfg.num_workers)
+        batches = iter(loader)
+        t0, last = time.perf_counter(), {}
+        with self._progress() as progress:
+            bar = progress.add_task("train", total=cfg.steps, completed=start, info="")
+            for step in range(start + 1, cfg.steps + 1):
+                last = self._step(step, batches, sampler)
+                self.state.step = step
+                rate = self.global_batch * (step - start) / (time.perf_counter() - t0)
+                self._log(step, last)
+                losses = "  ".join(f"{k} {v:.4f}" for k, v in last.items() if k.endswith("loss"))
+                progress.update(bar, completed=step, info=f"{losses}  {rate:.1f} samples/s")
+                if cfg.sample_every and step % cfg.sample_every == 0:
+                    self._sample_grid(step)
+                if step % cfg.checkpoint_every == 0:
+                    self._save_checkpoint(step)
+        if cfg.steps % cfg.checkpoint_every and start < cfg.steps:
+            self._save_checkpoint(cfg.steps)
+        wall = time.perf_counter() - t0
+        return self._finish(resumed_from, last, wall, self.global_batch * (cfg.steps - start) / max(wall, 1e-9))
+
+    def _progress(self) -> Progress:
+        return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=self.console,
+                        disable=not self.acc.is_main_process, transient=False)
+
+    def _step(self, step: int, batches: Iterator[Any], sampler: GlobalBatchSampler) -> dict[str, float]:
+        """One optimizer step: ``grad_accum`` micro-batches, every phase on each."""
+        acc, sums = self.acc, defaultdict(float)
+        for micro in range(self.cfg.grad_accum):
+            batch = next(batches)
+            ctx = StepContext(step, micro, {**self.models, **self.frozen},
+                              sample_generators(self.cfg.seed, step, sampler.slots(micro)), acc)
+            with acc.accumulate(*self.models.values()):
+                for phase, names in self.phases.items():
+                    with self._only_trainable(names):
+                        with acc.autocast():
+                            loss, logs = self.task.loss(phase, batch, ctx)
+                        terms = {self._key(phase, "loss"): loss.detach().float()}
+                        terms |= {self._key(phase, k): torch.as_tensor(v).detach().float() for k, v in logs.items()}
+                        self._guard(step, terms)
+                        acc.backward(loss)
+                    for k, v in terms.items():
+                        sums[k] = sums[k] + v / self.cfg.grad_accum
+                    if acc.sync_gradients:
+                        sums |= self._update(step, phase, names)
+        self.ema.step(self.main_module.parameters())
+        keys = sorted(sums)
+        means = acc.reduce(torch.stack([torch.as_tensor(sums[k], device=acc.device) for k in keys]), "mean")
+        return dict(zip(keys, means.tolist()))
+
+    def _update(self, step: int, phase: str, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        params = [p for n in names for p in self.params[n]]
+        norm = self.acc.clip_grad_norm_(params, self.cfg.max_grad_norm or math.inf)
+        norm = torch.as_tensor(norm).detach().float()
+        if self.cfg.mixed_precision != "fp16":  # fp16's loss scaler skips overflowing steps itself
+            self._guard(step, {self._key(phase, "grad_norm"): norm})
+        for n in names:
+            self.optimizers[n].step()
+            if not self.acc.optimizer_step_was_skipped:
+                self.schedulers[n].step()
+            self.optimizers[n].zero_grad(set_to_none=True)
+        return {self._key(phase, "grad_norm"): norm}
+
+    def _key(self, phase: str, name: str) -> str:
+        return name if len(self.phases) == 1 else f"{phase}/{name}"
+
+    @contextlib.contextmanager
+    def _only_trainable(self, names: tuple[str, ...]) -> Iterator[None]:
+        """Freeze the trainables a phase does not update, for the duration of the phase."""
+        others = [p for n, ps in self.params.items() if n not in names for p in ps]
+        for p in others:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p in others:
+                p.requires_grad_(True)
+
+    def _guard(self, step: int, terms: dict[str, torch.Tensor]) -> None:
+        """Stop (on every process) before a non-finite loss or gradient touches the weights."""
+        bad = [k for k, v in terms.items() if not torch.isfinite(v).all()]
+        flag = torch.tensor([float(bool(bad))], device=self.acc.device)
+        if self.acc.num_processes > 1:
+            flag = self.acc.reduce(flag, "sum")
+        if flag.item() == 0:
+            return
+        ckpts = complete_checkpoints(self.out_dir)
+        kept = f"last good checkpoint: {ckpts[-1]}" if ckpts else "no checkpoint was written yet"
+        what = (f"loss term {bad[0]!r} = {terms[bad[0]].flatten()[0].item()}" if bad
+                else "a loss term on another process")
+        raise SnapgenError(f"step {step}: non-finite {what}; training stopped, {kept} "
+                           "(lower lr, set max_grad_norm, or use mixed_precision='no' / 'bf16')")
+
+    # -- outputs -------------------------------------------------------------------------
+
+    def _log(self, step: int, logs: dict[str, float]) -> None:
+        lrs = {f"lr/{n}": s.get_last_lr()[0] for n, s in self.schedulers.items()}
+        if self.acc.is_main_process:
+            with self.losses_path.open("a") as f:
+                f.write(json.dumps({"step": step, **logs}) + "\n")
+        if self.cfg.tracker != "none" and step % self.cfg.log_every == 0:
+            self.acc.log({**logs, **lrs}, step=step)
+
+    def _sample_grid(self, step: int) -> None:
+        if not self.acc.is_main_process:
+            return
+        model = self.main_module
+        with ema_weights(self.ema, model), torch.no_grad():
+            model.eval()
+            image = self.task.sample_grid(model, step)
+            model.train()
+        if image is not None:
+            (self.out_dir / "samples").mkdir(parents=True, exist_ok=True)
+            image.save(self.out_dir / "samples" / f"{checkpoint_name(step)}.png")
+
+    def _save_checkpoint(self, step: int) -> None:
+        """``accelerator.save_state`` into ``step_N.tmp``, then an atomic rename to ``step_N``."""
+        acc = self.acc
+        final = self.out_dir / CHECKPOINTS / checkpoint_name(step)
+        tmp = final.with_name(final.name + ".tmp")
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            _replace_dir(tmp, final)
+            if self.cfg.keep_checkpoints:
+                for old in complete_checkpoints(self.out_dir)[:-self.cfg.keep_checkpoints]:
+                    shutil.rmtree(old)
+        acc.wait_for_everyone()
+
+    def _finish(self, resumed_from: Path | None, last: dict[str, float], wall: float, rate: float) -> dict[str, Any]:
+        acc = self.acc
+        acc.wait_for_everyone()
+        outputs = {}
+        for name in self.models:
+            outputs[name] = self.out_dir / ("model" if name == self.main else name)
+        outputs["model_ema"] = self.out_dir / "model_ema"
+        ckpts = complete_checkpoints(self.out_dir)
+        summary = {
+            "steps": self.cfg.steps,
+            "resumed_from": str(resumed_from) if resumed_from else None,
+            "num_processes": acc.num_processes,
+            "global_batch": self.global_batch,
+            "lr": self.lrs,
+            "final_losses": last,
+            "samples_per_s": rate,
+            "wall_s": wall,
+            "model": str(outputs[self.main]),
+            "model_ema": str(outputs["model_ema"]),
+            "trainables": {n: str(p) for n, p in outputs.items() if n != "model_ema"},
+            "losses": str(self.losses_path),
+            "checkpoint": str(ckpts[-1]) if ckpts else None,
+        }
+        if acc.is_main_process:
+            for name, model in self.models.items():
+                save_module(acc.unwrap_model(model), outputs[name])
+            with ema_weights(self.ema, self.main_module) as model:
+                save_module(model, outputs["model_ema"])
+            if self.cfg.sample_every and self.cfg.steps % self.cfg.sample_every:
+                self._sample_grid(self.cfg.steps)
+            atomic_write_json(self.out_dir / "train_summary.json", summary)
+        acc.wait_for_everyone()
+        return summary
+
+
+__all__ = ["GlobalBatchSampler", "LoopConfig", "StepContext", "TrainTask", "complete_checkpoints", "ema_weights",
+           "sample_generators", "save_module", "train"]

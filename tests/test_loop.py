@@ -1,0 +1,210 @@
+"""The shared accelerate training loop: learning, exact resume after SIGKILL, 2-process DDP ==
+1 process, NaN guard, atomic checkpoints, EMA, alternating GAN phases, deterministic data."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from _loop_script import FlowTask, GanTask, ToyVelocity
+from snapgen_cli.errors import ConfigError, SnapgenError
+from snapgen_cli.train.loop import GlobalBatchSampler, LoopConfig, complete_checkpoints, train
+
+SCRIPT = Path(__file__).with_name("_loop_script.py")
+
+
+def _cfg(**kw) -> LoopConfig:
+    base = dict(steps=10, batch_size=4, lr=1e-2, lr_reference_batch=4, checkpoint_every=5, keep_checkpoints=None,
+                tracker="none")
+    return LoopConfig(**{**base, **kw})
+
+
+def _losses(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines()]
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    files = list(path.glob("*.safetensors"))
+    assert len(files) == 1, files
+    return load_file(files[0])
+
+
+def _assert_same_run(a: Path, b: Path, tol: float, outputs=("model", "model_ema")) -> None:
+    la, lb = _losses(a), _losses(b)
+    assert [r["step"] for r in la] == [r["step"] for r in lb]
+    for ra, rb in zip(la, lb):
+        assert ra.keys() == rb.keys()
+        for k in ra:
+            assert ra[k] == pytest.approx(rb[k], abs=tol, rel=tol), (ra["step"], k)
+    for sub in outputs:
+        wa, wb = _weights(a / sub), _weights(b / sub)
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            torch.testing.assert_close(wa[k], wb[k], atol=tol, rtol=0)
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONPATH": str(SCRIPT.parents[1])}
+
+
+def test_overfit_loss_falls_and_outputs_are_written(tmp_path):
+    out = tmp_path / "run"
+    summary = train(FlowTask(n=8), _cfg(steps=60, checkpoint_every=25, keep_checkpoints=2, sample_every=30,
+                                        tracker="tensorboard", log_every=10), out)
+    losses = [r["loss"] for r in _losses(out)]
+    assert len(losses) == 60
+    assert sum(losses[-10:]) / 10 < 0.6 * sum(losses[:10]) / 10
+    # Outputs: raw and EMA weights apart, loadable the diffusers way; EMA lags the raw weights.
+    raw, ema = ToyVelocity.from_pretrained(out / "model"), ToyVelocity.from_pretrained(out / "model_ema")
+    assert any(not torch.equal(p, q) for p, q in zip(raw.parameters(), ema.parameters()))
+    assert summary["model"] == str(out / "model") and summary["model_ema"] == str(out / "model_ema")
+    assert json.loads((out / "train_summary.json").read_text())["final_losses"]["loss"] == pytest.approx(losses[-1])
+    # Checkpoints: 25, 50 and the final 60, pruned to the last 2; renames left no .tmp dirs.
+    assert [p.name for p in complete_checkpoints(out)] == ["step_000050", "step_000060"]
+    assert not list((out / "checkpoints").glob("*.tmp")) and not list(out.glob("*.tmp"))
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_000030.png", "step_000060.png"]
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
+
+
+def test_lr_is_scaled_linearly_with_the_global_batch(tmp_path):
+    cfg = _cfg(steps=1, lr=5e-5, lr_reference_batch=1024, batch_size=4, grad_accum=2,
+               lr_overrides={"discriminator": 1e-4})
+    summary = train(GanTask(), cfg, tmp_path)
+    assert summary["global_batch"] == 8
+    assert summary["lr"] == pytest.approx({"generator": 5e-5 * 8 / 1024, "discriminator": 1e-4 * 8 / 1024})
+
+
+def test_resume_after_sigkill_repeats_the_uninterrupted_run(tmp_path):
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    train(FlowTask(), _cfg(steps=15), ref)
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--out", str(killed), "--steps", "15",
+                             "--checkpoint-every", "5", "--step-delay", "0.3"],
+                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while not (killed / "checkpoints" / "step_000005").is_dir():
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    done = [p.name for p in complete_checkpoints(killed)]
+    assert done and done[-1] in ("step_000005", "step_000010")
+    assert not (killed / "model").exists()
+
+    summary = train(FlowTask(), _cfg(steps=15), killed, resume="auto")
+    assert summary["resumed_from"] == str(killed / "checkpoints" / done[-1])
+    _assert_same_run(ref, killed, tol=1e-6)
+
+
+def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path):
+    """Flow task and the two-phase GAN task: 2 processes x batch 2 == 1 process x batch 4."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    train(FlowTask(), _cfg(steps=6, batch_size=4), one / "flow")
+    train(GanTask(), _cfg(steps=6, batch_size=4), one / "gan")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(port), str(SCRIPT)]
+    res = subprocess.run([*launch, "--task", "both", "--out", str(two), "--steps", "6", "--batch-size", "2"],
+                         env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summaries = [json.loads(line) for line in res.stdout.strip().splitlines()]
+    assert [(s["num_processes"], s["global_batch"]) for s in summaries] == [(2, 4), (2, 4)]
+    _assert_same_run(one / "flow", two / "flow", tol=1e-5)
+    _assert_same_run(one / "gan", two / "gan", tol=1e-5, outputs=("model", "model_ema", "discriminator"))
+
+
+def test_bf16_mixed_precision_runs_and_the_next_run_may_change_it(tmp_path):
+    train(FlowTask(), _cfg(steps=3, mixed_precision="bf16"), tmp_path / "bf16")
+    train(FlowTask(), _cfg(steps=3), tmp_path / "fp32")
+    low, full = _losses(tmp_path / "bf16")[-1]["loss"], _losses(tmp_path / "fp32")[-1]["loss"]
+    assert low == pytest.approx(full, rel=5e-2) and low != full
+
+
+def test_grad_accumulation_equals_the_bigger_batch(tmp_path):
+    train(FlowTask(), _cfg(steps=4, batch_size=4), tmp_path / "big")
+    train(FlowTask(), _cfg(steps=4, batch_size=2, grad_accum=2), tmp_path / "accum")
+    _assert_same_run(tmp_path / "big", tmp_path / "accum", tol=1e-5)
+
+
+def test_nan_guard_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path):
+    with pytest.raises(SnapgenError, match=r"step 7: non-finite loss term 'loss' = nan; training stopped, "
+                                           r"last good checkpoint: .*step_000005"):
+        train(FlowTask(nan_at=7), _cfg(steps=10), tmp_path)
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_000005"]
+    assert not list((tmp_path / "checkpoints").glob("*.tmp")) and not (tmp_path / "model").exists()
+    assert [r["step"] for r in _losses(tmp_path)] == [1, 2, 3, 4, 5, 6]
+    # The kept checkpoint resumes cleanly once the cause is gone.
+    summary = train(FlowTask(), _cfg(steps=10), tmp_path, resume="auto")
+    assert summary["resumed_from"].endswith("step_000005")
+    assert [r["step"] for r in _losses(tmp_path)] == list(range(1, 11))
+
+
+def test_alternating_phases_step_each_optimizer_in_turn(tmp_path):
+    task = GanTask()
+    g0, d0 = ({k: v.clone() for k, v in m.state_dict().items()} for m in (task.g, task.d))
+    summary = train(task, _cfg(steps=6, batch_size=8, checkpoint_every=6), tmp_path)
+    assert [phase for phase, _ in task.calls] == ["generator", "discriminator"] * 6
+    for phase, grads in task.calls:  # a phase only leaves gradients in its own trainables
+        assert grads == {"generator": phase == "generator", "discriminator": phase == "discriminator"}
+    assert set(summary["final_losses"]) == {"generator/loss", "generator/grad_norm", "discriminator/loss",
+                                            "discriminator/real", "discriminator/fake", "discriminator/grad_norm"}
+    # Non-diffusers trainables are saved as safetensors; both moved; both optimizers took 6 steps.
+    g, d = (load_file(tmp_path / sub / "model.safetensors") for sub in ("model", "discriminator"))
+    assert not torch.equal(g["weight"], g0["weight"]) and not torch.equal(d["0.weight"], d0["0.weight"])
+    ckpt = tmp_path / "checkpoints" / "step_000006"
+    for name in ("optimizer.bin", "optimizer_1.bin"):
+        state = torch.load(ckpt / name, weights_only=False)["state"]
+        assert {int(s["step"]) for s in state.values()} == {6}
+
+
+def test_gradient_checkpointing_switch_keeps_the_numbers(tmp_path):
+    task = FlowTask(n=4, unet=True)
+    train(task, _cfg(steps=2, batch_size=2, gradient_checkpointing=True), tmp_path / "ckpt")
+    assert task.model.gradient_checkpointing
+    train(FlowTask(n=4, unet=True), _cfg(steps=2, batch_size=2), tmp_path / "plain")
+    _assert_same_run(tmp_path / "ckpt", tmp_path / "plain", tol=1e-5)
+    with pytest.raises(ConfigError, match="gradient_checkpointing: ToyVelocity does not support it"):
+        train(FlowTask(), _cfg(gradient_checkpointing=True), tmp_path / "toy")
+
+
+def test_bad_resume_and_config_are_clear_errors(tmp_path):
+    train(FlowTask(), _cfg(steps=5), tmp_path)
+    with pytest.raises(ConfigError, match="holds checkpoints of an earlier run; resume with resume='auto'"):
+        train(FlowTask(), _cfg(steps=5), tmp_path, resume=None)
+    with pytest.raises(ConfigError, match="resume: .*nowhere' is not a complete checkpoint directory"):
+        train(FlowTask(), _cfg(steps=5), tmp_path, resume=tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match="past steps=3"):
+        train(FlowTask(), _cfg(steps=3), tmp_path, resume="auto")
+    with pytest.raises(ConfigError, match=r"lr_overrides: unknown trainables \['disc'\]"):
+        train(FlowTask(), _cfg(lr_overrides={"disc": 1e-4}), tmp_path / "other")
+    with pytest.raises(ValueError, match="Extra inputs are not permitted"):
+        LoopConfig(stepz=3)
+
+
+def test_global_batches_split_across_processes_and_resume_without_replay():
+    def batches(p, r, b, start=0, a=1):
+        return list(GlobalBatchSampler(10, b, p, r, a, seed=3, start_step=start, steps=6))
+
+    single = batches(1, 0, 4)
+    r0, r1 = batches(2, 0, 2), batches(2, 1, 2)
+    assert [x + y for x, y in zip(r0, r1)] == single  # each process takes its slice
+    stream = [i for b in single for i in b]
+    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:20]) == list(range(10))
+    assert stream[:10] != stream[10:20]  # a new permutation each epoch
+    assert batches(1, 0, 4, start=4) == single[4:]
+    assert batches(1, 0, 2, a=2) == [half for b in single for half in (b[:2], b[2:])]
