@@ -284,6 +284,7 @@ LazyGroup.lazy = {
     "pretrain": ("Train the UNet from scratch on class-conditional shards.", None),
     "finetune": ("Text-to-image training on latent + text shards.", None),
     "generate": ("Prompts -> PNGs from a trained pipeline dir.", "prompts"),
+    "eval": ("Generate with fixed seeds and score: alignment, FID, CLIP, PSNR, GenEval, DPG-Bench.", None),
 }
 
 

@@ -42,6 +42,8 @@ STAGE_KINDS: dict[str, str] = {
     "finetune": "snapgen_cli.stages.finetune",
     "generate": "snapgen_cli.stages.generate",
     "bench-device": "snapgen_cli.stages.bench_device",
+    "shapes-data": "snapgen_cli.stages.shapes_data",
+    "eval": "snapgen_cli.stages.eval",
 }
 
 DONE_MARKER = ".snapgen-done.json"
@@ -229,9 +231,34 @@ def parse_recipe(data: dict, path: Path | None = None) -> Recipe:
         if isinstance(inp, str) and inp.startswith("@") and inp[1:] not in seen:
             raise ConfigError(f"{where}.input: {inp!r} does not name an earlier stage")
         body = {k: v for k, v in raw.items() if k not in _RESERVED}
+        for key, ref in _refs(body):
+            if ref.split("/")[0] not in seen - {name}:
+                raise ConfigError(f"{where}.{key}: {'@' + ref!r} does not name an earlier stage")
         cfg = validate_config(stage_module(kind).Config, body, where)
         stages.append(Stage(i, name, kind, inp, cfg))
     return Recipe(path, run, stages)
+
+
+def _refs(body: dict):
+    """``(key, ref)`` for every ``"@stage[/sub/path]"`` string value (top level or in a list)."""
+    for k, v in body.items():
+        for item in v if isinstance(v, list) else [v]:
+            if isinstance(item, str) and item.startswith("@"):
+                yield k, item[1:]
+
+
+def resolve_refs(cfg, run_dir: Path):
+    """The stage config with every ``"@stage/sub/path"`` value replaced by ``<run_dir>/stage/sub/path``:
+    any stage can point a setting (a VAE, a decoder, a data dir) at an earlier stage's output."""
+    def fix(v):
+        if isinstance(v, str) and v.startswith("@"):
+            return str(run_dir / v[1:])
+        if isinstance(v, list):
+            return [fix(x) for x in v]
+        return v
+
+    update = {k: fix(getattr(cfg, k)) for k in type(cfg).model_fields if k != "input"}
+    return cfg.model_copy(update={k: v for k, v in update.items() if v != getattr(cfg, k)})
 
 
 def load_recipe(path: Path, overrides: tuple[str, ...] = ()) -> Recipe:
@@ -267,7 +294,7 @@ def plan_recipe(recipe: Recipe, run_dir: Path, stages: list[Stage], console) -> 
     rows = []
     for st in stages:
         ctx = _context(recipe, st, run_dir, True, console)
-        for item in st.module.plan(st.config, ctx):
+        for item in st.module.plan(resolve_refs(st.config, run_dir), ctx):
             rows.append(dict(stage=st.name, kind=st.kind, **item.__dict__))
     return rows
 
@@ -287,7 +314,7 @@ def run_recipe(recipe: Recipe, run_dir: Path, stages: list[Stage], console, fres
         console.rule(f"[bold][{n}/{len(stages)}] {st.name}[/bold] ({st.kind})")
         ctx.out_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        summary = st.module.run(st.config, ctx)
+        summary = st.module.run(resolve_refs(st.config, run_dir), ctx)
         record = dict(summary=summary, wall_s=round(time.perf_counter() - t0, 3), kind=st.kind,
                       config=st.config.model_dump(mode="json"))
         atomic_write_json(marker, record)

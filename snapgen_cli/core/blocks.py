@@ -25,8 +25,9 @@ from torch import nn
 
 
 def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
-    """GroupNorm with the largest group count <= ``groups`` that divides ``channels``."""
-    g = math.gcd(channels, groups)
+    """GroupNorm with the largest group count <= ``groups`` that divides ``channels`` and keeps
+    at least 4 channels per group (so a 1x1 feature map of a small model still normalises)."""
+    g = math.gcd(channels, max(1, min(groups, channels // 4)))
     return nn.GroupNorm(g, channels, eps=1e-6)
 
 

@@ -50,7 +50,9 @@ class StageContext:
             return self.previous
         if value.startswith("@"):
             if self.run_dir is None:
-                raise ValueError(f"{value!r} refers to a stage of a recipe run, but no run directory is set")
+                from ..errors import ConfigError
+
+                raise ConfigError(f"{value!r} names a stage of a recipe run; outside `snapgen run` give a path")
             return self.run_dir / value[1:]
         return Path(value)
 
