@@ -25,9 +25,11 @@ CONTEXT = dict(help_option_names=["-h", "--help"], show_default=True, max_conten
 def stderr_console() -> Console:
     """Logs and progress go to stderr; a non-terminal gets a wide, colourless console.
     (Called by commands that do work; it also mutes the libraries' own progress bars.)"""
+    import datasets
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
     tty = sys.stderr.isatty()
     return Console(file=sys.stderr, width=None if tty else 140, no_color=not tty and "FORCE_COLOR" not in os.environ)
 
@@ -281,6 +283,7 @@ def stage_command(kind: str, summary: str, positional: str | None = None):
 
 LazyGroup.lazy = {
     "precompute": ("Images + captions -> latent and text-embedding shards.", None),
+    "train-decoder": ("Train the tiny decoder (or a small autoencoder) against a frozen encoder.", None),
     "pretrain": ("Train the UNet from scratch on class-conditional shards.", None),
     "finetune": ("Text-to-image training on latent + text shards.", None),
     "generate": ("Prompts -> PNGs from a trained pipeline dir.", "prompts"),

@@ -38,6 +38,7 @@ from .stages.base import PlanItem, StageContext, atomic_write_json
 #: Stage kinds and the modules that implement them (imported lazily).
 STAGE_KINDS: dict[str, str] = {
     "precompute": "snapgen_cli.stages.precompute",
+    "train-decoder": "snapgen_cli.stages.train_decoder",
     "pretrain": "snapgen_cli.stages.pretrain",
     "finetune": "snapgen_cli.stages.finetune",
     "generate": "snapgen_cli.stages.generate",
