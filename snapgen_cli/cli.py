@@ -100,17 +100,19 @@ def cli():
               help="Override a recipe value, e.g. --set stages.pretrain.steps=10 (TOML value syntax).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Run directory (default: the recipe's run.out_dir).")
-@click.option("--fresh", is_flag=True, help="Ignore done-markers and run every selected stage again.")
+@click.option("--fresh", is_flag=True, help="Start over: delete the selected stages' outputs and run them again.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def run_cmd(recipe, dry_run, start, only, overrides, out_dir, fresh, as_json):
     """Run the stages of RECIPE in order, each reading the previous stage's output.
 
-    Stages that finished (marked atomically after success) are skipped on re-run.
+    Without RECIPE, runs the bundled demo (recipes/demo.toml): the paper's whole stage
+    sequence at toy scale on a laptop CPU in minutes. Stages that finished (marked
+    atomically after success) are skipped on re-run; --fresh starts over. The run ends
+    with <run dir>/report.md and report.json.
     """
-    from .recipe import load_recipe, plan_recipe, run_recipe, select_stages
+    from .recipe import DEMO_RECIPE, load_recipe, plan_recipe, run_recipe, select_stages
 
-    if recipe is None:
-        raise ConfigError("run: give a recipe file, e.g. snapgen run recipes/paper.toml")
+    recipe = recipe or DEMO_RECIPE
     rec = load_recipe(recipe, overrides)
     run_dir = Path(out_dir or rec.run.out_dir)
     stages = select_stages(rec, start, only)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import shutil
 import time
 import tomllib
 from dataclasses import dataclass
@@ -48,6 +49,8 @@ STAGE_KINDS: dict[str, str] = {
 }
 
 DONE_MARKER = ".snapgen-done.json"
+#: The recipe ``snapgen run`` runs when given none: the paper's stage sequence at toy scale.
+DEMO_RECIPE = Path(__file__).parent / "recipes" / "demo.toml"
 _RESERVED = ("name", "kind", "input")
 
 
@@ -310,8 +313,8 @@ def run_recipe(recipe: Recipe, run_dir: Path, stages: list[Stage], console, fres
             console.print(f"[dim][{n}/{len(stages)}] {st.name}: done already, skipped[/dim]")
             results.append({**json.loads(marker.read_text()), "stage": st.name, "skipped": True})
             continue
-        if fresh:
-            marker.unlink(missing_ok=True)
+        if fresh and ctx.out_dir.exists():  # start over: the stage's old outputs and checkpoints go
+            shutil.rmtree(ctx.out_dir)
         console.rule(f"[bold][{n}/{len(stages)}] {st.name}[/bold] ({st.kind})")
         ctx.out_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
@@ -320,6 +323,11 @@ def run_recipe(recipe: Recipe, run_dir: Path, stages: list[Stage], console, fres
                       config=st.config.model_dump(mode="json"))
         atomic_write_json(marker, record)
         results.append({**record, "stage": st.name, "skipped": False})
+    from .report import stage_command, write_run_report
+
+    commands = {st.name: stage_command(st.kind, resolve_refs(st.config, run_dir), run_dir / st.name) for st in stages}
+    report = write_run_report(run_dir, recipe.run.name, results, commands)
+    console.print(f"[bold]report:[/bold] {run_dir / 'report.md'} (total {report['total_wall_s']:.1f} s)")
     return results
 
 

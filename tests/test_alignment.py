@@ -321,3 +321,11 @@ def test_parse_caption_grammar():
             parse_caption(bad)
     with pytest.raises(ConfigError, match="different shapes"):
         parse_caption("a photo of a circle and a circle")
+
+
+def test_chance_level_is_measured_and_low():
+    from snapgen_cli.eval.alignment import chance_level
+
+    res = chance_level(n=60, resolution=64, seed=0)
+    assert 0.05 < res["overall"] < 0.35, res["overall"]
+    assert set(res["categories"]) == {"single_object", "two_object", "counting", "colors", "position", "color_attr"}

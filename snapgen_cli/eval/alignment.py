@@ -334,3 +334,23 @@ def parse_caption(text: str) -> ShapeSpec:
         )
     validate(spec)
     return spec
+
+
+def chance_level(n: int = 120, resolution: int = 64, seed: int = 0) -> dict:
+    """This suite's chance level, measured: ground-truth renders of ``ShapesDataset(n)`` scored
+    against the prompt of the *next* sample of the same category -- a model that draws valid
+    pictures but ignores what the prompt asks for. Returns :func:`score`'s dict."""
+    from collections import defaultdict
+
+    from ..data.shapes import ShapesDataset
+
+    ds = ShapesDataset(n, resolution=resolution, seed=seed)
+    by_category: dict[str, list[int]] = defaultdict(list)
+    for i in range(len(ds)):
+        by_category[ds.spec(i).category].append(i)
+    images, specs = [], []
+    for idx in by_category.values():
+        for k, i in enumerate(idx):
+            images.append(ds[i]["image"])
+            specs.append(ds.spec(idx[(k + 1) % len(idx)]))
+    return score(images, specs)

@@ -405,7 +405,10 @@ def _metric(name: str, cfg: Config, sets: dict[str, ImageSet], ckpt: Path, out: 
     device = str(resolve_device(cfg.device))
     scored = sets.get(SAMPLES_DIR) or sets.get(ALIGNMENT_DIR)
     if name == "alignment":
-        return alignment.score_folder(sets[ALIGNMENT_DIR].folder)
+        result = alignment.score_folder(sets[ALIGNMENT_DIR].folder)
+        chance = alignment.chance_level(cfg.alignment_n, size, cfg.alignment_seed)
+        return {**result, "chance": chance["overall"],
+                "chance_categories": {k: v["accuracy"] for k, v in chance["categories"].items()}}
     if name == "fid":
         return metrics.fid_kid(scored.folder, cfg.reference, inception=cfg.inception, kid=cfg.kid,
                                batch_size=cfg.batch_size, device=device, seed=cfg.seed) | {"set": scored.name}
