@@ -15,16 +15,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
+# The embedded default: the paper's stage sequence at toy scale on this CPU (runs/demo/report.md).
 demo: setup
-	$(VENV)/bin/snapgen run recipes/paper.toml --dry-run
-	$(VENV)/bin/snapgen bench-device --ablation-ladder
-	$(VENV)/bin/snapgen bench-device --model unet --preset snapgen-t2i --resolution 512 --runs 3 --compare sdxl-unet
+	$(VENV)/bin/snapgen run
 
 test: setup
 	$(PY) -m pytest -q
 
 bench: setup
-	$(PY) benchmarks/bench_unet_latency.py
+	$(VENV)/bin/snapgen bench-device --ablation-ladder
+	$(PY) benchmarks/bench_unet_latency.py --resolution 512 --runs 3
+	$(PY) benchmarks/bench_decoder_latency.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -83,6 +83,8 @@ class Config(StageConfig):
     latent: Literal["mean", "sample"] = "mean"
     encoders: list[EncoderSpec] | str = Field("student", description="a named set (core.text.SPEC_SETS) or specs")
     teacher_encoders: list[EncoderSpec] | str | None = Field(None, description="e.g. 'teacher' (SD3.5) for distill")
+    text_max_length: int | None = Field(None, gt=0, description="token length of every student encoder (default: "
+                                                                 "each spec's own); short-caption sets need few")
     batch_size: int = Field(32, gt=0)
     shard_size: int = Field(1024, gt=0)
     dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
@@ -118,6 +120,8 @@ def _specs(cfg: Config) -> tuple[list[EncoderSpec], list[EncoderSpec], dict[str,
     A teacher encoder identical to a student one is encoded once and shared; any other teacher
     encoder is stored as ``teacher_<name>`` (SD3.5's CLIP-L is not the student's CLIP-L file)."""
     student = _resolve(cfg.encoders, "encoders")
+    if cfg.text_max_length:
+        student = [s.model_copy(update={"max_length": cfg.text_max_length}) for s in student]
     by_name = {s.name: s for s in student}
     teacher, stored = [], {}
     for spec in _resolve(cfg.teacher_encoders, "teacher_encoders"):
@@ -242,12 +246,16 @@ class _ShardEncoder:
         return torch.cat(lat) if lat else torch.zeros(0, self.vae.config.latent_channels, h, h, dtype=self.dtype)
 
     def text_features(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        """Encoded in batches; an empty list gives empty tensors of the right shapes."""
+        """Each distinct caption encoded once, in batches (captions repeat a lot in class
+        templates and short-caption sets); an empty list gives empty tensors of the right shapes."""
+        unique = list(dict.fromkeys(captions))
         feats: dict[str, list[torch.Tensor]] = {}
-        for i in range(0, max(len(captions), 1), self.cfg.batch_size):
-            for k, v in self.text.encode(captions[i:i + self.cfg.batch_size] or [""]).items():
+        for i in range(0, max(len(unique), 1), self.cfg.batch_size):
+            for k, v in self.text.encode(unique[i:i + self.cfg.batch_size] or [""]).items():
                 feats.setdefault(k, []).append(v.to("cpu", self.dtype if v.is_floating_point() else v.dtype))
-        return {k: torch.cat(v)[:len(captions)] for k, v in feats.items()}
+        row = {c: i for i, c in enumerate(unique)}
+        index = torch.tensor([row[c] for c in captions], dtype=torch.long)
+        return {k: torch.cat(v)[index] for k, v in feats.items()}
 
     def encode_shard(self, samples: list[Sample]) -> tuple[dict[str, torch.Tensor], list[Sample], ImageStats, dict]:
         """(tensors, kept samples, image stats, caption stats) of one shard."""
