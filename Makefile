@@ -24,8 +24,9 @@ test: setup
 
 bench: setup
 	$(VENV)/bin/snapgen bench-device --ablation-ladder
-	$(PY) benchmarks/bench_unet_latency.py --resolution 512 --runs 3
-	$(PY) benchmarks/bench_decoder_latency.py
+	$(PY) benchmarks/bench_latency.py --resolution 512 --runs 3
+	$(PY) benchmarks/bench_latency.py --model decoder --preset snapgen-decoder --baseline sd3-decoder --resolution 512 1024 --runs 2
+	$(PY) benchmarks/bench_train_throughput.py --runs 3
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -25,8 +25,7 @@ import time
 
 import torch
 
-from snapgen_cli.core.measure import count_macs
-from snapgen_cli.stages.bench_device import Config, build_target
+from snapgen_cli.stages.bench_device import Config, build_target, meta_figures
 
 
 def _timed(fn, runs: int, warmup: int = 2) -> float:
@@ -95,8 +94,7 @@ def forward_pair(target_a: str, target_b: str, preset_a: str, res: int) -> dict:
     cfg = Config(model=target_a, preset=preset_a, resolution=res, runs=1)
     out = {}
     for tgt in (target_a, target_b):
-        meta = build_target(cfg, tgt, meta=True)
-        macs = count_macs(lambda: meta.call(meta.model, meta.make_inputs(torch.device("meta"), torch.float32)))
+        macs = meta_figures(cfg, tgt)["macs"]
         real = build_target(cfg, tgt, meta=False)
         model = real.model.to("cuda", torch.bfloat16).eval()
         inputs = real.make_inputs(torch.device("cuda"), torch.bfloat16)

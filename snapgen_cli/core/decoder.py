@@ -45,10 +45,10 @@ meta device, MACs = FLOPs / 2, 128x128x16 latent -> 1024x1024x3 image):
 
 from __future__ import annotations
 
-import copy
 
 import torch
 import torch.nn.functional as F
+from .presets import preset_config
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.autoencoders.vae import DecoderOutput
 from diffusers.models.modeling_utils import ModelMixin
@@ -202,11 +202,7 @@ PAPER_DECODER = {"params": 1.38e6, "macs": 224e9}
 
 def decoder_config(preset: str, **overrides) -> dict:
     """The config dict of a named preset, with ``overrides`` applied."""
-    if preset not in DECODER_PRESETS:
-        raise ConfigError(f"unknown decoder preset {preset!r}; choose one of: {', '.join(DECODER_PRESETS)}")
-    cfg = copy.deepcopy(DECODER_PRESETS[preset])
-    cfg.update(overrides)
-    return cfg
+    return preset_config(DECODER_PRESETS, "decoder", preset, **overrides)
 
 
 def build_decoder(preset: str = "snapgen-decoder", **overrides) -> TinyDecoder:

@@ -44,7 +44,6 @@ Decisions where the paper is silent (all config keys, documented here once):
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +54,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 
+from .presets import preset_config
 from .blocks import Downsample, ResBlock, Transformer2D, Upsample, group_norm
 
 
@@ -293,11 +293,7 @@ PAPER_PARAMS = {"snapgen-t2i": 379e6, "snapgen-imagenet": 372e6}
 
 def unet_config(preset: str, **overrides) -> dict:
     """The config dict of a named preset, with ``overrides`` applied."""
-    if preset not in UNET_PRESETS:
-        raise KeyError(f"unknown UNet preset {preset!r}; choose one of: {', '.join(UNET_PRESETS)}")
-    cfg = copy.deepcopy(UNET_PRESETS[preset])
-    cfg.update(overrides)
-    return cfg
+    return preset_config(UNET_PRESETS, "UNet", preset, **overrides)
 
 
 def build_unet(preset: str = "snapgen-t2i", **overrides) -> SnapGenUNet:

@@ -30,10 +30,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import struct
-import tempfile
 from collections import Counter, OrderedDict
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -45,7 +43,7 @@ from safetensors.torch import save as st_save
 from torch.utils.data import Dataset, Sampler
 
 from ..errors import ConfigError, SnapgenError
-from ..stages.base import atomic_write_json
+from ..stages.base import atomic_write_bytes, atomic_write_json
 
 MANIFEST = "manifest.json"
 CLASS_TEXT = "class_text.safetensors"
@@ -59,21 +57,6 @@ def shard_name(shard_id: int) -> str:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Bytes twin of ``stages.base.atomic_write_text``: temp file in the same dir, fsync, rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, object] | None = None

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Literal
 
 import torch
@@ -23,8 +22,7 @@ from rich.table import Table
 
 from ..core import baselines
 from ..core.measure import count_macs, count_params, measure_latency, resolve_device
-from ..core.unet import LADDER, PAPER_LADDER_DELTAS, PAPER_PARAMS, UNET_PRESETS, SnapGenUNet, unet_config
-from ..errors import ConfigError
+from ..core.unet import LADDER, PAPER_LADDER_DELTAS, PAPER_PARAMS, SnapGenUNet, unet_config
 from .base import PlanItem, StageConfig, StageContext
 from .common import find_model_dir
 
@@ -79,10 +77,7 @@ def _unet(cfg: Config, preset: str | None, meta: bool) -> Built:
         name = str(path)
     else:
         preset = preset or cfg.preset or "snapgen-t2i"
-        try:
-            model = SnapGenUNet(**unet_config(preset))
-        except KeyError as exc:
-            raise ConfigError(f"--preset: {exc.args[0]}") from None
+        model = SnapGenUNet(**unet_config(preset))
         name = preset
     c = model.config
     n = cfg.context_len or (CLIP_TOKENS + GEMMA_TOKENS if c.context_dim > 2048 else CLIP_TOKENS)
@@ -144,13 +139,17 @@ def build_target(cfg: Config, target: Target, meta: bool, preset: str | None = N
         return _sdxl_unet(cfg, meta)
 
 
+def meta_figures(cfg: Config, target: Target, preset: str | None = None) -> dict:
+    """Parameters and MACs of ``target``, counted on the meta device (nothing allocated)."""
+    built = build_target(cfg, target, meta=True, preset=preset)
+    macs = count_macs(lambda: built.call(built.model, built.make_inputs(torch.device("meta"), torch.float32)))
+    return dict(model=target, name=built.name, params=count_params(built.model), macs=macs, gmacs=macs / 1e9,
+                resolution=cfg.resolution, latent=cfg.resolution // 8, batch_size=cfg.batch_size)
+
+
 def measure_target(cfg: Config, target: Target, preset: str | None = None, console=None) -> dict:
     """Params and MACs (meta device) and, if ``cfg.runs``, latency + memory on ``cfg.device``."""
-    meta = build_target(cfg, target, meta=True, preset=preset)
-    macs = count_macs(lambda: meta.call(meta.model, meta.make_inputs(torch.device("meta"), torch.float32)))
-    row = dict(model=target, name=meta.name, params=count_params(meta.model), macs=macs, gmacs=macs / 1e9,
-               resolution=cfg.resolution, latent=cfg.resolution // 8, batch_size=cfg.batch_size)
-    del meta
+    row = meta_figures(cfg, target, preset)
     if cfg.runs:
         if console:
             console.print(f"[dim]timing {target} ({row['name']}) at {cfg.resolution}px on {cfg.device} ...[/dim]")

@@ -25,10 +25,7 @@ def inputs(cfg: DiffusionConfig, ctx: StageContext) -> tuple[Path, Path | None]:
 def plan_training(cfg: DiffusionConfig, ctx: StageContext) -> list[PlanItem]:
     data, init = inputs(cfg, ctx)
     with torch.device("meta"):
-        try:
-            params = count_params(SnapGenUNet(**unet_config(cfg.model, **cfg.model_overrides)))
-        except KeyError as exc:
-            raise ConfigError(f"model: {exc.args[0]}") from None
+        params = count_params(SnapGenUNet(**unet_config(cfg.model, **cfg.model_overrides)))
     what = f"unet:{cfg.model}" if init is None else f"unet from {init}"
     return [PlanItem(model=what, params=params, inputs=[str(data)] + ([str(init)] if init else []),
                      outputs=[str(ctx.out_dir / "model_ema"), str(ctx.out_dir / "pipeline.json")],

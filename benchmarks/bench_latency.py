@@ -1,11 +1,13 @@
-"""Side-by-side CPU latency: one SnapGen UNet forward vs. one SDXL UNet forward, same latent.
+"""Side-by-side CPU latency of a SnapGen model and its baseline at the same resolution:
+the UNet vs. the SDXL UNet (sec. 3.1), or the tiny decoder vs. the SD3 decoder (Table 2).
 
 The machine is shared and noisy, so the two models are timed *interleaved* in one
 process (A, B, A, B, ...) and only their ratio is compared with the ratio of their MACs
-(counted on the meta device, MACs = FLOPs / 2). Prints a table to stderr and one JSON
-line to stdout.
+(counted on the meta device, MACs = FLOPs / 2). Prints a line per resolution to stderr and
+one JSON line to stdout.
 
-    python benchmarks/bench_unet_latency.py --resolution 512 --runs 3
+    python benchmarks/bench_latency.py --resolution 512 1024 --runs 3
+    python benchmarks/bench_latency.py --model decoder --preset snapgen-decoder --baseline sd3-decoder
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ import time
 
 import torch
 
-from snapgen_cli.core.measure import count_macs, count_params
-from snapgen_cli.stages.bench_device import Config, build_target
+from snapgen_cli.core.measure import count_params
+from snapgen_cli.stages.bench_device import Config, build_target, meta_figures
 
 
 def main() -> None:
@@ -37,8 +39,7 @@ def main() -> None:
         cfg = Config(model=args.model, preset=args.preset, resolution=res, runs=args.runs)
         entries = {}
         for target in (args.model, args.baseline):
-            meta = build_target(cfg, target, meta=True)
-            macs = count_macs(lambda: meta.call(meta.model, meta.make_inputs(torch.device("meta"), torch.float32)))
+            macs = meta_figures(cfg, target)["macs"]
             real = build_target(cfg, target, meta=False)
             model = real.model.eval()
             entries[target] = dict(name=real.name, params=count_params(model), macs=macs, model=model,
@@ -64,7 +65,7 @@ def main() -> None:
               f"latency ratio {row['latency_ratio']:.2f}x, MAC ratio {row['mac_ratio']:.2f}x", file=sys.stderr)
         results.append(row)
         del entries
-    print(json.dumps(dict(benchmark="unet_latency", results=results)))
+    print(json.dumps(dict(benchmark="latency", results=results)))
 
 
 if __name__ == "__main__":
