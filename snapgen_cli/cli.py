@@ -42,14 +42,14 @@ def emit(result, as_json: bool, text: str | None = None) -> None:
         click.echo(text)
 
 
-def _stage_config(module, values: dict):
-    """Flags -> the stage's Config; a bad value names the flag (``--resolution: ...``)."""
+def _validate_flags(config_cls, values: dict):
+    """Flag values -> a stage Config; a bad value names the flag (``--resolution: ...``)."""
     from pydantic import ValidationError
 
     from .recipe import format_validation_error
 
     try:
-        return module.Config.model_validate({k: v for k, v in values.items() if v is not None})
+        return config_cls.model_validate({k: v for k, v in values.items() if v is not None})
     except ValidationError as exc:
         key, _, rest = format_validation_error(exc, "").partition(":")
         raise ConfigError(f"--{key.split('.')[0].replace('_', '-')}:{rest}") from None
@@ -161,9 +161,9 @@ def bench_device_cmd(as_json, **flags):
 
     flags["checkpoint"] = str(flags["checkpoint"]) if flags["checkpoint"] else None
     flags["compare"] = list(flags["compare"])
-    cfg = _stage_config(bench_device, flags)
+    cfg = _validate_flags(bench_device.Config, flags)
     result = bench_device.run(cfg, StageContext(out_dir=None, console=stderr_console()))
-    emit(result, True if as_json else False)
+    emit(result, as_json)
     if not as_json:
         rows = result.get("ablation_ladder") or [result]
         for r in rows:
@@ -198,13 +198,11 @@ def _click_type(annotation):
     return str, False, 1, False  # tables and specs: a TOML value, e.g. '{a = 1}'
 
 
-def _field_options(config_cls, skip: tuple[str, ...] = ()):
+def _field_options(config_cls):
     from pydantic_core import PydanticUndefined
 
     opts = []
     for name, f in config_cls.model_fields.items():
-        if name in skip:
-            continue
         typ, multiple, nargs, flag = _click_type(f.annotation)
         flag_name = "--" + name.replace("_", "-")
         required = f.default is PydanticUndefined and f.default_factory is None
@@ -235,15 +233,7 @@ def _flags_to_config(config_cls, flags: dict, overrides: tuple[str, ...]):
         data[k] = v
     for assignment in overrides:
         apply_override(data, assignment)
-    from pydantic import ValidationError
-
-    from .recipe import format_validation_error
-
-    try:
-        return config_cls.model_validate(data)
-    except ValidationError as exc:
-        key, _, rest = format_validation_error(exc, "").partition(":")
-        raise ConfigError(f"--{key.split('.')[0].replace('_', '-')}:{rest}") from None
+    return _validate_flags(config_cls, data)
 
 
 def stage_command(kind: str, summary: str, positional: str | None = None):

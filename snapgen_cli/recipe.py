@@ -323,9 +323,9 @@ def run_recipe(recipe: Recipe, run_dir: Path, stages: list[Stage], console, fres
                       config=st.config.model_dump(mode="json"))
         atomic_write_json(marker, record)
         results.append({**record, "stage": st.name, "skipped": False})
-    from .report import stage_command, write_run_report
+    from .report import standalone_command, write_run_report
 
-    commands = {st.name: stage_command(st.kind, resolve_refs(st.config, run_dir), run_dir / st.name) for st in stages}
+    commands = {st.name: standalone_command(st.kind, resolve_refs(st.config, run_dir), run_dir / st.name) for st in stages}
     report = write_run_report(run_dir, recipe.run.name, results, commands)
     console.print(f"[bold]report:[/bold] {run_dir / 'report.md'} (total {report['total_wall_s']:.1f} s)")
     return results

@@ -35,7 +35,7 @@ def _toml_value(v: Any) -> str:
     raise TypeError(f"no TOML literal for {type(v).__name__}")
 
 
-def stage_command(kind: str, cfg, out_dir: Path) -> str:
+def standalone_command(kind: str, cfg, out_dir: Path) -> str:
     """The standalone command that runs this stage with this config (non-default values only)."""
     if kind in _NO_CLI:
         return f"snapgen run RECIPE --only {out_dir.name}"
