@@ -35,7 +35,12 @@ def stderr_console() -> Console:
 
 
 def emit(result, as_json: bool, text: str | None = None) -> None:
-    """The result on stdout: one JSON object with ``--json``, else ``text`` (e.g. a path)."""
+    """The result on stdout: one JSON object with ``--json``, else ``text`` (e.g. a path).
+
+    Under a multi-process launcher (``accelerate launch``/``torchrun`` set ``RANK``) only rank 0 prints, so a
+    shell pipeline still reads exactly one result."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     if as_json:
         click.echo(json.dumps(result, default=str, sort_keys=True))
     elif text is not None:

@@ -1,4 +1,6 @@
 import os
+import socket
+import sys
 
 import pytest
 import torch
@@ -23,3 +25,17 @@ def run_cli(capsys):
         return exc.value.code, out.out, out.err
 
     return _run
+
+
+@pytest.fixture
+def accelerate_launch():
+    """argv prefix of a real 2-process CPU `accelerate launch` on a free port.
+
+    CPU-only: `--multi_gpu` picks the torchrun launcher; `--cpu --num_processes 2` would start one process.
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(port)]

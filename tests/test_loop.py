@@ -4,7 +4,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -108,18 +107,12 @@ def test_resume_after_sigkill_repeats_the_uninterrupted_run(tmp_path):
     _assert_same_run(ref, killed, tol=1e-6)
 
 
-def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path):
+def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path, accelerate_launch):
     """Flow task and the two-phase GAN task: 2 processes x batch 2 == 1 process x batch 4."""
     one, two = tmp_path / "one", tmp_path / "two"
     train(FlowTask(), _cfg(steps=6, batch_size=4), one / "flow")
     train(GanTask(), _cfg(steps=6, batch_size=4), one / "gan")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(port), str(SCRIPT)]
-    res = subprocess.run([*launch, "--task", "both", "--out", str(two), "--steps", "6", "--batch-size", "2"],
+    res = subprocess.run([*accelerate_launch, str(SCRIPT), "--task", "both", "--out", str(two), "--steps", "6", "--batch-size", "2"],
                          env=_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     summaries = [json.loads(line) for line in res.stdout.strip().splitlines()]
