@@ -245,6 +245,13 @@ class _LoopState:
         self.step = int(state["step"])
 
 
+def _adamw(params: list[torch.Tensor], **kwargs: Any) -> torch.optim.AdamW:
+    """AdamW, fused (one kernel for all parameters) on CPU and CUDA: 3.5x faster than the
+    per-tensor loop torch picks by default on CPU. Other devices keep torch's default."""
+    fused = all(type(p) is torch.nn.Parameter and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(params, fused=fused or None, **kwargs)
+
+
 def checkpoint_name(step: int) -> str:
     return f"step_{step:06d}"
 
@@ -357,8 +364,8 @@ class _Run:
             raise ConfigError(f"lr_overrides: unknown trainables {sorted(unknown)}; "
                               f"choose from {', '.join(trainables)}")
         self.lrs = {name: cfg.lr_overrides.get(name, cfg.lr) * scale for name in trainables}
-        optimizers = {name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=self.lrs[name],
-                                              betas=cfg.betas, weight_decay=cfg.weight_decay)
+        optimizers = {name: _adamw([p for p in m.parameters() if p.requires_grad], lr=self.lrs[name],
+                                   betas=cfg.betas, weight_decay=cfg.weight_decay)
                       for name, m in trainables.items()}
         schedulers = {name: get_constant_schedule_with_warmup(opt, cfg.lr_warmup_steps)
                       for name, opt in optimizers.items()}
@@ -377,7 +384,7 @@ class _Run:
         self.frozen = {name: m.to(acc.device).eval().requires_grad_(False) for name, m in task.frozen().items()}
 
         self.main_module = acc.unwrap_model(self.models[self.main])
-        self.ema = EMAModel(self.main_module.parameters(), decay=cfg.ema_decay)
+        self.ema = EMAModel(self.main_module.parameters(), decay=cfg.ema_decay, foreach=True)
         acc.register_for_checkpointing(self.ema, self.state)
 
     def _enable_checkpointing(self, trainables: dict[str, nn.Module]) -> None:
