@@ -1,12 +1,15 @@
 """The embedded default, shortened: `snapgen run` (the bundled demo recipe) with fewer steps.
 
 Every stage of the paper's sequence really trains at toy scale; the test checks the run
-report, and the tiny decoder's PSNR on the held-out images against a threshold an untrained
-decoder does not reach (18 dB; untrained ~12 dB; the full demo reaches ~24 dB).
+report and two quality thresholds an untrained model does not reach:
 
-Known gap (issue 7): the alignment suite's figures are checked for presence and range only.
-At this shortened length the UNet is far from trained (overall ~0.02 against a measured chance
-level of ~0.2); the full demo reaches ~0.2, not yet clearly above chance.
+* the tiny decoder's PSNR on the held-out images > 18 dB (untrained ~12 dB; 19.6 dB here,
+  23.0 dB in the full demo);
+* the alignment suite, against its chance level measured on the same prompt stream (600 ground-truth
+  pictures, each scored against another prompt of its category; an untrained UNet scores 0.0):
+  overall >= chance + 0.04 and the "colors" category >= 3x its chance. Measured on this
+  2-core machine: 0.200 vs chance 0.142 (colors 0.25 vs 0.05) after 1300 steps at 64 px;
+  the full demo (2000 steps) reaches 0.28 vs 0.14 on 360 prompts.
 """
 
 import json
@@ -14,10 +17,10 @@ import json
 import pytest
 
 SHORT = [
-    "data.n_captioned=600", "data.n_classes=300", "data.n_holdout=48",
-    "autoencoder.steps=250", "decoder.steps=200", "decoder.adv_start_step=100",
-    "pretrain.steps=100", "finetune-32.steps=150", "finetune-64.steps=350",
-    "eval.alignment_n=60",
+    "data.n_classes=300", "data.n_holdout=48",
+    "decoder.steps=300", "decoder.adv_start_step=150",
+    "pretrain.steps=100", "finetune-32.steps=100", "finetune-64.steps=1300",
+    "eval.alignment_n=120",
 ]
 
 
@@ -44,5 +47,7 @@ def test_shortened_demo_trains_every_stage_and_passes_quality_thresholds(tmp_pat
     al = report["alignment"]
     print("alignment", al["overall"], "chance", al["chance"], {k: v["accuracy"] for k, v in al["categories"].items()})
     assert 0.0 < al["chance"] < 0.35
-    assert 0.0 <= al["overall"] <= 1.0 and al["total"] == 60
+    assert al["total"] == 120
+    assert al["overall"] >= al["chance"] + 0.04, al
+    assert al["categories"]["colors"]["accuracy"] >= 3 * al["chance_categories"]["colors"], al
     assert set(al["categories"]) == {"single_object", "two_object", "counting", "colors", "position", "color_attr"}

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from snapgen_cli.core.pipeline import PipelineSpec, SnapGenPipeline
 from snapgen_cli.core.text import EncoderSpec, make_tiny_clip
 from snapgen_cli.core.unet import build_unet
-from snapgen_cli.data.shapes import CATEGORIES, ShapesDataset, write_folder
+from snapgen_cli.data.shapes import CATEGORIES, EVAL_PROMPT_SEED, ShapesDataset, write_folder
 from snapgen_cli.errors import ConfigError
 from snapgen_cli.eval import benchmarks as B
 from snapgen_cli.eval import metrics as M
@@ -112,9 +112,11 @@ def test_alignment_suite_generates_scores_and_reports(pipeline_dir, alignment_ru
     assert json.loads((out / "eval_report.json").read_text())["metrics"] == result["metrics"]
     assert Image.open(result["contact_sheet"]).size[0] > 4 * SIZE
 
-    # The prompts are the shapes suite's captions; image i is the pipeline's image for seed i.
+    # The prompts are the shapes suite's captions from a stream no training set uses (not the
+    # run seed 0's, which shapes-data trains on); image i is the pipeline's image for seed i.
     meta = [json.loads(line) for line in (out / "alignment" / "metadata.jsonl").read_text().splitlines()]
-    ds = ShapesDataset(12, resolution=SIZE, seed=0)
+    ds = ShapesDataset(12, resolution=SIZE, seed=EVAL_PROMPT_SEED)
+    assert [m["text"] for m in meta] != [ShapesDataset(12, resolution=SIZE, seed=0).spec(i).caption for i in range(12)]
     assert [m["text"] for m in meta] == [ds.spec(i).caption for i in range(12)]
     pipe = SnapGenPipeline.from_dir(pipeline_dir)
     again = pipe([meta[5]["text"], meta[6]["text"]], seed=5, steps=2, guidance=2.0)[0]

@@ -76,6 +76,11 @@ EDGE_MARGIN = 0.06
 GAP = 0.06
 POSITION_THRESHOLD = 0.1  # GenEval's default
 MIN_RESOLUTION = 32
+# Seed offsets of the data sets ``snapgen shapes-data`` writes from one run seed, so that no
+# two of them share a random stream: the captioned training set uses the run seed itself.
+HOLDOUT_SEED_OFFSET = 1_000_003  # held-out images (decoder PSNR)
+CLASSES_SEED_OFFSET = 2_000_003  # class-conditional pretraining set
+EVAL_PROMPT_SEED = 3_000_017  # `snapgen eval`'s default alignment prompts: a stream no training set draws from
 _SUPERSAMPLE = 4
 _MAX_LAYOUT_TRIES = 10_000
 # Box side (fraction of the image) by number of objects.

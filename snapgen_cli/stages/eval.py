@@ -39,7 +39,9 @@ prompts when none is given.
 Decisions where the paper is silent: <out>/generation.json records the checkpoint, the
 sampler settings and each prompt set's fingerprint, and a re-run whose settings differ is an
 error (stale images are never mixed with new ones); the alignment prompts are the captions of
-ShapesDataset(alignment_n, seed=alignment_seed); reconstruction uses each image's own size,
+ShapesDataset(alignment_n, seed=alignment_seed), by default a random stream that none of
+shapes-data's training sets draws from (the templated captions may still coincide with training
+captions, as GenEval's do with web captions); reconstruction uses each image's own size,
 centre-cropped to a multiple of the latent downsampling (no resampling) unless --recon-size
 is given, and the autoencoder's posterior mean; LPIPS is off by default (Tab. 2 reports PSNR).
 """
@@ -60,6 +62,7 @@ from PIL import Image
 from pydantic import Field, field_validator, model_validator
 
 from ..core.flow import Guidance
+from ..data.shapes import EVAL_PROMPT_SEED
 from ..errors import ConfigError
 from .base import PlanItem, StageConfig, StageContext, atomic_write_json, atomic_write_text
 
@@ -81,7 +84,8 @@ class Config(StageConfig):
     prompt_file: str | None = Field(None, description="a text file, one prompt per line (adds to --prompts)")
     images_per_prompt: int = Field(1, gt=0, description="images per prompt of the prompt set")
     alignment_n: int = Field(60, gt=0, description="alignment: number of shapes prompts (categories cycle)")
-    alignment_seed: int = Field(0, ge=0, description="alignment: seed of the shapes prompts")
+    alignment_seed: int = Field(EVAL_PROMPT_SEED, ge=0, description="alignment: seed of the shapes prompts (default: a "
+                                                                     "stream no shapes-data training set uses)")
     geneval_prompts: str | None = Field(None, description="geneval: GenEval's prompts/evaluation_metadata.jsonl")
     geneval_samples: int = Field(4, gt=0, description="geneval: samples per prompt (GenEval: 4)")
     geneval_repo: str | None = Field(None, description="geneval: clone of github.com/djghosh13/geneval (runs the "

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from ..data.shapes import ShapesClassDataset, ShapesDataset, write_folder
+from ..data.shapes import CLASSES_SEED_OFFSET, HOLDOUT_SEED_OFFSET, ShapesClassDataset, ShapesDataset, write_folder
 from .base import PlanItem, StageConfig, StageContext
 
 #: scikit-image's bundled colour photographs (they ship inside its wheel).
@@ -76,9 +76,9 @@ def run(cfg: Config, ctx: StageContext) -> dict:
     if not (out / "captioned").exists():
         write_folder(out / "captioned", ShapesDataset(cfg.n_captioned, cfg.resolution, cfg.seed))
     if not (out / "holdout").exists():
-        write_folder(out / "holdout", ShapesDataset(cfg.n_holdout, cfg.resolution, cfg.seed + 1_000_003))
+        write_folder(out / "holdout", ShapesDataset(cfg.n_holdout, cfg.resolution, cfg.seed + HOLDOUT_SEED_OFFSET))
     if not (out / "classes").exists():
-        _class_dataset(ShapesClassDataset(cfg.n_classes, cfg.resolution, cfg.seed + 2_000_003), out / "classes")
+        _class_dataset(ShapesClassDataset(cfg.n_classes, cfg.resolution, cfg.seed + CLASSES_SEED_OFFSET), out / "classes")
     if cfg.photos and not (out / "photos").exists():
         res["photos"] = _photos(out / "photos")
     res.update({k: str(out / k) for k in ("captioned", "classes", "holdout")},
