@@ -38,6 +38,8 @@ samples at 32 and at 64 px: single_object 0.38, two_object 0.46, counting 0.06, 
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import re
 from collections.abc import Iterable, Sequence
@@ -344,12 +346,17 @@ def chance_level(n: int = CHANCE_SAMPLES, resolution: int = 64, seed: int = 0) -
     against the prompt of the *next* sample of the same category -- a model that draws valid
     pictures but ignores what the prompt asks for. Uses at least ``CHANCE_SAMPLES`` renders
     (the first ``n`` are the evaluated prompts), so a small prompt set still gets a stable
-    figure. Returns :func:`score`'s dict."""
+    figure. Returns :func:`score`'s dict (computed once per process for each setting)."""
+    return copy.deepcopy(_chance_level(max(n, CHANCE_SAMPLES), resolution, seed))
+
+
+@functools.lru_cache(maxsize=8)
+def _chance_level(n: int, resolution: int, seed: int) -> dict:
     from collections import defaultdict
 
     from ..data.shapes import ShapesDataset
 
-    ds = ShapesDataset(max(n, CHANCE_SAMPLES), resolution=resolution, seed=seed)
+    ds = ShapesDataset(n, resolution=resolution, seed=seed)
     by_category: dict[str, list[int]] = defaultdict(list)
     for i in range(len(ds)):
         by_category[ds.spec(i).category].append(i)
