@@ -40,8 +40,8 @@ def standalone_command(kind: str, cfg, out_dir: Path) -> str:
     if kind in _NO_CLI:
         return f"snapgen run RECIPE --only {out_dir.name}"
     parts = ["snapgen", kind, "--out", str(out_dir)]
-    fields = type(cfg).model_fields
-    for name, field in fields.items():
+    plain = cfg.model_dump(mode="json", exclude_none=True)  # nested models (e.g. encoder specs) as TOML tables
+    for name, field in type(cfg).model_fields.items():
         value = getattr(cfg, name)
         default = field.get_default(call_default_factory=True)
         if value == default or value is None:
@@ -55,7 +55,7 @@ def standalone_command(kind: str, cfg, out_dir: Path) -> str:
         elif isinstance(value, tuple):
             parts += [flag, *map(str, value)]
         elif isinstance(value, (dict, list)):
-            parts += [flag, _toml_value(value if not hasattr(value, "model_dump") else value.model_dump())]
+            parts += [flag, _toml_value(plain[name])]
         else:
             parts += [flag, str(value)]
     return shlex.join(parts)

@@ -160,3 +160,22 @@ def test_bench_device_ladder_json(run_cli):
     rows = json.loads(out)["ablation_ladder"]
     assert code == 0 and [r["step"] for r in rows][:2] == ["ladder-a", "ladder-b"]
     assert rows[1]["paper"] == {"macs": -17.0} and rows[1]["delta_macs_pct"] == pytest.approx(-16.9, abs=0.5)
+
+
+def test_report_command_round_trips_nested_specs(tmp_path, run_cli):
+    """The run report's standalone command for a stage whose config holds nested models (encoder
+    specs) passes them as one TOML value that the generated flag parses back to the same config."""
+    import shlex
+
+    from snapgen_cli.core.text import spec_set
+    from snapgen_cli.report import standalone_command
+    from snapgen_cli.stages import precompute
+
+    (tmp_path / "src").mkdir()
+    cfg = precompute.Config(source=str(tmp_path / "src"), encoders=[s.model_dump() for s in spec_set("minilm")],
+                            resolutions=[32])
+    argv = shlex.split(standalone_command("precompute", cfg, tmp_path / "out"))
+    assert argv[:4] == ["snapgen", "precompute", "--out", str(tmp_path / "out")]
+    code, out, err = run_cli(*argv[1:], "--dry-run", "--json")
+    assert code == 0, err
+    assert precompute.Config.model_validate(json.loads(out)["config"]) == cfg
