@@ -54,7 +54,7 @@ def main() -> None:
             real = build_target(cfg, target, meta=False)
             model = real.model.eval()
             fn = functools.partial(real.call, model)  # e.g. model.decode(z): compile the call, not the module
-            entries[target] = dict(name=real.name, params=count_params(model), macs=macs, model=model,
+            entries[target] = dict(name=real.name, params=count_params(model), macs=macs,
                                    fn=torch.compile(fn) if args.compile else fn,
                                    inputs=real.make_inputs(torch.device("cpu"), torch.float32), times=[])
         with torch.no_grad():

@@ -45,10 +45,8 @@ meta device, MACs = FLOPs / 2, 128x128x16 latent -> 1024x1024x3 image):
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
-from .presets import preset_config
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.autoencoders.vae import DecoderOutput
 from diffusers.models.modeling_utils import ModelMixin
@@ -56,6 +54,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .blocks import conv, group_norm
+from .presets import preset_config
 
 NORM_MODES = ("minimal", "all", "none")
 

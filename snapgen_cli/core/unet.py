@@ -54,8 +54,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 
-from .presets import preset_config
 from .blocks import Downsample, ResBlock, Transformer2D, Upsample, group_norm
+from .presets import preset_config
 
 
 @dataclass
