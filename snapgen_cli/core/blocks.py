@@ -214,10 +214,17 @@ class Transformer2D(nn.Module):
         self.use_rope = rope and self_attention
         self.head_dim = head_dim
         self.rope_theta = rope_theta
+        self._rope_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # per (h, w, device); not state
+
+    def _rope(self, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (h, w, device)
+        if key not in self._rope_tables:
+            self._rope_tables[key] = rope_2d(h, w, self.head_dim, self.rope_theta, device)
+        return self._rope_tables[key]
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None):
         b, _, h, w = x.shape
-        rope = rope_2d(h, w, self.head_dim, self.rope_theta, x.device) if self.use_rope else None
+        rope = self._rope(h, w, x.device) if self.use_rope else None
         t = self.proj_in(self.norm(x).flatten(2).transpose(1, 2))
         for block in self.blocks:
             t = block(t, context, mask, rope)
