@@ -2,6 +2,7 @@
 1 process, NaN guard, atomic checkpoints, EMA, alternating GAN phases, deterministic data."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -79,6 +80,18 @@ def test_lr_is_scaled_linearly_with_the_global_batch(tmp_path):
     summary = train(GanTask(), cfg, tmp_path)
     assert summary["global_batch"] == 8
     assert summary["lr"] == pytest.approx({"generator": 5e-5 * 8 / 1024, "discriminator": 1e-4 * 8 / 1024})
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+def test_lr_schedule_and_warmup_are_logged_per_step(tmp_path, schedule):
+    cfg = _cfg(steps=8, lr=1e-2, lr_warmup_steps=2, lr_schedule=schedule)
+    train(FlowTask(), cfg, tmp_path)
+    lrs = [r["lr/model"] for r in _losses(tmp_path)]
+    assert lrs[:3] == pytest.approx([0.0, 5e-3, 1e-2])  # linear warm-up over 2 steps, then the peak
+    expected = {"constant": [1e-2] * 5,  # steps 4-8 use the lambda of 3-7
+                "linear": [1e-2 * (8 - s) / 6 for s in range(3, 8)],  # decays to 0 at step 8 (lr of step 9)
+                "cosine": [1e-2 * 0.5 * (1 + math.cos(math.pi * (s - 2) / 6)) for s in range(3, 8)]}
+    assert lrs[3:] == pytest.approx(expected[schedule])
 
 
 def test_resume_after_sigkill_repeats_the_uninterrupted_run(tmp_path):

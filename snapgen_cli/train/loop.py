@@ -32,7 +32,9 @@ Decisions where the paper is silent:
   at update ``n``), kept on every process and saved as ``model_ema`` apart from ``model``.
 * **LR overrides** (``lr_overrides``, e.g. for a discriminator) are, like ``lr``, values at
   ``lr_reference_batch`` and are scaled the same way. ``max_grad_norm`` defaults to 1.0;
-  ``lr_warmup_steps`` (default 0) adds a linear warm-up to the constant schedule.
+  ``lr_warmup_steps`` (default 0) adds a linear warm-up. ``lr_schedule`` is ``"constant"``
+  (the paper's recipes: sec. 4 gives one learning rate per stage), or ``"linear"`` /
+  ``"cosine"`` decay to 0 at ``steps`` (diffusers' schedulers); the short CPU demo decays.
 * **Logged losses** are means over the global batch (all micro-batches and processes).
 * **NaN guard.** A non-finite loss term (checked before ``backward``) or gradient norm
   (checked before the optimizer step; not under fp16, whose loss scaler skips such steps)
@@ -64,7 +66,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.models.modeling_utils import ModelMixin
-from diffusers.optimization import get_constant_schedule_with_warmup
+from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from diffusers.utils.torch_utils import randn_tensor
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
@@ -92,6 +94,8 @@ class LoopConfig(StageConfig):
     lr_overrides: dict[str, PositiveFloat] = Field(default_factory=dict,
                                                    description="per-trainable lr at the reference batch")
     lr_warmup_steps: NonNegativeInt = 0
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="constant (paper) or linear/cosine decay to 0 at `steps`")
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = Field(0.01, ge=0)
     max_grad_norm: PositiveFloat | None = 1.0
@@ -367,7 +371,9 @@ class _Run:
         optimizers = {name: _adamw([p for p in m.parameters() if p.requires_grad], lr=self.lrs[name],
                                    betas=cfg.betas, weight_decay=cfg.weight_decay)
                       for name, m in trainables.items()}
-        schedulers = {name: get_constant_schedule_with_warmup(opt, cfg.lr_warmup_steps)
+        schedule = "constant_with_warmup" if cfg.lr_schedule == "constant" else cfg.lr_schedule
+        schedulers = {name: get_scheduler(schedule, opt, num_warmup_steps=cfg.lr_warmup_steps,
+                                          num_training_steps=cfg.steps)
                       for name, opt in optimizers.items()}
 
         names = list(trainables)
@@ -379,6 +385,7 @@ class _Run:
         self.models = dict(zip(names, prepared[:k]))
         self.optimizers = dict(zip(names, prepared[k:2 * k]))
         self.schedulers = dict(zip(names, prepared[2 * k:]))
+        self.lr_used = {n: opt.param_groups[0]["lr"] for n, opt in self.optimizers.items()}  # logged per step
         # Read back from the optimizers: wrappers such as FSDP may have replaced the parameters.
         self.params = {n: [p for g in opt.param_groups for p in g["params"]] for n, opt in self.optimizers.items()}
         self.frozen = {name: m.to(acc.device).eval().requires_grad_(False) for name, m in task.frozen().items()}
@@ -506,6 +513,7 @@ class _Run:
         if self.cfg.mixed_precision != "fp16":  # fp16's loss scaler skips overflowing steps itself
             self._guard(step, {self._key(phase, "grad_norm"): norm})
         for n in names:
+            self.lr_used[n] = self.optimizers[n].param_groups[0]["lr"]
             self.optimizers[n].step()
             if not self.acc.optimizer_step_was_skipped:
                 self.schedulers[n].step()
@@ -545,10 +553,10 @@ class _Run:
     # -- outputs -------------------------------------------------------------------------
 
     def _log(self, step: int, logs: dict[str, float]) -> None:
-        lrs = {f"lr/{n}": s.get_last_lr()[0] for n, s in self.schedulers.items()}
+        lrs = {f"lr/{n}": lr for n, lr in self.lr_used.items()}
         if self.acc.is_main_process:
             with self.losses_path.open("a") as f:
-                f.write(json.dumps({"step": step, **logs}) + "\n")
+                f.write(json.dumps({"step": step, **logs, **lrs}) + "\n")
         if self.cfg.tracker != "none" and step % self.cfg.log_every == 0:
             self.acc.log({**logs, **lrs}, step=step)
 
