@@ -7,10 +7,11 @@ report and two quality thresholds an untrained model does not reach:
   23.0 dB in the full demo);
 * the alignment suite, against its chance level measured on the same prompt stream (600 ground-truth
   pictures, each scored against another prompt of its category; an untrained UNet scores 0.0):
-  overall above chance, and the "colors" category (a colour named for one object) >= 3x its
-  chance. Measured on this 2-core machine after 1300 steps at 64 px: overall 0.175 vs chance
-  0.142, colors 0.33 vs 0.05. The full demo (2000 steps) reaches 0.28 vs 0.14 overall on 360
-  prompts; at this length the overall margin is small, the colour binding is not.
+  overall >= 1.25x chance, and the "colors" category (a colour named for one object) >= 3x its
+  chance. Measured on this 2-core machine after 1700 steps at 64 px: overall 0.2125 vs chance
+  0.1417 (1.5x), colors 0.375 vs 0.05; one score has a standard error of about 0.025 at 240
+  prompts. The full demo (2000 steps, longer earlier stages) reaches about 2x chance on 360
+  prompts.
 """
 
 import json
@@ -20,7 +21,7 @@ import pytest
 SHORT = [
     "data.n_classes=300", "data.n_holdout=48",
     "decoder.steps=300", "decoder.adv_start_step=150",
-    "pretrain.steps=100", "finetune-32.steps=100", "finetune-64.steps=1300",
+    "pretrain.steps=100", "finetune-32.steps=100", "finetune-64.steps=1700",
     "eval.alignment_n=240",
 ]
 
@@ -49,6 +50,6 @@ def test_shortened_demo_trains_every_stage_and_passes_quality_thresholds(tmp_pat
     print("alignment", al["overall"], "chance", al["chance"], {k: v["accuracy"] for k, v in al["categories"].items()})
     assert 0.0 < al["chance"] < 0.35
     assert al["total"] == 240
-    assert al["overall"] > al["chance"], al
+    assert al["overall"] >= 1.25 * al["chance"], al
     assert al["categories"]["colors"]["accuracy"] >= 3 * al["chance_categories"]["colors"], al
     assert set(al["categories"]) == {"single_object", "two_object", "counting", "colors", "position", "color_attr"}
