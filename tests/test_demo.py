@@ -10,7 +10,7 @@ report and two quality thresholds an untrained model does not reach:
   overall >= 1.25x chance, and the "colors" category (a colour named for one object) >= 3x its
   chance. Measured on this 2-core machine after 1700 steps at 64 px: overall 0.2125 vs chance
   0.1417 (1.5x), colors 0.375 vs 0.05; one score has a standard error of about 0.025 at 240
-  prompts. The full demo (2000 steps, longer earlier stages) reaches about 2x chance on 360
+  prompts. The full demo (2400 steps, longer earlier stages) reaches about 2x chance on 360
   prompts.
 """
 
