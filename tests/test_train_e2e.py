@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL
+from PIL import Image
 
 from snapgen_cli.core.pipeline import SnapGenPipeline
 from snapgen_cli.core.unet import SnapGenUNet
@@ -101,8 +102,11 @@ def test_generate_cli_same_seed_same_image(shards, run_cli, tmp_path):
     res = json.loads(stdout)
     assert res["images"] == 2 and (tmp_path / "a" / "grid.png").is_file()
     code, _, _ = run_cli(*args, "--out", tmp_path / "b", "--batch-size", "1")
-    for name in res["files"]:  # same seeds, other batch size -> identical pixels
-        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    pixels = {d: [np.asarray(Image.open(tmp_path / d / name), dtype=np.int16) for name in res["files"]]
+              for d in ("a", "b")}
+    for a, b in zip(pixels["a"], pixels["b"]):  # same seeds, other batch size -> the same image
+        assert np.abs(a - b).max() <= 1 and (a != b).mean() < 0.01  # kernels may round differently per batch
+    assert np.abs(pixels["a"][0] - pixels["a"][1]).mean() > 1  # two seeds/prompts: two images
     code, _, err = run_cli("generate", "--checkpoint", out, "--out", tmp_path / "c")
     assert code == 2 and "give prompts" in err
 

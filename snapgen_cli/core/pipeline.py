@@ -11,7 +11,9 @@ stages' sample grids all go through :class:`SnapGenPipeline`.
 Decisions where the paper is silent:
 
 * **Seeds.** Image ``i`` of a call starts from noise drawn by its own generator seeded with
-  ``seed + i``, so the same seed gives the same image whatever the batch size.
+  ``seed + i``, so the same seed gives the same image whatever the batch size -- up to
+  float rounding: CPU/GPU kernels may round differently for another batch size (~1e-7
+  here), which can move a pixel by one 8-bit level.
 * **Encoder subsets.** ``encoders=[...]`` keeps only those text encoders; the others are
   treated as dropped (zeros), exactly as in training's per-encoder dropout (sec. 4), so any
   subset works with the same UNet.

@@ -218,7 +218,7 @@ class SnapGenUNet(ModelMixin, ConfigMixin):
         feats = None
         # Channels-last: oneDNN/cuDNN run the (depthwise) convs faster on NHWC, and the
         # transformers' (B, C, H, W) <-> (B, HW, C) reshapes become views (CPU training
-        # step of the tiny preset: ~20% faster, same numbers to float rounding).
+        # step of the tiny preset: ~10-20% faster, same numbers to float rounding).
         h = self.conv_in(sample.contiguous(memory_format=torch.channels_last))
         skips = [h]
         for i, layers in enumerate(self.down):
