@@ -80,6 +80,21 @@ def test_tiny_forward_shapes_features_and_golden_value():
     assert out.sample.double().abs().mean().item() == pytest.approx(0.270733, abs=1e-5)
 
 
+def test_rope_tables_are_cached_and_an_inference_mode_call_does_not_break_training():
+    torch.manual_seed(0)
+    model = build_unet("tiny")
+    args = _tiny_inputs(model)
+    with torch.inference_mode():  # fills the per-size RoPE cache first
+        ref = model(*args).sample
+    layers = [m for m in model.modules() if getattr(m, "use_rope", False)]
+    assert layers and all(len(m._rope_tables) == 1 for m in layers)
+    assert not any("rope" in k for k in model.state_dict())
+    out = model(*args).sample  # the cached tables now enter autograd
+    out.square().mean().backward()
+    torch.testing.assert_close(out.detach(), ref, rtol=0, atol=0)
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
 def test_timestep_text_and_mask_condition_the_output():
     torch.manual_seed(0)
     model = build_unet("tiny").eval()

@@ -219,7 +219,8 @@ class Transformer2D(nn.Module):
     def _rope(self, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (h, w, device)
         if key not in self._rope_tables:
-            self._rope_tables[key] = rope_2d(h, w, self.head_dim, self.rope_theta, device)
+            with torch.inference_mode(False):  # a table cached under inference mode could not enter autograd later
+                self._rope_tables[key] = rope_2d(h, w, self.head_dim, self.rope_theta, device)
         return self._rope_tables[key]
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None):
