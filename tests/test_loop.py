@@ -88,8 +88,9 @@ def test_lr_schedule_and_warmup_are_logged_per_step(tmp_path, schedule):
     train(FlowTask(), cfg, tmp_path)
     lrs = [r["lr/model"] for r in _losses(tmp_path)]
     assert lrs[:3] == pytest.approx([0.0, 5e-3, 1e-2])  # linear warm-up over 2 steps, then the peak
-    expected = {"constant": [1e-2] * 5,  # steps 4-8 use the lambda of 3-7
-                "linear": [1e-2 * (8 - s) / 6 for s in range(3, 8)],  # decays to 0 at step 8 (lr of step 9)
+    # steps 4-8 use the schedule's factor at s = 3..7; linear/cosine reach 0 at s = 8 (after the last step)
+    expected = {"constant": [1e-2] * 5,
+                "linear": [1e-2 * (8 - s) / 6 for s in range(3, 8)],
                 "cosine": [1e-2 * 0.5 * (1 + math.cos(math.pi * (s - 2) / 6)) for s in range(3, 8)]}
     assert lrs[3:] == pytest.approx(expected[schedule])
 

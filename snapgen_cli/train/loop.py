@@ -34,7 +34,8 @@ Decisions where the paper is silent:
   ``lr_reference_batch`` and are scaled the same way. ``max_grad_norm`` defaults to 1.0;
   ``lr_warmup_steps`` (default 0) adds a linear warm-up. ``lr_schedule`` is ``"constant"``
   (the paper's recipes: sec. 4 gives one learning rate per stage), or ``"linear"`` /
-  ``"cosine"`` decay to 0 at ``steps`` (diffusers' schedulers); the short CPU demo decays.
+  ``"cosine"`` decay to 0 at ``steps`` (diffusers' schedulers). The lr each step used is
+  logged as ``lr/<trainable>``.
 * **Logged losses** are means over the global batch (all micro-batches and processes).
 * **NaN guard.** A non-finite loss term (checked before ``backward``) or gradient norm
   (checked before the optimizer step; not under fp16, whose loss scaler skips such steps)
