@@ -25,16 +25,17 @@ import importlib
 import json
 import shutil
 import time
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import ConfigError
-from .stages.base import PlanItem, StageContext, atomic_write_json
+from .files import atomic_write_json
+from .stages.base import PlanItem, StageContext
 
 #: Stage kinds and the modules that implement them (imported lazily).
 STAGE_KINDS: dict[str, str] = {

@@ -14,7 +14,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from .stages.base import atomic_write_json, atomic_write_text
+from .files import atomic_write_json, atomic_write_text
 
 #: Commands whose flags are not generated from the stage Config one to one.
 _NO_CLI = {"shapes-data"}

@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 
 from ..errors import ConfigError
+from ..files import atomic_write_json, find_model_dir
 from .decoder import TinyDecoder, latents_to_images
 from .flow import Guidance, make_objective, sample
 from .text import EncoderSpec, TextEncoderStack, TextLayout, combine, parse_specs, unconditional
@@ -51,8 +52,6 @@ class PipelineSpec:
     resolution: int = 256
 
     def save(self, directory: Path) -> None:
-        from ..stages.base import atomic_write_json
-
         atomic_write_json(Path(directory) / PIPELINE_FILE, self.__dict__)
 
     @classmethod
@@ -77,8 +76,6 @@ def _resolve(base: Path, p: str | None) -> str | None:
 def load_latent_decoder(latent: dict, decoder: str | None, base: Path = Path(".")):
     """The tiny decoder at ``decoder`` if given, else the latent space's ``AutoencoderKL``."""
     if decoder:
-        from ..stages.common import find_model_dir
-
         return TinyDecoder.from_pretrained(find_model_dir(_resolve(base, decoder), what="decoder"))
     from diffusers import AutoencoderKL
 
@@ -107,8 +104,6 @@ class SnapGenPipeline:
     def from_dir(cls, directory: str | Path, *, decoder: str | None = None, vae: str | None = None,
                  unet_subdir: str | None = None, text_encoders: list[dict | EncoderSpec] | None = None,
                  device: str | torch.device = "cpu") -> SnapGenPipeline:
-        from ..stages.common import find_model_dir
-
         base = Path(directory)
         spec = PipelineSpec.load(base)
         unet_dir = find_model_dir(base, prefer=(unet_subdir or spec.unet, "model_ema", "model"))

@@ -69,8 +69,8 @@ import torch
 from pydantic import Field, ValidationError, field_validator, model_validator
 from torch import nn
 
+from ..config import StageConfig
 from ..errors import ConfigError, SnapgenError
-from ..stages.base import StageConfig
 
 Kind = Literal["clip", "gemma", "t5", "auto"]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -43,7 +43,7 @@ from safetensors.torch import save as st_save
 from torch.utils.data import Dataset, Sampler
 
 from ..errors import ConfigError, SnapgenError
-from ..stages.base import atomic_write_bytes, atomic_write_json
+from ..files import atomic_write_bytes, atomic_write_json
 
 MANIFEST = "manifest.json"
 CLASS_TEXT = "class_text.safetensors"

@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 from rich.console import Console
 from rich.table import Table
 
-from ..stages.base import atomic_write_json
+from ..files import atomic_write_json
 
 REPORT_FILE = "eval_report.json"
 CONTACT_SHEET_FILE = "contact_sheet.png"

@@ -2,7 +2,7 @@
 
 A stage module exposes:
 
-* ``Config`` -- a :class:`StageConfig` (pydantic, unknown keys rejected) holding every
+* ``Config`` -- a :class:`~snapgen_cli.config.StageConfig` (pydantic, unknown keys rejected) holding every
   setting of the stage, with the paper's values as defaults where the paper gives them;
 * ``plan(cfg, ctx) -> list[PlanItem]`` -- what the stage would build and read/write, built
   on the meta device (no weights, no data touched); used by ``snapgen run --dry-run``;
@@ -14,22 +14,11 @@ Stage functions know nothing about Click; ``cli.py`` turns flags into a ``Config
 
 from __future__ import annotations
 
-import json
-import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from pydantic import BaseModel, ConfigDict
 from rich.console import Console
-
-
-class StageConfig(BaseModel):
-    """Base of every stage's typed config: unknown keys are errors, values are validated."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
 @dataclass
@@ -66,28 +55,3 @@ class PlanItem:
     inputs: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
     notes: str = ""
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (see :func:`atomic_write_bytes`)."""
-    atomic_write_bytes(path, text.encode())
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same dir, fsync, rename (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")

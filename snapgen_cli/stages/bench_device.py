@@ -20,11 +20,12 @@ import torch
 from pydantic import Field, field_validator
 from rich.table import Table
 
+from ..config import StageConfig
 from ..core import baselines
 from ..core.measure import count_macs, count_params, measure_latency, resolve_device
 from ..core.unet import LADDER, PAPER_LADDER_DELTAS, PAPER_PARAMS, SnapGenUNet, unet_config
-from .base import PlanItem, StageConfig, StageContext
-from .common import find_model_dir
+from ..files import find_model_dir
+from .base import PlanItem, StageContext
 
 Target = Literal["unet", "decoder", "sd3-decoder", "sdxl-unet"]
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

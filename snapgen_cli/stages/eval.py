@@ -61,10 +61,12 @@ import torch
 from PIL import Image
 from pydantic import Field, field_validator, model_validator
 
+from ..config import StageConfig
 from ..core.flow import Guidance
 from ..data.shapes import EVAL_PROMPT_SEED
 from ..errors import ConfigError
-from .base import PlanItem, StageConfig, StageContext, atomic_write_json, atomic_write_text
+from ..files import atomic_write_json, atomic_write_text
+from .base import PlanItem, StageContext
 
 METRICS = ("alignment", "fid", "clip", "recon", "image_reward", "geneval", "dpg")
 PROMPT_SET_METRICS = ("fid", "clip", "image_reward")  # scored on the prompt set

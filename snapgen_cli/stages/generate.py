@@ -13,9 +13,11 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
+from ..config import StageConfig
 from ..core.flow import Guidance
 from ..errors import ConfigError
-from .base import PlanItem, StageConfig, StageContext, atomic_write_text
+from ..files import atomic_write_text
+from .base import PlanItem, StageContext
 
 
 class Config(StageConfig):

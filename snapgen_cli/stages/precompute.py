@@ -49,13 +49,15 @@ from pydantic import Field, field_validator
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
+from ..config import StageConfig
 from ..core.measure import count_params, resolve_device
 from ..core.text import EncoderSpec, TextEncoderStack, parse_specs, spec_set
 from ..data import shards
 from ..data.images import DEFAULT_MAX_PIXELS, ImageSkipped, ImageStats, open_image, resize_crop, sample_rng, to_tensor
 from ..data.sources import Sample, Source, open_source
 from ..errors import ConfigError
-from .base import PlanItem, StageConfig, StageContext, atomic_write_json
+from ..files import atomic_write_json
+from .base import PlanItem, StageContext
 
 SD3_VAE = "stabilityai/stable-diffusion-3-medium-diffusers"
 RUN_CONFIG = "precompute.json"

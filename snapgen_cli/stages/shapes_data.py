@@ -19,8 +19,9 @@ from pathlib import Path
 
 from pydantic import Field
 
+from ..config import StageConfig
 from ..data.shapes import CLASSES_SEED_OFFSET, HOLDOUT_SEED_OFFSET, ShapesClassDataset, ShapesDataset, write_folder
-from .base import PlanItem, StageConfig, StageContext
+from .base import PlanItem, StageContext
 
 #: scikit-image's bundled colour photographs (they ship inside its wheel).
 SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")

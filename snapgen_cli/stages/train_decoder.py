@@ -59,12 +59,12 @@ from ..core.measure import count_params
 from ..data.sources import open_source
 from ..errors import ConfigError
 from ..eval.metrics import list_images
+from ..files import atomic_write_json, find_model_dir
 from ..train.decoder_task import (AutoencoderTask, ImageDataset, TinyDecoderTask, build_autoencoder,
                                   downsampling_factor, evaluate_decoder, latent_statistics, load_patches,
                                   random_patches)
 from ..train.loop import LoopConfig, sample_generators, save_module, train
-from .base import PlanItem, StageContext, atomic_write_json
-from .common import find_model_dir
+from .base import PlanItem, StageContext
 
 SD3_VAE, SD3_VAE_SUBFOLDER = SD3_VAE_HUB
 EVAL_FILE = "eval.json"

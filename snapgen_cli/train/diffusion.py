@@ -27,7 +27,7 @@ from ..core.text import TextLayout, combine, parse_specs
 from ..core.unet import SnapGenUNet, unet_config
 from ..data.shards import ClassText, ShardDataset, encoder_features, read_manifest
 from ..errors import ConfigError
-from ..stages.common import find_model_dir
+from ..files import find_model_dir
 from .loop import LoopConfig, StepContext, TrainTask
 
 

@@ -77,8 +77,9 @@ from safetensors.torch import save_model
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..config import StageConfig
 from ..errors import ConfigError, SnapgenError
-from ..stages.base import StageConfig, atomic_write_json
+from ..files import atomic_write_json
 
 CHECKPOINTS = "checkpoints"
 

@@ -1,0 +1,60 @@
+"""Leaf helpers for files every layer writes or reads: atomic writes and locating saved models.
+
+Imports nothing from the rest of the package but ``errors``, so ``core/``, ``data/``,
+``eval/`` and ``train/`` can use it without importing ``stages/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_write_bytes`)."""
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same dir, fsync, rename (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+#: Sub-directories a training stage writes its weights to, in the order they are preferred
+#: when a later stage initialises from it (EMA by default, sec. 4 / sup. G).
+MODEL_SUBDIRS = ("model_ema", "model")
+
+
+def find_model_dir(path: str | Path, prefer: tuple[str, ...] = MODEL_SUBDIRS, what: str = "checkpoint") -> Path:
+    """A dir holding a ``save_pretrained`` model: ``path`` itself (has ``config.json``) or
+    its first existing ``prefer`` sub-dir (a stage output dir)."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{what} {str(p)!r}: no such file or directory")
+    if (p / "config.json").is_file():
+        return p
+    for sub in prefer:
+        if (p / sub / "config.json").is_file():
+            return p / sub
+    raise ConfigError(f"{what} {str(p)!r}: no saved model there (expected config.json, or one of "
+                      f"{', '.join(s + '/' for s in prefer)} from a training stage)")
