@@ -2,16 +2,19 @@
 
 Measures, side by side in one process:
 
-* generation throughput at 1024^2 (sec. 4.1 / Table 3 protocol: 28 Flow-Euler steps with
-  classifier-free guidance, i.e. a doubled batch per step, then the decoder), in samples/s,
-  for the SnapGen UNet + tiny decoder; the paper reports 1.04 samples/s on one A100 with
-  the largest practical batch;
+* generation throughput at 1024^2 through the shipped pipeline (``SnapGenPipeline``, what
+  ``snapgen generate`` runs): 28 Flow-Euler steps with the shift-3 grid and classifier-free
+  guidance (both branches batched into one UNet call per step), then the tiny decoder, in
+  samples/s. Text encoding is timed apart (``encode_prompt``): with ``--text-encoders
+  stand-in`` (the default: no CLIP/Gemma weights needed) the encoders are random 2-layer
+  models with the real widths, so their time is reported but is not the real encoders'.
+  The paper reports 1.04 samples/s on one A100 with the largest practical batch;
 * training throughput (forward + backward + AdamW step, bf16 autocast, gradient
   checkpointing as in sup. G) at 512^2 and 1024^2, in samples/s, with peak memory;
 * forward latency of the SnapGen UNet vs. the SDXL UNet, and of the tiny decoder vs. the
   SD3 decoder, at 1024^2 in bf16, with their MAC ratios.
 
-Random weights (the figures do not depend on them). One JSON object on stdout.
+Random UNet / decoder weights (the figures do not depend on them). One JSON object on stdout.
 
     python benchmarks/gpu_throughput.py --quick
 """
@@ -21,7 +24,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -46,25 +51,37 @@ def _unet_inputs(model, batch: int, latent: int, tokens: int, dt):
             torch.randn(batch, tokens, c.context_dim, device=dev, dtype=dt), torch.randn(batch, c.pooled_dim, device=dev, dtype=dt))
 
 
-def generation(unet, decoder, batch: int, steps: int, tokens: int) -> dict:
-    dt = torch.bfloat16
-    x, _, ctx, pooled = _unet_inputs(unet, batch, 128, tokens, dt)
-    ctx2, pooled2 = torch.cat([ctx, torch.zeros_like(ctx)]), torch.cat([pooled, torch.zeros_like(pooled)])
-    sigmas = torch.linspace(1, 0, steps + 1, device="cuda")
+def stand_in_text_encoders(root: Path) -> list:
+    """Random 2-layer CLIP-L / CLIP-G / Gemma-2 stand-ins with the real widths and lengths (the
+    student layout: context (333, 2304), pooled 2048), saved where their specs point."""
+    from snapgen_cli.core.text import EncoderSpec, make_tiny_clip, make_tiny_gemma
 
-    @torch.no_grad()
+    make_tiny_clip(root / "clip_l", hidden_size=768, num_layers=2, num_heads=12)
+    make_tiny_clip(root / "clip_g", hidden_size=1280, num_layers=2, num_heads=20)
+    make_tiny_gemma(root / "gemma", hidden_size=2304, num_layers=2)
+    clip = dict(kind="clip", max_length=77, layer="penultimate", role="channel", pooled="projection")
+    return [EncoderSpec(name="clip_l", path=str(root / "clip_l"), **clip),
+            EncoderSpec(name="clip_g", path=str(root / "clip_g"), **clip),
+            EncoderSpec(name="gemma", kind="gemma", path=str(root / "gemma"), max_length=256, role="sequence")]
+
+
+def generation(pipe, batch: int, steps: int) -> dict:
+    """``snapgen generate``'s path: encode_prompt (timed apart), then sample_latents (the
+    shipped sampler, CFG 4.5 batched) + decode_latents (the tiny decoder)."""
+    from snapgen_cli.core.flow import Guidance
+
+    prompts = ["a tiger wearing a tuxedo"] * batch
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(batch)]  # noqa: E731
+    text_s = _timed(lambda: pipe.encode_prompt(prompts), runs=3, warmup=1)
+    cond = pipe.encode_prompt(prompts)
+
     def run():
-        z = x
-        for i in range(steps):
-            v = unet(torch.cat([z, z]), sigmas[i].expand(2 * batch) * 1000, ctx2, pooled2, return_dict=False)[0]
-            vc, vu = v.chunk(2)
-            z = z + (sigmas[i + 1] - sigmas[i]) * (vu + 4.5 * (vc - vu))
-        return decoder.decode(z, return_dict=False)[0]
+        return pipe.decode_latents(pipe.sample_latents(cond, gens(), steps, Guidance(scale=4.5), size=1024))
 
     torch.cuda.reset_peak_memory_stats()
     sec = _timed(run, runs=2, warmup=1)
-    return dict(batch=batch, steps=steps, seconds_per_batch=sec, samples_per_s=batch / sec,
-                peak_memory_gb=torch.cuda.max_memory_allocated() / 2**30)
+    return dict(batch=batch, steps=steps, guidance=4.5, seconds_per_batch=sec, samples_per_s=batch / sec,
+                text_encoding_s_per_batch=text_s, peak_memory_gb=torch.cuda.max_memory_allocated() / 2**30)
 
 
 def training(unet, batch: int, latent: int, tokens: int) -> dict:
@@ -111,6 +128,8 @@ def forward_pair(target_a: str, target_b: str, preset_a: str, res: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer batch sizes")
+    ap.add_argument("--text-encoders", choices=["stand-in", "student"], default="stand-in",
+                    help="random stand-ins with the real widths, or the real CLIP-L/G + Gemma-2 (weights needed)")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -132,12 +151,21 @@ def main() -> None:
             res["training"].append(dict(batch=batch, latent=latent, oom=True))
             torch.cuda.empty_cache()
         log(res["training"][-1])
-    unet = unet.to(torch.bfloat16)
-    decoder = build_target(Config(model="decoder", resolution=1024), "decoder", meta=False).model.to("cuda", torch.bfloat16).eval()
-    res["generation_1024_28steps_cfg"] = []
+    from snapgen_cli.core.flow import RectifiedFlow
+    from snapgen_cli.core.pipeline import SnapGenPipeline
+    from snapgen_cli.core.text import TextEncoderStack, spec_set
+
+    decoder = build_target(Config(model="decoder", resolution=1024), "decoder", meta=False).model
+    with tempfile.TemporaryDirectory() as tmp:
+        specs = stand_in_text_encoders(Path(tmp)) if args.text_encoders == "stand-in" else spec_set("student")
+        pipe = SnapGenPipeline(unet=unet.eval(), scheduler=RectifiedFlow(shift=3.0).scheduler(1),
+                               text_encoder=TextEncoderStack(specs), decoder=decoder, resolution=1024)
+    pipe = pipe.to("cuda", torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    res["generation_1024_28steps_cfg"] = dict(text_encoders=args.text_encoders, runs=[])
     for batch in ([8] if args.quick else [4, 8, 16]):
-        res["generation_1024_28steps_cfg"].append(generation(unet, decoder, batch, 28, 333))
-        log(res["generation_1024_28steps_cfg"][-1])
+        res["generation_1024_28steps_cfg"]["runs"].append(generation(pipe, batch, 28))
+        log(res["generation_1024_28steps_cfg"]["runs"][-1])
     print(json.dumps(res))
 
 

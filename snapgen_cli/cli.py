@@ -120,7 +120,7 @@ def run_cmd(recipe, dry_run, start, only, overrides, out_dir, fresh, as_json):
     recipe = recipe or DEMO_RECIPE
     rec = load_recipe(recipe, overrides)
     run_dir = Path(out_dir or rec.run.out_dir)
-    stages = select_stages(rec, start, only)
+    stages = select_stages(rec, start, only, run_dir)
     console = stderr_console()
     if dry_run:
         rows = plan_recipe(rec, run_dir, stages, console)

@@ -41,8 +41,9 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 #: Sub-directories a training stage writes its weights to, in the order they are preferred
-#: when a later stage initialises from it (EMA by default, sec. 4 / sup. G).
-MODEL_SUBDIRS = ("model_ema", "model")
+#: when a later stage initialises from it (EMA by default, sec. 4 / sup. G): a pipeline's
+#: ``unet/`` (the UNet stages' EMA weights), ``model_ema/`` (other stages), ``model/`` (raw).
+MODEL_SUBDIRS = ("unet", "model_ema", "model")
 
 
 def find_model_dir(path: str | Path, prefer: tuple[str, ...] = MODEL_SUBDIRS, what: str = "checkpoint") -> Path:
@@ -58,3 +59,12 @@ def find_model_dir(path: str | Path, prefer: tuple[str, ...] = MODEL_SUBDIRS, wh
             return p / sub
     raise ConfigError(f"{what} {str(p)!r}: no saved model there (expected config.json, or one of "
                       f"{', '.join(s + '/' for s in prefer)} from a training stage)")
+
+
+def model_location(path: str, subfolder: str | None) -> tuple[str, str | None]:
+    """``(path, subfolder)`` for ``from_pretrained``: a local folder that holds ``config.json``
+    itself needs no subfolder (a hub id or a nested folder keeps it)."""
+    local = Path(path)
+    if subfolder and local.is_dir() and not (local / subfolder).is_dir() and (local / "config.json").is_file():
+        return path, None
+    return path, subfolder or None

@@ -276,13 +276,21 @@ def load_recipe(path: Path, overrides: tuple[str, ...] = ()) -> Recipe:
 # ---------------------------------------------------------------------------------------
 # Running.
 
-def select_stages(recipe: Recipe, start: str | None, only: str | None) -> list[Stage]:
+def select_stages(recipe: Recipe, start: str | None, only: str | None, run_dir: Path | None = None) -> list[Stage]:
+    """The stages to run: all, ``--only`` one, or ``--from`` one on; ``--from`` needs every
+    earlier stage done (its done-marker in ``run_dir``)."""
     if start and only:
         raise ConfigError("--from and --only cannot be used together")
     if only:
         return [recipe.stage(only)]
     if start:
-        return recipe.stages[recipe.stage(start).index:]
+        first = recipe.stage(start).index
+        if run_dir is not None:
+            missing = [s.name for s in recipe.stages[:first] if not (run_dir / s.name / DONE_MARKER).is_file()]
+            if missing:
+                raise ConfigError(f"--from {start}: earlier stage(s) {', '.join(missing)} not done in {run_dir}; "
+                                  f"run them first (e.g. --from {missing[0]})")
+        return recipe.stages[first:]
     return list(recipe.stages)
 
 
@@ -296,11 +304,17 @@ def _context(recipe: Recipe, stage: Stage, run_dir: Path, dry_run: bool, console
 
 
 def plan_recipe(recipe: Recipe, run_dir: Path, stages: list[Stage], console) -> list[dict]:
-    rows = []
+    """Every stage's plan, in order; what a plan provides (latent space, text encoders, UNet
+    config) reaches the later stages' plans through ``ctx.planned``."""
+    rows, planned = [], {}
     for st in stages:
         ctx = _context(recipe, st, run_dir, True, console)
+        ctx.planned = planned
+        provides = {}
         for item in st.module.plan(resolve_refs(st.config, run_dir), ctx):
-            rows.append(dict(stage=st.name, kind=st.kind, **item.__dict__))
+            provides |= item.provides
+            rows.append(dict(stage=st.name, kind=st.kind, **{k: v for k, v in item.__dict__.items() if k != "provides"}))
+        planned[str(ctx.out_dir)] = provides
     return rows
 
 

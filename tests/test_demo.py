@@ -31,6 +31,11 @@ def test_shortened_demo_trains_every_stage_and_passes_quality_thresholds(tmp_pat
     args = ["run", "--out", tmp_path / "demo", "--json"]
     for s in SHORT:
         args += ["--set", f"stages.{s}"]
+    code, out, err = run_cli(*args, "--dry-run")
+    assert code == 0, err[-3000:]
+    kinds = {"unet": "unet", "AutoencoderKL:": "autoencoder", "tiny decoder": "tiny-decoder"}
+    plan = {(r["stage"], kind): r["params"] for r in json.loads(out)["plan"]
+            for prefix, kind in kinds.items() if r["model"].startswith(prefix)}
     code, out, err = run_cli(*args)
     assert code == 0, err[-3000:]
     stages = [s["stage"] for s in json.loads(out)["stages"]]
@@ -53,3 +58,16 @@ def test_shortened_demo_trains_every_stage_and_passes_quality_thresholds(tmp_pat
     assert al["overall"] >= 1.25 * al["chance"], al
     assert al["categories"]["colors"]["accuracy"] >= 3 * al["chance_categories"]["colors"], al
     assert set(al["categories"]) == {"single_object", "two_object", "counting", "colors", "position", "color_attr"}
+
+    # the dry run reported the parameters of the models the stages really built
+    from diffusers import AutoencoderKL
+
+    from snapgen_cli.core.decoder import TinyDecoder
+    from snapgen_cli.core.unet import SnapGenUNet
+
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    run = tmp_path / "demo"
+    for stage in ("pretrain", "finetune-32", "finetune-64"):
+        assert plan[(stage, "unet")] == count(SnapGenUNet.from_pretrained(run / stage / "unet")), stage
+    assert plan[("autoencoder", "autoencoder")] == count(AutoencoderKL.from_pretrained(run / "autoencoder" / "model_ema"))
+    assert plan[("decoder", "tiny-decoder")] == count(TinyDecoder.from_pretrained(run / "decoder" / "model_ema"))

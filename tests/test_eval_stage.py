@@ -1,8 +1,8 @@
 """``snapgen eval`` (sec. 4.1, Tab. 1-3, sup. C, I): generation for evaluation, metrics, report.
 
-A tiny pipeline dir is built the way a training stage writes one: a random ``tiny`` SnapGen
-UNet in ``model_ema/``, a tiny random CLIP text encoder (real tokenizer), a tiny random
-``AutoencoderKL`` and ``pipeline.json``. Images are 32 px, 2 sampling steps.
+A tiny pipeline dir is built the way a training stage writes one (``SnapGenPipeline.save_pretrained``):
+a random ``tiny`` SnapGen UNet, a tiny random CLIP text encoder (real tokenizer), a tiny random
+``AutoencoderKL`` as the decoder. Images are 32 px, 2 sampling steps.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
-from snapgen_cli.core.pipeline import PipelineSpec, SnapGenPipeline
-from snapgen_cli.core.text import EncoderSpec, make_tiny_clip
+from snapgen_cli.core.flow import RectifiedFlow
+from snapgen_cli.core.pipeline import SnapGenPipeline
+from snapgen_cli.core.text import EncoderSpec, TextEncoderStack, make_tiny_clip
 from snapgen_cli.core.unet import build_unet
 from snapgen_cli.data.shapes import CATEGORIES, EVAL_PROMPT_SEED, ShapesDataset, write_folder
 from snapgen_cli.errors import ConfigError
@@ -52,18 +53,25 @@ def pipeline_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("pipe")
     make_tiny_clip(root / "clip", hidden_size=32)
     torch.manual_seed(0)
-    AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                  block_out_channels=(8, 8, 16, 16), layers_per_block=1, latent_channels=16, norm_num_groups=8,
-                  scaling_factor=1.5305, shift_factor=0.0609, mid_block_add_attention=False,
-                  ).save_pretrained(root / "vae")
-    build_unet("tiny", block_channels=(16, 32, 32), attention_head_dim=16, context_dim=32, pooled_dim=32,
-               in_channels=16, out_channels=16).save_pretrained(root / "model_ema")
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        block_out_channels=(8, 8, 16, 16), layers_per_block=1, latent_channels=16, norm_num_groups=8,
+                        scaling_factor=1.5305, shift_factor=0.0609, mid_block_add_attention=False)
+    vae.save_pretrained(root / "vae")
+    unet = build_unet("tiny", block_channels=(16, 32, 32), attention_head_dim=16, context_dim=32, pooled_dim=32,
+                      in_channels=16, out_channels=16)
     clip = EncoderSpec(name="clip_l", kind="clip", path=str(root / "clip"), max_length=16, layer="penultimate",
                        role="channel", pooled="projection")
-    PipelineSpec(text_encoders=[clip.model_dump(mode="json")], resolution=SIZE,
-                 latent=dict(vae="vae", channels=16, downsample=8, scaling_factor=1.5305, shift_factor=0.0609),
-                 ).save(root)
-    return root
+    latent = dict(vae=str(root / "vae"), subfolder=None, channels=16, downsample=8, scaling_factor=1.5305,
+                  shift_factor=0.0609)
+    SnapGenPipeline(unet=unet, scheduler=RectifiedFlow().scheduler(1), text_encoder=TextEncoderStack([clip]),
+                    decoder=vae, resolution=SIZE, latent=latent).save_pretrained(root / "pipe")
+    return root / "pipe"
+
+
+def _images(pipe, prompts, seed):
+    """The pipeline's images with image i seeded ``seed + i`` (as the stages seed them)."""
+    gens = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
+    return pipe(prompts, num_inference_steps=2, guidance_scale=2.0, generator=gens).images
 
 
 @pytest.fixture(scope="module")
@@ -118,8 +126,8 @@ def test_alignment_suite_generates_scores_and_reports(pipeline_dir, alignment_ru
     ds = ShapesDataset(12, resolution=SIZE, seed=EVAL_PROMPT_SEED)
     assert [m["text"] for m in meta] != [ShapesDataset(12, resolution=SIZE, seed=0).spec(i).caption for i in range(12)]
     assert [m["text"] for m in meta] == [ds.spec(i).caption for i in range(12)]
-    pipe = SnapGenPipeline.from_dir(pipeline_dir)
-    again = pipe([meta[5]["text"], meta[6]["text"]], seed=5, steps=2, guidance=2.0)[0]
+    pipe = SnapGenPipeline.from_pretrained(pipeline_dir)
+    again = _images(pipe, [meta[5]["text"], meta[6]["text"]], seed=5)[0]
     diff = np.abs(np.asarray(again, dtype=np.int16) - _pixels(out / "alignment" / "00005.png"))
     assert again.size == (SIZE, SIZE) and diff.max() <= 1
 
@@ -193,7 +201,7 @@ def test_recon_encodes_with_the_vae_and_decodes_with_the_pipeline_decoder(pipeli
     result = _run(tmp_path / "out", checkpoint=str(pipeline_dir), metrics=["recon"], recon_images=str(images))
     assert result["meta"]["sets"] == {} and not (tmp_path / "out" / "alignment").exists()  # no generation
 
-    vae = AutoencoderKL.from_pretrained(pipeline_dir / "vae")
+    vae = AutoencoderKL.from_pretrained(pipeline_dir / "decoder")  # the pipeline decodes with its autoencoder
     want = M.ReconstructionMetrics()
     for name, (w, h) in (("a.png", (48, 40)), ("b.png", (32, 32))):
         im = Image.open(images / name).convert("RGB")
@@ -247,8 +255,8 @@ def test_geneval_and_dpg_layouts_are_what_their_evaluators_read(pipeline_dir, tm
 
     # Sample j of every prompt uses seed j: DPG tile (1, 0) of a prompt is GenEval-style sample 1.
     grid = _pixels(out / "dpg" / "coco_1.png")
-    pipe = SnapGenPipeline.from_dir(pipeline_dir)
-    tile = np.asarray(pipe([dpg_items[0].prompt] * 2, seed=1, steps=2, guidance=2.0)[0], dtype=np.int16)
+    pipe = SnapGenPipeline.from_pretrained(pipeline_dir)
+    tile = np.asarray(_images(pipe, [dpg_items[0].prompt] * 2, seed=1)[0], dtype=np.int16)
     assert np.abs(grid[:SIZE, SIZE:] - tile).max() <= 1
 
     assert result["metrics"]["geneval"]["layout"] == {"prompts": 2, "images": 8}
@@ -273,7 +281,7 @@ def test_bad_inputs_are_clear_errors(pipeline_dir, tmp_path):
         E.Config(metrics=["fid"])
     with pytest.raises(ConfigError, match=r"--geneval-repo and --geneval-detector"):
         E.Config(metrics=["geneval"], geneval_prompts="x.jsonl", geneval_repo="geneval")
-    with pytest.raises(ConfigError, match=r"no pipeline.json"):
+    with pytest.raises(ConfigError, match=r"no model_index.json"):
         _run(tmp_path / "o3", checkpoint=str(tmp_path))
 
 

@@ -8,7 +8,8 @@ import torch
 from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
 from snapgen_cli.core.flow import (
-    DDPM, IMAGENET_VARIED_CFG, Guidance, Objective, RectifiedFlow, lambda_t, make_objective, sample, time_shift,
+    DDPM, IMAGENET_VARIED_CFG, Guidance, Objective, RectifiedFlow, guided, lambda_t, make_objective,
+    objective_from_scheduler, sample, time_shift,
 )
 from snapgen_cli.core.unet import build_unet
 from snapgen_cli.errors import ConfigError
@@ -98,24 +99,47 @@ def _tiny_unet_fn():
     return fn, cond, uncond
 
 
-def test_guidance_one_is_a_single_conditional_pass():
+def test_guidance_one_is_a_single_conditional_pass_and_cfg_one_batched_pass():
     fn, cond, uncond = _tiny_unet_fn()
-    passes = []
+    batches = []
 
     def counted(x, t, c):
-        passes.append(c is uncond)
+        batches.append(x.shape[0])
         return fn(x, t, c)
 
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    guided = sample(counted, noise, 3, cond, uncond, Guidance(scale=1.0))
+    guided_out = sample(counted, noise, 3, cond, uncond, Guidance(scale=1.0))
     plain = sample(fn, noise, 3, cond)
-    assert passes == [False] * 3
-    torch.testing.assert_close(guided, plain)
+    assert batches == [2] * 3
+    torch.testing.assert_close(guided_out, plain)
 
-    passes.clear()
+    batches.clear()
     cfg = sample(counted, noise, 3, cond, uncond, Guidance(scale=4.0))
-    assert passes == [False, True] * 3
+    assert batches == [4] * 3  # one UNet call per step on [uncond; cond]
     assert not torch.allclose(cfg, plain)
+
+
+def test_batched_cfg_equals_the_two_call_form():
+    """u + w (c - u) from one batched call on [uncond; cond] equals two separate calls."""
+    torch.manual_seed(0)
+    unet = build_unet("tiny").eval()
+    ctx, pooled = torch.randn(2, 5, 64), torch.randn(2, 64)
+    mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    cond = (ctx, pooled, mask)
+    uncond = (torch.zeros_like(ctx), torch.zeros_like(pooled), torch.ones_like(mask))
+
+    def fn_masked(x, t, c):
+        return unet(x, t, c[0], c[1], encoder_attention_mask=c[2]).sample
+
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    t = torch.tensor([250.0, 800.0])
+    with torch.no_grad():
+        two_calls = fn_masked(x, t, uncond) + 3.5 * (fn_masked(x, t, cond) - fn_masked(x, t, uncond))
+        batched = guided(fn_masked, x, t, cond, uncond, 3.5)
+    torch.testing.assert_close(batched, two_calls, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(batched, fn_masked(x, t, cond))  # guidance changed the prediction
+    with pytest.raises(TypeError, match="cannot batch"):
+        guided(fn_masked, x, t, "c", "u", 2.0)
 
 
 def test_guidance_interval_and_varied_cfg_schedule():
@@ -126,14 +150,19 @@ def test_guidance_interval_and_varied_cfg_schedule():
     assert ramp[10] == pytest.approx(1.1) and ramp[29] == pytest.approx(5.4)
     assert ramp[20] == pytest.approx(1.1 + 4.3 * 10 / 19)
     assert all(b > a for a, b in zip(ramp[10:], ramp[11:]))
-    # Outside the interval the sampler skips the unconditional pass.
+    # Outside the interval the sampler skips the unconditional branch (c = 1, u = 0 below).
     passes = []
-    sample(lambda x, t, c: passes.append(c) or torch.zeros_like(x), torch.zeros(1, 1), 5, "c", "u", g)
-    assert passes == ["c", "c", "u", "c", "u", "c", "c"]
+    sample(_recorder(passes), torch.zeros(1, 1), 5, torch.ones(1, 1), torch.zeros(1, 1), g)
+    assert passes == [[1.0], [0.0, 1.0], [0.0, 1.0], [1.0], [1.0]]
     with pytest.raises(ConfigError, match="interval"):
         Guidance(scale=2.0, interval=(3, 3))
     with pytest.raises(ValueError, match="uncond"):
-        sample(lambda x, t, c: x, torch.zeros(1, 1), 2, "c", None, Guidance(scale=2.0))
+        sample(lambda x, t, c: x, torch.zeros(1, 1), 2, torch.ones(1, 1), None, Guidance(scale=2.0))
+
+
+def _recorder(passes):
+    """A model_fn that records the condition values of each call's batch."""
+    return lambda x, t, c: passes.append(c.flatten().tolist()) or torch.zeros_like(x)
 
 
 def test_ddpm_add_noise_and_epsilon_target():
@@ -174,10 +203,10 @@ def test_heun_sampler_runs_30_steps_and_recovers_point_mass():
 
 def test_heun_guidance_counts_sampling_steps_not_model_calls():
     passes = []
-    sample(lambda x, t, c: passes.append(c) or torch.zeros_like(x), torch.zeros(1, 1), 3, "c", "u",
+    sample(_recorder(passes), torch.zeros(1, 1), 3, torch.ones(1, 1), torch.zeros(1, 1),
            Guidance(scale=2.0, interval=(1, 2)), objective=DDPM())
     # Heun: step 0 = calls 0-1, step 1 = calls 2-3 (guided), step 2 = call 4 (last step is first order).
-    assert passes == ["c", "c", "c", "u", "c", "u", "c"]
+    assert passes == [[1.0], [1.0], [0.0, 1.0], [0.0, 1.0], [1.0]]
 
 
 def test_lambda_t_is_normalised_logit_normal_density():
@@ -198,3 +227,14 @@ def test_make_objective_and_protocol():
         make_objective("edm")
     with pytest.raises(ConfigError, match="shift"):
         RectifiedFlow(shift=0)
+
+
+def test_saved_sampler_gives_back_its_objective():
+    """A pipeline stores the objective as its scheduler; reading it back gives the same objective."""
+    for objective in (RectifiedFlow(shift=2.5), DDPM(beta_start=2e-4)):
+        back = objective_from_scheduler(objective.scheduler(1))
+        assert type(back) is type(objective)
+        assert (back.shift if isinstance(back, RectifiedFlow) else back.beta_start) == pytest.approx(
+            objective.shift if isinstance(objective, RectifiedFlow) else objective.beta_start)
+    with pytest.raises(ConfigError, match="not a SnapGen sampler"):
+        objective_from_scheduler(DDPMScheduler())

@@ -244,8 +244,8 @@ def test_teacher_encoders_are_shared_when_identical_and_prefixed_otherwise(folde
     cfg = _cfg(folder, tiny_vae, encoders=tiny_clip, teacher_encoders=[tiny_clip[0], other], max_samples=11)
     _run(cfg, tmp_path / "out")
     man = read_manifest(tmp_path / "out")
-    assert man["encoders"]["student"] == {"clip_l": "clip_l"}
-    assert man["encoders"]["teacher"] == {"clip_l": "clip_l", "clip_g": "teacher_clip_g"}
+    assert man["encoders"]["student"] == [["clip_l", "clip_l"]]
+    assert man["encoders"]["teacher"] == [["clip_l", "clip_l"], ["clip_g", "teacher_clip_g"]]  # spec order kept
     item = ShardDataset(tmp_path / "out")[0]
     assert {k for k in item if k.endswith(".tokens")} == {"clip_l.tokens", "teacher_clip_g.tokens"}
     teacher = encoder_features(item, man, "teacher")
@@ -483,7 +483,9 @@ def test_plan_builds_the_vae_on_meta_without_reading_data(folder, tiny_vae, tmp_
     assert items[0].params == 71435 and "manifest.json" in items[0].outputs[1]
     assert not (tmp_path / "out").exists()
     hub = pc.plan(_cfg(folder, "org/not-cached-anywhere"), StageContext(out_dir=tmp_path / "out"))
-    assert hub[0].params is None and "config not available locally" in hub[0].notes
+    assert hub[0].params is None and "config is not available locally" in hub[0].notes
+    assert hub[0].provides["latent_channels"] is None  # later plans say the channels are not known yet
+    assert items[0].provides["latent_channels"] == 16 and items[0].provides["resolutions"] == [32]
 
 
 def test_shard_dataset_rank_slices_and_shard_sampler(folder, tiny_vae, tmp_path):

@@ -138,11 +138,68 @@ def test_run_marks_stages_and_skips_them_on_rerun(tmp_path, run_cli):
     _one_error_line(code, err, "no stage named 'zzz'")
 
 
+def test_from_refuses_when_an_earlier_stage_is_not_done(tmp_path, run_cli):
+    p = _recipe(tmp_path)
+    code, _, err = run_cli("run", p, "--from", "b")
+    _one_error_line(code, err, "--from b: earlier stage(s) a not done")
+    assert not (tmp_path / "run" / "b").exists()  # nothing ran
+    assert run_cli("run", p, "--only", "a")[0] == 0
+    code, out, err = run_cli("run", p, "--from", "b", "--json")
+    assert code == 0, err
+    assert [s["stage"] for s in json.loads(out)["stages"]] == ["b"]
+
+
 def test_paper_recipe_dry_runs(run_cli):
     code, out, err = run_cli("run", ROOT / "recipes" / "paper.toml", "--dry-run", "--json")
     assert code == 0, err
     stages = {r["stage"] for r in json.loads(out)["plan"]}
     assert {"bench", "bench-imagenet", "bench-ladder"} <= stages
+
+
+def _plan_params(run_cli, recipe) -> dict[tuple[str, str], int]:
+    """(stage, kind of model: unet / autoencoder / tiny-decoder) -> the plan's parameter count."""
+    code, out, err = run_cli("run", recipe, "--dry-run", "--json")
+    assert code == 0, err
+    kinds = {"unet": "unet", "AutoencoderKL:": "autoencoder", "tiny decoder": "tiny-decoder"}
+    return {(r["stage"], kind): r["params"] for r in json.loads(out)["plan"]
+            for prefix, kind in kinds.items() if r["model"].startswith(prefix)}
+
+
+def _meta_params(build, *args, **kw) -> int:
+    import torch
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in build(*args, **kw).parameters())
+
+
+def test_dry_run_reports_the_models_the_demo_stages_build(run_cli):
+    """The demo's UNet stages build the tiny preset with the 4-channel latent and MiniLM's 384-wide
+    text (not the preset's defaults); fine-tunes continue that model (init_from). The real runs
+    are compared with the built models in tests/test_demo.py."""
+    from snapgen_cli.core.decoder import build_decoder
+    from snapgen_cli.core.unet import build_unet
+    from snapgen_cli.train.decoder_task import build_autoencoder
+
+    plan = _plan_params(run_cli, ROOT / "recipes" / "demo.toml")
+    unet = _meta_params(build_unet, "tiny", in_channels=4, out_channels=4, context_dim=384, pooled_dim=384)
+    assert unet < 3e6 and unet != _meta_params(build_unet, "tiny")
+    for stage in ("pretrain", "finetune-32", "finetune-64"):
+        assert plan[(stage, "unet")] == unet, stage
+    assert plan[("autoencoder", "autoencoder")] == _meta_params(build_autoencoder, "tiny-ae", latent_channels=4)
+    assert plan[("decoder", "tiny-decoder")] == _meta_params(build_decoder, "tiny", latent_channels=4)
+
+
+def test_dry_run_reports_the_models_the_paper_stages_build(run_cli):
+    from snapgen_cli.core.decoder import build_decoder
+    from snapgen_cli.core.text import TextLayout, student
+    from snapgen_cli.core.unet import build_unet
+
+    plan = _plan_params(run_cli, ROOT / "recipes" / "paper.toml")
+    layout = TextLayout.from_specs(student())
+    unet = _meta_params(build_unet, "snapgen-t2i", in_channels=16, out_channels=16, **layout.unet_kwargs())
+    for stage in ("pretrain", "finetune-256", "finetune-512", "finetune-1024"):
+        assert plan[(stage, "unet")] == unet, stage
+    assert plan[("train-decoder", "tiny-decoder")] == _meta_params(build_decoder, "snapgen-decoder")
 
 
 def test_bench_device_json_and_compare(run_cli):

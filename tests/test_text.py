@@ -200,20 +200,18 @@ def test_truncation_and_empty_captions(student):
 # ---------------------------------------------------------------------------- dropout (sec. 4)
 
 
-def test_sample_keep_gives_ten_percent_unconditional():
-    g = torch.Generator().manual_seed(0)
-    n = 200_000
-    keep = T.sample_keep(["clip_l", "clip_g", "gemma"], n, p_drop=0.464, generator=g)
-    dropped = torch.stack([~k for k in keep.values()])
-    assert abs(dropped.all(0).float().mean().item() - 0.464 ** 3) < 0.004  # ~6 sigma
-    for d in dropped:
-        assert abs(d.float().mean().item() - 0.464) < 0.006
-    assert abs((dropped[0] & dropped[1]).float().mean().item() - 0.464 ** 2) < 0.006  # independent
-    again = T.sample_keep(["clip_l", "clip_g", "gemma"], n, generator=torch.Generator().manual_seed(0))
-    assert all(torch.equal(keep[k], again[k]) for k in keep)
-    assert T.sample_keep(["a"], 100, p_drop=0.0)["a"].all() and not T.sample_keep(["a"], 100, p_drop=1.0)["a"].any()
+def test_sample_keep_draws_per_sample_and_checks_p_drop():
+    """Flags of sample i come from generator i alone (any batch split gives the same flags);
+    the rate itself is measured through the training path in test_train_e2e.py."""
+    names = ["clip_l", "clip_g", "gemma"]
+    gens = lambda: [torch.Generator().manual_seed(s) for s in range(6)]  # noqa: E731
+    whole = T.sample_keep(names, 0.464, gens())
+    g = gens()
+    split = [T.sample_keep(names, 0.464, g[:2]), T.sample_keep(names, 0.464, g[2:])]
+    assert all(torch.equal(whole[n], torch.cat([s[n] for s in split])) for n in names)
+    assert T.sample_keep(["a"], 0.0, gens())["a"].all() and not T.sample_keep(["a"], 1.0, gens())["a"].any()
     with pytest.raises(ConfigError, match="p_drop"):
-        T.sample_keep(["a"], 4, p_drop=1.5)
+        T.sample_keep(["a"], 1.5, gens())
 
 
 # ---------------------------------------------------------------------------- teacher (SD3.5)

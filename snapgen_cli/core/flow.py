@@ -25,9 +25,12 @@ Decisions where the paper is silent:
 * **Per-sample randomness.** Every random draw accepts one ``torch.Generator`` or a list of
   them, one per sample (diffusers' ``randn_tensor`` convention), so a training loop can seed
   each sample by its global index and get the same numbers on any number of processes.
-* **Guidance pass.** The unconditional prediction is a second ``model_fn`` call (the
-  condition is opaque here, so it is not batched with the conditional one); a step whose
-  scale is 1 makes only the conditional call.
+* **Guidance pass.** The conditional and unconditional branches run as one batched
+  ``model_fn`` call on ``[uncond; cond]`` (half the launches on a GPU, the standard way); a
+  condition is a tensor or a tuple/list of tensors (or ``None``s), concatenated element-wise.
+  A step whose scale is 1 makes only the conditional call.
+* **Saved sampler.** A pipeline stores the objective as its diffusers scheduler
+  (:meth:`Objective.scheduler`'s config); :func:`objective_from_scheduler` reads it back.
 """
 
 from __future__ import annotations
@@ -210,6 +213,17 @@ class DDPM:
         return sched
 
 
+def objective_from_scheduler(scheduler: SchedulerMixin) -> Objective:
+    """The objective a saved sampler belongs to (inverse of :meth:`Objective.scheduler`)."""
+    c = scheduler.config
+    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        return RectifiedFlow(shift=float(c.shift))
+    if isinstance(scheduler, HeunDiscreteScheduler) and c.beta_schedule == "linear":
+        return DDPM(num_train_timesteps=c.num_train_timesteps, beta_start=c.beta_start, beta_end=c.beta_end)
+    raise ConfigError(f"scheduler {type(scheduler).__name__}: not a SnapGen sampler (FlowMatchEulerDiscreteScheduler "
+                      "for rectified flow, HeunDiscreteScheduler with linear betas for DDPM)")
+
+
 def make_objective(name: str, **kwargs: Any) -> Objective:
     """``"flow"`` (rectified flow, the paper's T2I objective) or ``"ddpm"`` (sup. H ablations)."""
     objectives = {"flow": RectifiedFlow, "ddpm": DDPM}
@@ -263,23 +277,36 @@ class Guidance:
 IMAGENET_VARIED_CFG = Guidance(scale=1.1, scale_end=5.4, interval=(10, 30))
 
 
+def _cat_cond(uncond: Any, cond: Any) -> Any:
+    """``[uncond; cond]`` along the batch: tensors are concatenated, tuples/lists element-wise."""
+    if isinstance(cond, torch.Tensor):
+        return torch.cat([uncond, cond])
+    if isinstance(cond, (tuple, list)):
+        return type(cond)(_cat_cond(u, c) for u, c in zip(uncond, cond, strict=True))
+    if cond is None and uncond is None:
+        return None
+    raise TypeError(f"cannot batch a condition of type {type(cond).__name__} for guidance")
+
+
 def guided(model_fn: ModelFn, x: torch.Tensor, t: torch.Tensor, cond: Any, uncond: Any, scale: float) -> torch.Tensor:
-    """One classifier-free-guided prediction; ``scale == 1`` is a single conditional pass."""
-    pred = model_fn(x, t, cond)
+    """One classifier-free-guided prediction ``u + w (c - u)`` from one batched call on
+    ``[uncond; cond]``; ``scale == 1`` is a single conditional pass."""
     if scale == 1.0:
-        return pred
-    pred_uncond = model_fn(x, t, uncond)
+        return model_fn(x, t, cond)
+    pred_uncond, pred = model_fn(torch.cat([x, x]), torch.cat([t, t]), _cat_cond(uncond, cond)).chunk(2)
     return pred_uncond + scale * (pred - pred_uncond)
 
 
 @torch.no_grad()
 def sample(model_fn: ModelFn, noise: torch.Tensor, steps: int, cond: Any, uncond: Any = None,
-           guidance: Guidance | None = None, objective: Objective | None = None) -> torch.Tensor:
+           guidance: Guidance | None = None, objective: Objective | None = None,
+           on_step: Callable[[], None] | None = None) -> torch.Tensor:
     """Run the reverse process from ``noise`` in ``steps`` sampling steps; return ``x_0``.
 
-    Flow: ``steps`` Flow-Euler updates (Eq. 3), one model pass each (per guidance branch).
-    DDPM: ``steps`` Heun steps (2 passes each except the last). ``model_fn`` gets the
-    scheduler's timesteps, which are the objective's model timesteps (``sigma * 1000`` / t).
+    Flow: ``steps`` Flow-Euler updates (Eq. 3), one model pass each (both guidance branches
+    batched). DDPM: ``steps`` Heun steps (2 passes each except the last). ``model_fn`` gets
+    the scheduler's timesteps, which are the objective's model timesteps (``sigma * 1000`` / t).
+    ``on_step`` is called after each of the ``steps`` sampling steps (progress bars).
     """
     objective = objective or RectifiedFlow()
     guidance = guidance or Guidance()
@@ -294,10 +321,12 @@ def sample(model_fn: ModelFn, noise: torch.Tensor, steps: int, cond: Any, uncond
         t_model = t.expand(x.shape[0]).to(torch.float32)
         pred = guided(model_fn, x_in, t_model, cond, uncond, guidance.scale_at(call // sched.order, steps))
         x = sched.step(pred, t, x).prev_sample.to(noise.dtype)
+        if on_step is not None and ((call + 1) % sched.order == 0 or call + 1 == len(sched.timesteps)):
+            on_step()
     return x
 
 
 __all__ = [
     "DDPM", "Guidance", "IMAGENET_VARIED_CFG", "ModelFn", "Objective", "RectifiedFlow", "guided", "lambda_t",
-    "make_objective", "sample", "time_shift", "uniform_tensor",
+    "make_objective", "objective_from_scheduler", "sample", "time_shift", "uniform_tensor",
 ]

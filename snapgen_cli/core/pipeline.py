@@ -1,189 +1,204 @@
-"""Text -> image with a trained SnapGen UNet: text stack, sampler, decoder.
+"""Text -> image with a trained SnapGen UNet: a ``diffusers.DiffusionPipeline``.
 
-A training stage's output directory is a *pipeline directory*: its weights
-(``model_ema/`` and ``model/``) plus ``pipeline.json``, which records everything needed to
-generate from it -- the text encoder specs whose features the UNet was trained on, the
-latent space (the autoencoder, its ``scaling_factor`` / ``shift_factor``), an optional tiny
-decoder (sec. 3.2) that replaces the autoencoder's decoder, the objective (flow with its
-shift, or DDPM) and the training resolution. ``generate``, ``eval`` and the training
-stages' sample grids all go through :class:`SnapGenPipeline`.
+A training stage's output directory (``pretrain``, ``finetune``, ...) is a diffusers
+pipeline directory, loaded with one call, ``SnapGenPipeline.from_pretrained(dir)``::
+
+    model_index.json   the components' classes, the training resolution and the latent space
+    unet/              the EMA weights of the efficient UNet (sec. 3.1; EMA: sup. G)
+    scheduler/         the sampler: FlowMatchEulerDiscreteScheduler with the time shift
+                       (rectified flow, Eq. 3) or HeunDiscreteScheduler (DDPM, sup. H)
+    text_encoder/      the text-encoder stack (core/text.py), saved by reference
+    decoder/           the tiny decoder (sec. 3.2) or the latent space's AutoencoderKL
+
+``snapgen generate``, ``eval`` and the training stages' sample grids all go through it.
 
 Decisions where the paper is silent:
 
-* **Seeds.** Image ``i`` of a call starts from noise drawn by its own generator seeded with
-  ``seed + i``, so the same seed gives the same image whatever the batch size -- up to
-  float rounding: CPU/GPU kernels may round differently for another batch size (~1e-7
-  here), which can move a pixel by one 8-bit level.
+* **Text encoders by reference.** ``text_encoder/config.json`` holds the encoder specs (hub
+  ids or local paths, layers, lengths), not their weights: Gemma-2-2b alone would add 5 GB
+  to every stage directory. Loading the pipeline loads the encoders from those locations.
+* **The latent space** (the autoencoder the shards were encoded with, its channels, its
+  downsampling and ``scaling_factor`` / ``shift_factor``) is the pipeline config ``latent``;
+  the ``recon`` metric encodes with that autoencoder.
+* **Seeds.** Image ``i`` starts from noise drawn by its own generator (``generator`` is one
+  ``torch.Generator`` per image, diffusers' convention; the stages seed image ``i`` with
+  ``seed + i``), so the same seed gives the same image whatever the batch size -- up to
+  float rounding: kernels may round differently for another batch size (~1e-7 here), which
+  can move a pixel by one 8-bit level.
 * **Encoder subsets.** ``encoders=[...]`` keeps only those text encoders; the others are
   treated as dropped (zeros), exactly as in training's per-encoder dropout (sec. 4), so any
   subset works with the same UNet.
-* **Unconditional branch** for CFG: every encoder dropped (zero context and pooled vector).
+* **Unconditional branch** for CFG: every encoder dropped (zero context and pooled vector),
+  batched with the conditional branch into one UNet call (``core.flow.guided``).
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import AutoencoderKL, DiffusionPipeline
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from ..errors import ConfigError
-from ..files import atomic_write_json, find_model_dir
+from ..files import find_model_dir, model_location
 from .decoder import TinyDecoder, latents_to_images
-from .flow import Guidance, make_objective, sample
-from .text import EncoderSpec, TextEncoderStack, TextLayout, combine, parse_specs, unconditional
+from .flow import Guidance, objective_from_scheduler, sample
+from .text import TextEncoderStack, combine, unconditional
 from .unet import SnapGenUNet
 
-PIPELINE_FILE = "pipeline.json"
+MODEL_INDEX = "model_index.json"
 
 
-@dataclass
-class PipelineSpec:
-    """What ``pipeline.json`` holds (paths are absolute or relative to the pipeline dir)."""
+class SnapGenPipeline(DiffusionPipeline):
+    """SnapGen text-to-image: text-encoder stack -> efficient UNet with the flow sampler and
+    classifier-free guidance -> tiny decoder (or the autoencoder's decoder)."""
 
-    unet: str = "model_ema"
-    text_encoders: list[dict] = field(default_factory=list)
-    latent: dict = field(default_factory=dict)  # vae, subfolder, channels, downsample, scaling/shift
-    decoder: str | None = None
-    objective: dict = field(default_factory=lambda: {"name": "flow", "shift": 3.0})
-    resolution: int = 256
+    model_cpu_offload_seq = "text_encoder->unet->decoder"
 
-    def save(self, directory: Path) -> None:
-        atomic_write_json(Path(directory) / PIPELINE_FILE, self.__dict__)
+    def __init__(self, unet: SnapGenUNet, scheduler: SchedulerMixin, text_encoder: TextEncoderStack,
+                 decoder: TinyDecoder | AutoencoderKL, resolution: int = 1024, latent: dict | None = None):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler, text_encoder=text_encoder, decoder=decoder)
+        latent = dict(latent or {})
+        latent.setdefault("channels", unet.config.in_channels)
+        latent.setdefault("downsample", 8)
+        self.register_to_config(resolution=int(resolution), latent=latent)
+        self.unet.eval()
+        self.decoder.eval()
 
-    @classmethod
-    def load(cls, directory: Path) -> PipelineSpec:
-        path = Path(directory) / PIPELINE_FILE
-        if not path.is_file():
-            raise ConfigError(f"{directory}: no {PIPELINE_FILE} (point --checkpoint at the output dir of "
-                              "pretrain/finetune/distill/step-distill)")
-        try:
-            return cls(**json.loads(path.read_text()))
-        except (json.JSONDecodeError, TypeError) as exc:
-            raise ConfigError(f"{path}: not a valid pipeline file ({exc})") from None
-
-
-def _resolve(base: Path, p: str | None) -> str | None:
-    if p is None:
-        return None
-    q = Path(p)
-    return str(q if q.is_absolute() or not (base / q).exists() else base / q)
-
-
-def load_latent_decoder(latent: dict, decoder: str | None, base: Path = Path(".")):
-    """The tiny decoder at ``decoder`` if given, else the latent space's ``AutoencoderKL``."""
-    if decoder:
-        return TinyDecoder.from_pretrained(find_model_dir(_resolve(base, decoder), what="decoder"))
-    from diffusers import AutoencoderKL
-
-    vae = _resolve(base, latent.get("vae"))
-    if not vae:
-        raise ConfigError("no decoder: pass --decoder (a tiny decoder dir) or --vae (an AutoencoderKL)")
-    try:
-        return AutoencoderKL.from_pretrained(vae, subfolder=latent.get("subfolder") or None)
-    except (OSError, ValueError) as exc:
-        first = (str(exc).splitlines() or [""])[0][:160]
-        raise ConfigError(f"vae {vae!r}: cannot load ({first}); pass --vae with a local AutoencoderKL dir, "
-                          "or --decoder with a tiny decoder dir") from None
-
-
-class SnapGenPipeline:
-    """UNet + text encoders + decoder, with the objective's sampler and CFG."""
-
-    def __init__(self, unet: SnapGenUNet, texts: TextEncoderStack | None, layout: TextLayout, decoder,
-                 objective: dict, resolution: int, latent_channels: int, downsample: int = 8):
-        self.unet, self.texts, self.layout, self.decoder = unet.eval(), texts, layout, decoder.eval()
-        self.objective = make_objective(objective.get("name", "flow"),
-                                        **{k: v for k, v in objective.items() if k != "name"})
-        self.resolution, self.latent_channels, self.downsample = resolution, latent_channels, downsample
-
-    @classmethod
-    def from_dir(cls, directory: str | Path, *, decoder: str | None = None, vae: str | None = None,
-                 unet_subdir: str | None = None, text_encoders: list[dict | EncoderSpec] | None = None,
-                 device: str | torch.device = "cpu") -> SnapGenPipeline:
-        base = Path(directory)
-        spec = PipelineSpec.load(base)
-        unet_dir = find_model_dir(base, prefer=(unet_subdir or spec.unet, "model_ema", "model"))
-        unet = SnapGenUNet.from_pretrained(unet_dir)
-        specs = parse_specs(text_encoders or spec.text_encoders, "text_encoders")
-        latent = dict(spec.latent, **({"vae": vae, "subfolder": None} if vae else {}))
-        dec = load_latent_decoder(latent, decoder or (None if vae else spec.decoder), base)
-        texts = TextEncoderStack(specs)
-        pipe = cls(unet, texts, texts.layout, dec, spec.objective, spec.resolution,
-                   latent.get("channels", unet.config.in_channels), latent.get("downsample", 8))
-        return pipe.to(device)
-
-    def to(self, device) -> SnapGenPipeline:
-        self.unet.to(device)
-        self.decoder.to(device)
-        if self.texts is not None:
-            self.texts.to(device)
-        return self
+    # -- conditioning ---------------------------------------------------------------------
 
     @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+    def layout(self):
+        return self.text_encoder.layout
 
-    def condition(self, prompts: list[str], encoders: list[str] | None = None):
-        """(context, pooled, mask) of ``prompts``; only ``encoders`` (default all) are used."""
-        if self.texts is None:
-            raise ConfigError("this pipeline has no text encoders loaded")
+    def encode_prompt(self, prompts: list[str], encoders: list[str] | None = None):
+        """``(context, pooled, mask)`` of ``prompts``; only ``encoders`` (default all) are used."""
         if encoders:
             unknown = set(encoders) - set(self.layout.names)
             if unknown:
-                raise ConfigError(f"--encoder: unknown {sorted(unknown)}; this model's encoders: {self.layout.names}")
-        feats = self.texts.encode(prompts, names=encoders or None)
-        return combine(feats, self.layout, device=self.device)
+                raise ConfigError(f"--encoders: unknown {sorted(unknown)}; this model's encoders: {self.layout.names}")
+        feats = self.text_encoder.encode(prompts, names=encoders or None)
+        return combine(feats, self.layout, device=self._execution_device)
+
+    # -- sampling -------------------------------------------------------------------------
+
+    @property
+    def objective(self):
+        return objective_from_scheduler(self.scheduler)
+
+    def latent_size(self, size: int | None) -> int:
+        size = size or self.config.resolution
+        f = int(self.config.latent["downsample"])
+        if size % (f * 4):
+            raise ConfigError(f"--size: expected a multiple of {f * 4}, got {size}")
+        return size // f
 
     @torch.no_grad()
-    def latents(self, cond, seeds: list[int], steps: int, guidance: Guidance, size: int | None = None) -> torch.Tensor:
-        """Sample normalised latents for a batch of conditions (one seed per sample)."""
-        size = size or self.resolution
-        if size % (self.downsample * 4):
-            raise ConfigError(f"--size: expected a multiple of {self.downsample * 4}, got {size}")
-        lat = size // self.downsample
-        gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-        from diffusers.utils.torch_utils import randn_tensor
-
-        noise = randn_tensor((len(seeds), self.latent_channels, lat, lat), generator=gens, device=self.device)
-        uncond = unconditional(self.layout, len(seeds), device=self.device)
+    def sample_latents(self, cond, generator: list[torch.Generator], steps: int, guidance: Guidance,
+                       size: int | None = None) -> torch.Tensor:
+        """Normalised latents for a batch of conditions, one generator per sample."""
+        lat = self.latent_size(size)
+        device = self._execution_device
+        noise = randn_tensor((len(generator), self.config.latent["channels"], lat, lat), generator=generator,
+                             device=device)
+        uncond = unconditional(self.layout, len(generator), device=device)
 
         def model_fn(x, t, c):
             return self.unet(x, t, c[0], c[1], encoder_attention_mask=c[2]).sample
 
-        return sample(model_fn, noise, steps, cond, uncond, guidance, self.objective)
+        with self.progress_bar(total=steps) as bar:
+            return sample(model_fn, noise, steps, cond, uncond, guidance, self.objective, on_step=bar.update)
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
-        images = latents_to_images(self.decoder, latents.to(next(self.decoder.parameters()).dtype))
+    def decode_latents(self, latents: torch.Tensor) -> list[Image.Image]:
+        images = latents_to_images(self.decoder, latents.to(self.decoder.device))
         arr = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         return [Image.fromarray(a) for a in arr]
 
-    def __call__(self, prompts: list[str], seed: int = 0, steps: int = 28, guidance: Guidance | float = 4.5,
-                 size: int | None = None, batch_size: int = 8, encoders: list[str] | None = None,
-                 return_latents: bool = False) -> Any:
-        """Images for ``prompts``; image ``i`` uses seed ``seed + i``."""
-        g = guidance if isinstance(guidance, Guidance) else Guidance(scale=float(guidance))
-        images, lats = [], []
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start:start + batch_size]
-            z = self.latents(self.condition(chunk, encoders), [seed + start + i for i in range(len(chunk))], steps, g, size)
-            lats.append(z.cpu())
-            images += self.decode(z)
-        return (images, torch.cat(lats)) if return_latents else images
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str], num_inference_steps: int = 28, guidance_scale: float = 4.5,
+                 generator: torch.Generator | list[torch.Generator] | None = None, size: int | None = None,
+                 guidance: Guidance | None = None, encoders: list[str] | None = None, batch_size: int | None = None,
+                 output_type: str = "pil", return_dict: bool = True):
+        """Images for ``prompt`` (a string or a list).
+
+        ``generator``: one per image (image ``i`` draws its noise from ``generator[i]``), or one
+        for all; ``guidance`` (a :class:`~snapgen_cli.core.flow.Guidance`, e.g. an interval or the
+        varied CFG of sup. H) overrides ``guidance_scale``; ``size`` is the image side in pixels
+        (default: the training resolution); ``batch_size`` splits the prompts into UNet batches
+        (default: one batch); ``output_type``: ``"pil"`` or ``"latent"`` (normalised latents).
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not isinstance(generator, list):  # one generator (or none): it seeds one generator per image
+            seed = int(torch.randint(2**31, (), generator=generator))
+            generator = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
+        if len(generator) != len(prompts):
+            raise ConfigError(f"generator: {len(generator)} generators for {len(prompts)} prompts (one per image)")
+        g = guidance or Guidance(scale=float(guidance_scale))
+        step = batch_size or len(prompts)
+        images: list = []
+        for start in range(0, len(prompts), step):
+            chunk = prompts[start:start + step]
+            z = self.sample_latents(self.encode_prompt(chunk, encoders), generator[start:start + len(chunk)],
+                                    num_inference_steps, g, size)
+            images += [z.cpu()] if output_type == "latent" else self.decode_latents(z)
+        out = torch.cat(images) if output_type == "latent" else images
+        return ImagePipelineOutput(images=out) if return_dict else (out,)
 
 
-def image_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image:
-    """Images pasted row-major into one grid image."""
-    if not images:
-        raise ValueError("no images for the grid")
-    cols = cols or min(len(images), 8)
-    rows = -(-len(images) // cols)
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, rows * h), "white")
-    for i, im in enumerate(images):
-        grid.paste(im, ((i % cols) * w, (i // cols) * h))
-    return grid
+def pipeline_config(path: str | Path) -> dict:
+    """The ``model_index.json`` of a pipeline dir; a dir without one is a ConfigError."""
+    path = Path(path)
+    if not (path / MODEL_INDEX).is_file():
+        raise ConfigError(f"{path}: no {MODEL_INDEX} (point --checkpoint at the output dir of "
+                          "pretrain/finetune/distill/step-distill, or a saved SnapGenPipeline)")
+    return dict(SnapGenPipeline.load_config(path))
+
+
+def _decoder_override(decoder: str | None, vae: str | None):
+    if decoder:
+        return TinyDecoder.from_pretrained(find_model_dir(decoder, what="decoder"))
+    return load_autoencoder(vae) if vae else None
+
+
+def load_decoder(path: str | Path, *, decoder: str | None = None, vae: str | None = None):
+    """Only the decoder of the pipeline at ``path`` (or the ``decoder`` / ``vae`` override)."""
+    _, cls_name = pipeline_config(path)["decoder"]
+    override = _decoder_override(decoder, vae)
+    if override is not None:
+        return override.eval()
+    cls = TinyDecoder if cls_name == TinyDecoder.__name__ else AutoencoderKL
+    return cls.from_pretrained(Path(path) / "decoder").eval()
+
+
+def load_pipeline(path: str | Path, *, decoder: str | None = None, vae: str | None = None,
+                  device: str | torch.device = "cpu") -> SnapGenPipeline:
+    """``SnapGenPipeline.from_pretrained(path)`` with the CLI's overrides and one-line errors:
+    ``decoder`` (a tiny decoder dir) or ``vae`` (an ``AutoencoderKL`` dir or hub id) replaces the
+    pipeline's decoder."""
+    pipeline_config(path)
+    override = _decoder_override(decoder, vae)
+    overrides: dict[str, Any] = {} if override is None else {"decoder": override}
+    pipe = SnapGenPipeline.from_pretrained(path, **overrides)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def load_autoencoder(path: str | Path, subfolder: str | None = None, *, torch_dtype: torch.dtype | None = None,
+                     option: str = "--vae", hint: str = "") -> AutoencoderKL:
+    """An ``AutoencoderKL`` from a local dir or a hub id (+ subfolder; a local dir holding
+    ``config.json`` itself needs none); any failure is one ConfigError line naming ``option``."""
+    path, subfolder = model_location(str(path), subfolder)
+    try:
+        return AutoencoderKL.from_pretrained(path, subfolder=subfolder, torch_dtype=torch_dtype)
+    except Exception as exc:  # noqa: BLE001 - offline hub, bad folder, wrong class: all a bad option value
+        where = f"{path!r}" + (f" (subfolder {subfolder!r})" if subfolder else "")
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ConfigError(f"{option.lstrip('-')}: cannot load an AutoencoderKL from {where}: {reason}; pass {option} a "
+                          f"local diffusers AutoencoderKL dir (and its subfolder if it is nested){hint}") from None

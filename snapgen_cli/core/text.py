@@ -66,11 +66,14 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from diffusers.configuration_utils import ConfigMixin
+from diffusers.models.modeling_utils import ModelMixin
 from pydantic import Field, ValidationError, field_validator, model_validator
 from torch import nn
 
 from ..config import StageConfig
 from ..errors import ConfigError, SnapgenError
+from .flow import uniform_tensor
 
 Kind = Literal["clip", "gemma", "t5", "auto"]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -331,14 +334,16 @@ class TextLayout:
 # Combination and encoder dropout (sec. 4).
 
 
-def sample_keep(names: list[str], batch_size: int, p_drop: float = 0.464,
-                generator: torch.Generator | None = None, device: torch.device | str | None = None
-                ) -> dict[str, torch.Tensor]:
-    """Per-encoder, per-sample keep flags: each encoder is dropped independently with
-    probability ``p_drop`` (sec. 4: 0.464, so 0.464^3 ~ 10% fully unconditional with three)."""
+def sample_keep(names: list[str], p_drop: float, generators: list[torch.Generator],
+                device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """Per-encoder, per-sample keep flags (B,) bool: each encoder is dropped independently with
+    probability ``p_drop`` (sec. 4: 0.464, so 0.464^3 ~ 10% fully unconditional with three).
+    Sample ``i`` draws its flags, one per encoder in ``names`` order, from ``generators[i]``
+    (the training loop's per-sample generators), so the draw does not depend on the batch split."""
     if not 0.0 <= p_drop <= 1.0:
         raise ConfigError(f"p_drop: expected a probability in [0, 1], got {p_drop}")
-    return {n: torch.rand(batch_size, generator=generator, device=device) >= p_drop for n in names}
+    u = uniform_tensor((len(generators), len(names)), list(generators), device=device)
+    return {n: u[:, j] >= p_drop for j, n in enumerate(names)}
 
 
 def _read(features: dict[str, torch.Tensor], spec: EncoderSpec, layout: TextLayout, batch: int):
@@ -494,16 +499,36 @@ class _Encoder(nn.Module):
         return res
 
 
-class TextEncoderStack(nn.Module):
+class TextEncoderStack(ModelMixin, ConfigMixin):
     """The frozen text encoders of a spec list, loaded with ``from_pretrained`` (hub id or
-    local dir), and the :class:`TextLayout` their real widths give."""
+    local dir), and the :class:`TextLayout` their real widths give.
 
-    def __init__(self, specs: list[EncoderSpec]) -> None:
+    A diffusers model component (``SnapGenPipeline.text_encoder``) saved *by reference*:
+    ``save_pretrained`` writes only ``config.json`` (the specs), ``from_pretrained`` reloads
+    every encoder from its spec's location (see ``core/pipeline.py``)."""
+
+    def __init__(self, specs: list[EncoderSpec | dict]) -> None:
         super().__init__()
+        specs = parse_specs(list(specs), "text_encoders")
         check_specs(specs)  # before loading anything
+        self.register_to_config(specs=[s.model_dump(mode="json") for s in specs])
         self.encoders = nn.ModuleDict({s.name: _Encoder(s) for s in specs})
         self.layout = TextLayout(tuple(specs), {n: e.width for n, e in self.encoders.items()},
                                  {n: e.pooled_width for n, e in self.encoders.items()})
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs) -> None:
+        """Write ``config.json`` (the specs); the encoders' weights stay where the specs point."""
+        Path(save_directory).mkdir(parents=True, exist_ok=True)
+        self.save_config(save_directory)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, subfolder: str | None = None,
+                        torch_dtype: torch.dtype | None = None, **kwargs) -> TextEncoderStack:
+        """Rebuild the stack from a saved ``config.json``, loading each encoder from its spec."""
+        path = Path(pretrained_model_name_or_path) / (subfolder or "")
+        config = cls.load_config(path)
+        stack = cls(config["specs"])
+        return stack.to(torch_dtype) if torch_dtype is not None else stack
 
     def train(self, mode: bool = True) -> TextEncoderStack:
         return super().train(False)

@@ -27,15 +27,19 @@ dropped or silently altered. Decisions where the paper is silent:
 from __future__ import annotations
 
 import io
+import os
 import random
 import warnings
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+
+from ..errors import SnapgenError
 
 SKIP_REASONS = ("no_image", "zero_byte", "corrupt", "truncated", "huge", "cmyk", "16bit", "too_small")
 CONVERSIONS = ("palette", "grayscale", "alpha")
@@ -164,3 +168,33 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
 def sample_rng(seed: int, index: int) -> random.Random:
     """The per-sample generator of random crops: same (seed, index) -> same crop."""
     return random.Random(f"{seed}:{index}")
+
+
+def image_grid(images: Sequence[Image.Image], cols: int | None = None, pad: int = 0,
+               fill: tuple[int, int, int] = (0, 0, 0)) -> Image.Image:
+    """Equal-size images pasted row-major into a ``cols``-wide grid (default: up to 8) with
+    ``pad`` px between and around cells."""
+    if not images:
+        raise SnapgenError("grid: no images")
+    w, h = images[0].size
+    if any(im.size != (w, h) for im in images):
+        raise SnapgenError(f"grid: images differ in size ({sorted({im.size for im in images})})")
+    cols = cols or min(len(images), 8)
+    rows = -(-len(images) // cols)
+    grid = Image.new("RGB", (cols * w + (cols + 1) * pad, rows * h + (rows + 1) * pad), fill)
+    for i, im in enumerate(images):
+        r, c = divmod(i, cols)
+        grid.paste(im.convert("RGB"), (pad + c * (w + pad), pad + r * (h + pad)))
+    return grid
+
+
+def save_png(image: Image.Image | Sequence[Image.Image], path: Path, cols: int = 1, pad: int = 0) -> None:
+    """Write a PNG (or a ``cols``-wide grid of several) atomically: a ``.part`` file beside it,
+    then a rename (the temp name has no image extension, so a crash leaves nothing that a
+    metric or a resumed run would take for a finished image)."""
+    image = image if isinstance(image, Image.Image) else image_grid(image, cols=cols, pad=pad)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.part")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)

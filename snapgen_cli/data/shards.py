@@ -47,7 +47,7 @@ from ..files import atomic_write_bytes, atomic_write_json
 
 MANIFEST = "manifest.json"
 CLASS_TEXT = "class_text.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: encoder names as ordered [name, stored] pairs (1 sorted them)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -142,12 +142,23 @@ def sum_counts(records: list[dict], field: str) -> dict[str, int]:
     return dict(sorted(total.items()))
 
 
+def encoder_names(manifest: dict, role: str = "student") -> dict[str, str]:
+    """One role's (``"student"`` / ``"teacher"``) encoder names -> stored names, in spec order
+    (the order is the conditioning layout: CLIP-L's channels before CLIP-G's, as in SD3)."""
+    return {name: stored for name, stored in manifest["encoders"][role]}
+
+
+def encoder_specs(manifest: dict, role: str = "student") -> list[dict]:
+    """One role's encoder specs in spec order, under their own (not their stored) names."""
+    specs = manifest["encoders"]["specs"]
+    return [{**specs[stored], "name": name} for name, stored in encoder_names(manifest, role).items()]
+
+
 def encoder_features(features: Mapping[str, torch.Tensor], manifest: dict, role: str = "student"
                      ) -> dict[str, torch.Tensor]:
-    """One role's (``"student"`` / ``"teacher"``) text features keyed by its spec names
-    (stored ``teacher_clip_l.tokens`` -> ``clip_l.tokens``), ready for ``core.text.combine``."""
-    names = manifest["encoders"][role]
-    return {f"{name}.{part}": features[f"{stored}.{part}"] for name, stored in names.items()
+    """One role's text features keyed by its spec names (stored ``teacher_clip_l.tokens`` ->
+    ``clip_l.tokens``), ready for ``core.text.combine``."""
+    return {f"{name}.{part}": features[f"{stored}.{part}"] for name, stored in encoder_names(manifest, role).items()
             for part in ("tokens", "pooled", "mask") if f"{stored}.{part}" in features}
 
 

@@ -40,6 +40,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..data.images import image_grid
 from ..errors import ConfigError, SnapgenError
 
 GENEVAL_SAMPLES_PER_PROMPT = 4
@@ -126,19 +127,6 @@ def generation_jobs(items: Sequence[BenchmarkPrompt], n_samples: int = 4, seed: 
 
 
 # ----------------------------------------------------------------------------- writing layouts
-
-
-def image_grid(images: Sequence[Image.Image], cols: int, pad: int = 0, fill: tuple[int, int, int] = (0, 0, 0)) -> Image.Image:
-    """Equal-size images pasted row-major into a ``cols``-wide grid with ``pad`` px between cells."""
-    w, h = images[0].size
-    if any(im.size != (w, h) for im in images):
-        raise SnapgenError(f"grid: images differ in size ({sorted({im.size for im in images})})")
-    rows = -(-len(images) // cols)
-    grid = Image.new("RGB", (cols * w + (cols + 1) * pad, rows * h + (rows + 1) * pad), fill)
-    for i, im in enumerate(images):
-        r, c = divmod(i, cols)
-        grid.paste(im.convert("RGB"), (pad + c * (w + pad), pad + r * (h + pad)))
-    return grid
 
 
 def geneval_sample_path(outdir: str | Path, item: BenchmarkPrompt, sample: int) -> Path:

@@ -5,7 +5,11 @@ A stage module exposes:
 * ``Config`` -- a :class:`~snapgen_cli.config.StageConfig` (pydantic, unknown keys rejected) holding every
   setting of the stage, with the paper's values as defaults where the paper gives them;
 * ``plan(cfg, ctx) -> list[PlanItem]`` -- what the stage would build and read/write, built
-  on the meta device (no weights, no data touched); used by ``snapgen run --dry-run``;
+  on the meta device (no weights, no data touched); used by ``snapgen run --dry-run``. What
+  a later stage's plan needs from this one before it has run (the latent space of an
+  autoencoder, the text encoders of shards, the UNet config of a training stage) goes into
+  ``PlanItem.provides``; the later plan reads it with ``ctx.planned_for(path)``, so a dry run
+  reports the model each stage will really build;
 * ``run(cfg, ctx) -> dict`` -- do the work, write into ``ctx.out_dir``, return a JSON-able
   summary (it is stored in the stage's done-marker and printed with ``--json``).
 
@@ -17,8 +21,14 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from rich.console import Console
+
+from ..config import StageConfig
+from ..files import model_location
+
+C = TypeVar("C", bound=StageConfig)
 
 
 @dataclass
@@ -31,6 +41,18 @@ class StageContext:
     seed: int = 0
     dry_run: bool = False
     console: Console = field(default_factory=lambda: Console(file=sys.stderr))
+    #: During ``snapgen run --dry-run``: each earlier stage's output dir -> what its plan provides.
+    planned: dict[str, dict] = field(default_factory=dict)
+
+    def planned_for(self, path: str | Path | None) -> dict:
+        """What the plan of the earlier stage whose output holds ``path`` provides ({} if none)."""
+        if path is None:
+            return {}
+        p = Path(path)
+        for candidate in (p, *p.parents):
+            if str(candidate) in self.planned:
+                return self.planned[str(candidate)]
+        return {}
 
     def resolve_input(self, value: str | None) -> Path | None:
         """A stage input: ``None`` or ``"previous"`` mean the previous stage's output dir; a
@@ -55,3 +77,39 @@ class PlanItem:
     inputs: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
     notes: str = ""
+    #: What later stages' plans need from this stage's output (see the module docstring).
+    provides: dict = field(default_factory=dict)
+
+
+def seeded(cfg: C, ctx: StageContext) -> C:
+    """``cfg`` with ``seed`` set to the run's seed where the stage leaves it unset, and every
+    random generator seeded with it: the recipe's ``[run] seed`` controls model initialisation
+    (and, through the loop, data order and noise)."""
+    from accelerate.utils import set_seed
+
+    if cfg.seed is None:
+        cfg = cfg.model_copy(update={"seed": ctx.seed})
+    set_seed(cfg.seed)
+    return cfg
+
+
+def vae_config(path: str, subfolder: str | None, ctx: StageContext) -> dict | None:
+    """An AutoencoderKL's config without its weights, for plans: from a local dir (or the HF
+    cache), from the plan of the earlier stage that trains it, or the SD3 VAE's public config
+    for its hub id; ``None`` when none of them knows it."""
+    import warnings
+
+    from diffusers import AutoencoderKL
+
+    from ..core.baselines import SD3_VAE_CONFIG, SD3_VAE_HUB
+
+    path, subfolder = model_location(path, subfolder)
+    try:
+        with warnings.catch_warnings():  # huggingface_hub's deprecation notes on an offline look-up
+            warnings.simplefilter("ignore")
+            return dict(AutoencoderKL.load_config(path, subfolder=subfolder, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not downloaded / not trained yet
+        pass
+    if planned := ctx.planned_for(path).get("vae_config"):
+        return dict(planned)
+    return dict(SD3_VAE_CONFIG) if (path, subfolder) == SD3_VAE_HUB else None

@@ -53,7 +53,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -63,6 +63,7 @@ from pydantic import Field, field_validator, model_validator
 
 from ..config import StageConfig
 from ..core.flow import Guidance
+from ..data.images import save_png
 from ..data.shapes import EVAL_PROMPT_SEED
 from ..errors import ConfigError
 from ..files import atomic_write_json, atomic_write_text
@@ -283,18 +284,6 @@ def _load(path: Path) -> Image.Image:
     return load_rgb(path)
 
 
-def save_png(image: Image.Image | list[Image.Image], path: Path, cols: int = 1, pad: int = 0) -> None:
-    """Write a PNG (or a grid of several) atomically: a ``.part`` file beside it, then a rename
-    (the temp name has no image extension, so a crash leaves nothing a metric would read)."""
-    from ..eval.benchmarks import image_grid
-
-    image = image_grid(image, cols=cols, pad=pad) if isinstance(image, list) else image
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.part")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
 def _chunks(items: Sequence, size: int) -> Iterator[Sequence]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
@@ -305,9 +294,9 @@ def generate_missing(pipe, jobs: Sequence[Job], cfg: Config, size: int, progress
     todo = [j for j in jobs if not j.path.is_file()]
     guidance = Guidance(scale=cfg.guidance, scale_end=cfg.guidance_end, interval=cfg.guidance_interval)
     for chunk in _chunks(todo, cfg.batch_size):
-        cond = pipe.condition([j.prompt for j in chunk], cfg.encoders)
-        z = pipe.latents(cond, [j.seed for j in chunk], cfg.steps, guidance, size)
-        for job, image in zip(chunk, pipe.decode(z)):
+        cond = pipe.encode_prompt([j.prompt for j in chunk], cfg.encoders)
+        z = pipe.sample_latents(cond, [torch.Generator().manual_seed(j.seed) for j in chunk], cfg.steps, guidance, size)
+        for job, image in zip(chunk, pipe.decode_latents(z)):
             save_png(image, job.path)
         progress(len(chunk))
     return len(todo)
@@ -325,15 +314,16 @@ def _check_settings(out: Path, settings: dict) -> None:
 
 
 def _load_pipeline(ckpt: Path, cfg: Config):
-    from ..core.flow import RectifiedFlow
-    from ..core.measure import resolve_device
-    from ..core.pipeline import SnapGenPipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler
 
-    pipe = SnapGenPipeline.from_dir(ckpt, decoder=cfg.decoder, vae=cfg.vae, device=resolve_device(cfg.device))
+    from ..core.measure import resolve_device
+    from ..core.pipeline import load_pipeline
+
+    pipe = load_pipeline(ckpt, decoder=cfg.decoder, vae=cfg.vae, device=resolve_device(cfg.device))
     if cfg.shift is not None:
-        if not isinstance(pipe.objective, RectifiedFlow):
+        if not isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):
             raise ConfigError(f"--shift: the pipeline's objective is {pipe.objective.name!r}; shift is a flow setting")
-        pipe.objective = replace(pipe.objective, shift=cfg.shift)
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=cfg.shift)
     return pipe
 
 
@@ -370,21 +360,22 @@ def reconstruct(cfg: Config, ckpt: Path, pipe=None) -> dict:
     take the generation path (normalised with the AE's factors, decoded by
     :func:`latents_to_images` with the pipeline's decoder, the tiny one if any).
     """
+    from diffusers import AutoencoderKL
+
     from ..core.decoder import latents_to_images, normalize_latents
     from ..core.measure import resolve_device
-    from ..core.pipeline import PipelineSpec, load_latent_decoder
+    from ..core.pipeline import load_autoencoder, load_decoder, pipeline_config
     from ..data.images import resize_crop, to_tensor
     from ..eval.metrics import ReconstructionMetrics, list_images
 
-    spec = PipelineSpec.load(ckpt)
-    latent = dict(spec.latent, **({"vae": cfg.vae, "subfolder": None} if cfg.vae else {}))
+    latent = pipeline_config(ckpt)["latent"]
     device = resolve_device(cfg.device)
-    vae = load_latent_decoder(latent, None, ckpt).to(device).eval()
-    if pipe is not None:
-        decoder = pipe.decoder
+    decoder = pipe.decoder if pipe is not None else load_decoder(ckpt, decoder=cfg.decoder, vae=cfg.vae).to(device)
+    if isinstance(decoder, AutoencoderKL):  # the pipeline decodes with its (or --vae's) autoencoder: encode with it
+        vae = decoder
     else:
-        tiny = cfg.decoder or (None if cfg.vae else spec.decoder)
-        decoder = load_latent_decoder(latent, tiny, ckpt).to(device).eval() if tiny else vae
+        vae = load_autoencoder(*((cfg.vae, None) if cfg.vae else (latent["vae"], latent.get("subfolder"))))
+    vae = vae.to(device).eval()
     f = int(latent.get("downsample", 8))
     metrics = ReconstructionMetrics(lpips=cfg.lpips, lpips_net=cfg.lpips_net, device=device)
     for path in list_images(cfg.recon_images, "--recon-images"):
@@ -489,7 +480,7 @@ def run(cfg: Config, ctx: StageContext) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     needs = _needs(cfg)
     pipe = _load_pipeline(ckpt, cfg) if any(needs.values()) else None
-    size = (cfg.size or pipe.resolution) if pipe is not None else None
+    size = (cfg.size or pipe.config.resolution) if pipe is not None else None
     builders = {SAMPLES_DIR: lambda: _prompt_set(cfg, out), ALIGNMENT_DIR: lambda: _alignment_set(cfg, out, size),
                 GENEVAL_DIR: lambda: _geneval_set(cfg, out), DPG_DIR: lambda: _dpg_set(cfg, out)}
     sets = {name: builders[name]() for name, needed in needs.items() if needed}

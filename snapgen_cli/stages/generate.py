@@ -65,31 +65,30 @@ def plan(cfg: Config, ctx: StageContext) -> list[PlanItem]:
 
 
 def run(cfg: Config, ctx: StageContext) -> dict:
+    import torch
+
     from ..core.measure import resolve_device
-    from ..core.pipeline import SnapGenPipeline, image_grid
+    from ..core.pipeline import load_pipeline
+    from ..data.images import save_png
 
     ckpt = ctx.resolve_input(cfg.checkpoint)
     if ckpt is None:
         raise ConfigError("checkpoint: give the pipeline dir to generate from (--checkpoint)")
     prompts = [p for p in read_prompts(cfg) for _ in range(cfg.images_per_prompt)]
-    pipe = SnapGenPipeline.from_dir(ckpt, decoder=cfg.decoder, vae=cfg.vae, device=resolve_device(cfg.device))
+    pipe = load_pipeline(ckpt, decoder=cfg.decoder, vae=cfg.vae, device=resolve_device(cfg.device))
+    pipe.set_progress_bar_config(disable=False, file=ctx.console.file, leave=False)
     guidance = Guidance(scale=cfg.guidance, scale_end=cfg.guidance_end, interval=cfg.guidance_interval)
-    images = pipe(prompts, seed=cfg.seed, steps=cfg.steps, guidance=guidance, size=cfg.size,
-                  batch_size=cfg.batch_size, encoders=cfg.encoders)
+    gens = [torch.Generator().manual_seed(cfg.seed + i) for i in range(len(prompts))]
+    images = pipe(prompts, num_inference_steps=cfg.steps, guidance=guidance, generator=gens, size=cfg.size,
+                  batch_size=cfg.batch_size, encoders=cfg.encoders).images
     out = ctx.out_dir
-    out.mkdir(parents=True, exist_ok=True)
     lines = []
     for i, (img, prompt) in enumerate(zip(images, prompts)):
-        name = f"{i:05d}.png"
-        tmp = out / f".{name}.tmp.png"
-        img.save(tmp)
-        tmp.replace(out / name)
-        lines.append(json.dumps({"file": name, "prompt": prompt, "seed": cfg.seed + i}))
-    atomic_write_text(out / "prompts.jsonl", "\n".join(lines) + "\n")
-    result = {"out_dir": str(out), "images": len(images), "files": [json.loads(x)["file"] for x in lines]}
+        save_png(img, out / f"{i:05d}.png")
+        lines.append({"file": f"{i:05d}.png", "prompt": prompt, "seed": cfg.seed + i})
+    atomic_write_text(out / "prompts.jsonl", "".join(json.dumps(x) + "\n" for x in lines))
+    result = {"out_dir": str(out), "images": len(images), "files": [x["file"] for x in lines]}
     if cfg.grid:
-        tmp = out / ".grid.tmp.png"
-        image_grid(images, cols=min(len(images), 4 * cfg.images_per_prompt if cfg.images_per_prompt > 1 else 8)).save(tmp)
-        tmp.replace(out / "grid.png")
+        save_png(images, out / "grid.png", cols=min(len(images), 4 * cfg.images_per_prompt if cfg.images_per_prompt > 1 else 8))
         result["grid"] = str(out / "grid.png")
     return result

@@ -15,7 +15,7 @@ Decisions where the paper is silent:
 * **Text features** are stored as ``TextEncoderStack.encode`` returns them, for the student's
   ``encoders`` and the teacher's ``teacher_encoders``; a teacher encoder is stored as
   ``teacher_<name>`` unless the student has the identical spec (then it is encoded once and
-  shared). ``manifest["encoders"]`` maps each role's names to stored names
+  shared). ``manifest["encoders"]`` lists each role's ``[name, stored name]`` pairs in spec order
   (``data.shards.encoder_features`` undoes the renaming). An empty caption is kept (a valid
   unconditional sample) and counted; a missing caption is stored as ``""`` and counted; a
   caption longer than an encoder's ``max_length`` is truncated by its tokenizer and counted.
@@ -56,8 +56,8 @@ from ..data import shards
 from ..data.images import DEFAULT_MAX_PIXELS, ImageSkipped, ImageStats, open_image, resize_crop, sample_rng, to_tensor
 from ..data.sources import Sample, Source, open_source
 from ..errors import ConfigError
-from ..files import atomic_write_json
-from .base import PlanItem, StageContext
+from ..files import atomic_write_json, model_location
+from .base import PlanItem, StageContext, vae_config
 
 SD3_VAE = "stabilityai/stable-diffusion-3-medium-diffusers"
 RUN_CONFIG = "precompute.json"
@@ -158,43 +158,34 @@ class _Texts:
 
 
 def _vae_location(cfg: Config) -> tuple[str, str | None]:
-    """A local folder that holds ``config.json`` itself needs no subfolder."""
-    local = Path(cfg.vae)
-    if (local.is_dir() and cfg.vae_subfolder and not (local / cfg.vae_subfolder).is_dir()
-            and (local / "config.json").exists()):
-        return cfg.vae, None
-    return cfg.vae, cfg.vae_subfolder
+    return model_location(cfg.vae, cfg.vae_subfolder)
 
 
 def load_vae(cfg: Config):
-    from diffusers import AutoencoderKL
+    from ..core.pipeline import load_autoencoder
 
-    path, sub = _vae_location(cfg)
-    try:
-        return AutoencoderKL.from_pretrained(path, subfolder=sub, torch_dtype=shards.DTYPES[cfg.vae_dtype])
-    except Exception as e:  # noqa: BLE001 - offline hub, bad folder, wrong class: all a bad --vae
-        where = f"{path!r}" + (f" (subfolder {sub!r})" if sub else "")
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ConfigError(f"vae: cannot load an AutoencoderKL from {where}: {reason}; pass --vae a local diffusers "
-                          "AutoencoderKL folder (and --vae-subfolder if it is nested)") from None
+    return load_autoencoder(cfg.vae, cfg.vae_subfolder, torch_dtype=shards.DTYPES[cfg.vae_dtype])
 
 
 def plan(cfg: Config, ctx: StageContext) -> list[PlanItem]:
-    """The AE built on the meta device from its config when that config is on disk; no data read."""
+    """The AE built on the meta device from its config when that config is known (on disk, from
+    an earlier stage's plan, or SD3's public config); no data read. Provides the latent
+    channels and the student's encoder specs to the training stages' plans."""
     from diffusers import AutoencoderKL
 
-    path, sub = _vae_location(cfg)
     params, note = None, f"latents {cfg.latent} at {cfg.resolutions}, {cfg.dtype}"
-    try:
+    config = vae_config(*_vae_location(cfg), ctx)
+    if config is not None:
         with torch.device("meta"):
-            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(path, subfolder=sub, local_files_only=True))
-        params = count_params(vae)
-    except Exception as e:  # noqa: BLE001
-        note += f"; config not available locally ({type(e).__name__}), resolved at run time"
+            params = count_params(AutoencoderKL.from_config(config))
+    else:
+        note += "; the autoencoder's config is not available locally, resolved at run time"
     student, teacher, _ = _specs(cfg)
     out = [str(ctx.out_dir / "shard-*.safetensors"), str(ctx.out_dir / shards.MANIFEST)]
     texts = [(s, "student") for s in student] + [(s, "teacher") for s in teacher if s.name.startswith("teacher_")]
-    return [PlanItem(f"AutoencoderKL {cfg.vae}", params, [cfg.source], out, note),
+    provides = {"latent_channels": config["latent_channels"] if config else None, "resolutions": cfg.resolutions,
+                "text_encoders": [s.model_dump(mode="json") for s in student]}
+    return [PlanItem(f"AutoencoderKL {cfg.vae}", params, [cfg.source], out, note, provides=provides),
             *[PlanItem(f"text encoder {s.name} ({role}, {s.kind})", None, [s.path], [], f"max_length {s.max_length}")
               for s, role in texts]]
 
@@ -354,8 +345,8 @@ def _write_manifest(cfg: Config, out: Path, source: Source, enc: _ShardEncoder, 
         "latent": {"vae": cfg.vae, "subfolder": _vae_location(cfg)[1], "mode": cfg.latent,
                    "channels": enc.vae.config.latent_channels, "downsample": enc.factor,
                    "scaling_factor": enc.scale, "shift_factor": enc.shift, "dtype": cfg.dtype},
-        "encoders": {"student": {s.name: s.name for s in student} if text else {},
-                     "teacher": teacher_names if text else {},
+        "encoders": {"student": [[s.name, s.name] for s in student] if text else [],
+                     "teacher": [list(pair) for pair in teacher_names.items()] if text else [],
                      "specs": {s.name: s.model_dump(mode="json") for s in [*student, *teacher]} if text else {}},
         "tensors": records[0]["tensors"] if records else {},
         "skipped": shards.sum_counts(records, "skipped"), "converted": shards.sum_counts(records, "converted"),

@@ -42,16 +42,14 @@ Defaults follow the paper where it speaks (256^2 patches, batch 256, 1M iteratio
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import set_seed
 from pydantic import Field, PositiveFloat, field_validator
 
-from ..core.baselines import SD3_VAE_CONFIG, SD3_VAE_HUB
+from ..core.baselines import SD3_VAE_HUB
 from ..core.decoder import TinyDecoder, build_decoder
 from ..core.decoder_losses import ADV_LOSSES, LPIPS_NETS, DecoderLoss
 from ..core.discriminator import PatchDiscriminator, build_discriminator
@@ -64,7 +62,7 @@ from ..train.decoder_task import (AutoencoderTask, ImageDataset, TinyDecoderTask
                                   downsampling_factor, evaluate_decoder, latent_statistics, load_patches,
                                   random_patches)
 from ..train.loop import LoopConfig, sample_generators, save_module, train
-from .base import PlanItem, StageContext
+from .base import PlanItem, StageContext, seeded, vae_config
 
 SD3_VAE, SD3_VAE_SUBFOLDER = SD3_VAE_HUB
 EVAL_FILE = "eval.json"
@@ -147,31 +145,22 @@ def _vae_source(cfg: Config, ctx: StageContext) -> Path | str:
 
 
 def load_vae(cfg: Config, ctx: StageContext):
-    from diffusers import AutoencoderKL
+    from ..core.pipeline import load_autoencoder
 
     src = _vae_source(cfg, ctx)
-    sub = cfg.vae_subfolder if isinstance(src, str) else None
-    try:
-        return AutoencoderKL.from_pretrained(src, subfolder=sub)
-    except Exception as e:  # noqa: BLE001 - offline hub, bad folder, wrong class: all a bad `vae`
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise ConfigError(f"vae: cannot load an AutoencoderKL from {str(src)!r}"
-                          f"{f' (subfolder {sub!r})' if sub else ''}: {reason}; pass vae a local AutoencoderKL dir "
-                          '(e.g. a train-decoder run with mode = "autoencoder") and vae_subfolder if nested') from None
+    return load_autoencoder(src, cfg.vae_subfolder if isinstance(src, str) else None, option="vae",
+                            hint=' (e.g. a train-decoder run with mode = "autoencoder")')
 
 
 def _vae_config(cfg: Config, ctx: StageContext) -> dict[str, Any] | None:
-    """The encoder's config without loading weights (for ``plan``); ``None`` if not on disk yet."""
-    from diffusers import AutoencoderKL
-
+    """The encoder's config without loading weights (for ``plan``); ``None`` if not known yet."""
     try:
         src = _vae_source(cfg, ctx)
-        sub = cfg.vae_subfolder if isinstance(src, str) else None
-        with warnings.catch_warnings():  # huggingface_hub's deprecation notes on an offline look-up
-            warnings.simplefilter("ignore")
-            return dict(AutoencoderKL.load_config(src, subfolder=sub, local_files_only=True))
-    except Exception:  # noqa: BLE001 - not downloaded / not trained yet
-        return dict(SD3_VAE_CONFIG) if (cfg.vae, cfg.vae_subfolder) == SD3_VAE_HUB else None
+    except ConfigError:  # an earlier stage's output that a dry run has not written
+        src = ctx.resolve_input(cfg.vae) if cfg.vae == "previous" or cfg.vae.startswith("@") else None
+        if src is None:
+            return None
+    return vae_config(str(src), cfg.vae_subfolder if isinstance(src, str) else None, ctx)
 
 
 def build_tiny_decoder(cfg: Config, vae_config: dict[str, Any]) -> TinyDecoder:
@@ -225,7 +214,7 @@ def plan(cfg: Config, ctx: StageContext) -> list[PlanItem]:
             ae = build_autoencoder(cfg.autoencoder, **cfg.autoencoder_overrides)
             _check_sizes(cfg, downsampling_factor(ae.config))
             return [PlanItem(f"AutoencoderKL:{cfg.autoencoder} (joint, + KL {cfg.kl_weight})", count_params(ae),
-                             [cfg.data], outputs, notes), disc]
+                             [cfg.data], outputs, notes, provides={"vae_config": dict(ae.config)}), disc]
         vae_config = _vae_config(cfg, ctx)
         if vae_config is None:
             return [PlanItem(f"encoder AutoencoderKL {cfg.vae} (frozen)", None, [cfg.vae], [],
@@ -293,7 +282,7 @@ def _evaluate(cfg: Config, model: torch.nn.Module, vae, out_dir: Path, name: str
 def run(cfg: Config, ctx: StageContext) -> dict:
     out = Path(ctx.out_dir)
     state = PartialState()
-    set_seed(cfg.seed)  # model initialisation
+    cfg = seeded(cfg, ctx)  # model initialisation follows the run's seed
     data = _dataset(cfg)
     objective = _objective(cfg)  # fails early (clear ConfigError) when LPIPS weights are missing
     common = dict(data=data, objective=objective, discriminator=_discriminator(cfg), patch_size=cfg.patch_size,

@@ -1,17 +1,31 @@
-"""What the denoiser-training stages (pretrain, finetune) share: inputs, plan, run."""
+"""What the denoiser-training stages (pretrain, finetune) share: inputs, plan, run.
+
+A stage's output directory is a :class:`~snapgen_cli.core.pipeline.SnapGenPipeline`
+(``SnapGenPipeline.from_pretrained(out)``): ``unet/`` holds the EMA weights the pipeline
+samples with, ``model/`` the raw weights, plus the loop's checkpoints and logs.
+
+The plan reports the UNet the stage really builds: the ``init_from`` checkpoint's (read from
+its ``config.json``, or from the plan of the earlier stage that writes it), else the preset
+with the data's latent channels and text-encoder widths (read from the shards' manifest, or
+from the plan of the precompute stage that writes them) and ``model_overrides``.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 
 from ..core.measure import count_params
-from ..core.unet import SnapGenUNet, unet_config
+from ..core.text import TextLayout, parse_specs
+from ..core.unet import SnapGenUNet
+from ..data.shards import MANIFEST, encoder_specs, read_manifest
 from ..errors import ConfigError
-from ..train.diffusion import DiffusionConfig, DiffusionTask
+from ..train.diffusion import (DiffusionConfig, DiffusionTask, build_from_config, check_unet_fits, fresh_unet_config,
+                               init_unet_dir)
 from ..train.loop import train
-from .base import PlanItem, StageContext
+from .base import PlanItem, StageContext, seeded
 
 
 def inputs(cfg: DiffusionConfig, ctx: StageContext) -> tuple[Path, Path | None]:
@@ -22,19 +36,57 @@ def inputs(cfg: DiffusionConfig, ctx: StageContext) -> tuple[Path, Path | None]:
     return data, init
 
 
+def _data_info(data: Path, ctx: StageContext) -> tuple[int | None, TextLayout]:
+    """(latent channels, text layout) of the shards at ``data``: their manifest, or the plan
+    of the earlier stage that writes them."""
+    if (data / MANIFEST).is_file():
+        m = read_manifest(data)
+        channels, specs = m["latent"]["channels"], encoder_specs(m, "student")
+    elif planned := ctx.planned_for(data):
+        channels, specs = planned.get("latent_channels"), planned.get("text_encoders", [])
+    else:
+        raise ConfigError(f"data: {data} holds no {MANIFEST}; point it at a `snapgen precompute` output")
+    if not specs:
+        raise ConfigError(f"data: the shards in {data} hold no text features (precompute with --encoders)")
+    return channels, TextLayout.from_specs(parse_specs(specs, "encoders"))
+
+
+def _init_config(init: Path, cfg: DiffusionConfig, ctx: StageContext) -> dict:
+    """The config of the UNet at ``init``: its ``config.json``, or the plan of the stage that writes it."""
+    if init.exists():
+        saved = SnapGenUNet.load_config(init_unet_dir(init, cfg.init_weights))
+        return {k: v for k, v in saved.items() if not k.startswith("_")}
+    if planned := ctx.planned_for(init).get("unet_config"):
+        return dict(planned)
+    raise ConfigError(f"init_from: {init} does not exist (and no earlier stage of the recipe writes it)")
+
+
 def plan_training(cfg: DiffusionConfig, ctx: StageContext) -> list[PlanItem]:
     data, init = inputs(cfg, ctx)
-    with torch.device("meta"):
-        params = count_params(SnapGenUNet(**unet_config(cfg.model, **cfg.model_overrides)))
-    what = f"unet:{cfg.model}" if init is None else f"unet from {init}"
+    channels, layout = _data_info(data, ctx)
+    config = _init_config(init, cfg, ctx) if init is not None else None
+    params, note = None, f"{cfg.objective} @{cfg.resolution}px, {cfg.steps} steps x {cfg.batch_size}"
+    if config is None and channels is not None:
+        config = fresh_unet_config(cfg, channels, layout)
+    if config is not None:
+        check_unet_fits(config, config["in_channels"] if channels is None else channels, layout, data)
+        with torch.device("meta"):
+            params = count_params(build_from_config(config))
+    else:
+        note += "; the latent channels are known once the autoencoder exists"
+    what = f"unet:{cfg.model}" if init is None else f"unet from {init} (its architecture; `model` unused)"
     return [PlanItem(model=what, params=params, inputs=[str(data)] + ([str(init)] if init else []),
-                     outputs=[str(ctx.out_dir / "model_ema"), str(ctx.out_dir / "pipeline.json")],
-                     notes=f"{cfg.objective} @{cfg.resolution}px, {cfg.steps} steps x {cfg.batch_size}")]
+                     outputs=[str(ctx.out_dir / "model_index.json"), str(ctx.out_dir / "unet")], notes=note,
+                     provides={"unet_config": config} if config else {})]
 
 
 def run_training(cfg: DiffusionConfig, ctx: StageContext) -> dict:
     data, init = inputs(cfg, ctx)
+    cfg = seeded(cfg, ctx)  # the UNet's initial weights follow the run's seed
     task = DiffusionTask(cfg, data, init, ctx.console)
-    task.pipeline_spec().save(ctx.out_dir)
     summary = train(task, cfg, ctx.out_dir, resume=cfg.resume, console=ctx.console)
-    return summary
+    state = PartialState()
+    if state.is_main_process:
+        task.save_pipeline(ctx.out_dir)
+    state.wait_for_everyone()
+    return {**summary, "params": count_params(task.unet), "pipeline": str(ctx.out_dir)}

@@ -21,11 +21,13 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from ..core.decoder import TinyDecoder
 from ..core.flow import make_objective
-from ..core.pipeline import PipelineSpec, SnapGenPipeline, image_grid
-from ..core.text import TextLayout, combine, parse_specs
+from ..core.pipeline import SnapGenPipeline, load_autoencoder
+from ..core.text import TextEncoderStack, TextLayout, combine, parse_specs, sample_keep
 from ..core.unet import SnapGenUNet, unet_config
-from ..data.shards import ClassText, ShardDataset, encoder_features, read_manifest
+from ..data.images import image_grid
+from ..data.shards import ClassText, ShardDataset, encoder_features, encoder_specs, read_manifest
 from ..errors import ConfigError
 from ..files import find_model_dir
 from .loop import LoopConfig, StepContext, TrainTask
@@ -54,11 +56,42 @@ class DiffusionConfig(LoopConfig):
 
 
 def _subdir(weights: str) -> tuple[str, ...]:
-    return ("model_ema", "model") if weights == "ema" else ("model", "model_ema")
+    """Where a training stage's output keeps the weights ``init_weights`` asks for (EMA: the
+    pipeline's ``unet/``; ``model_ema/`` of other stages' outputs), preferred first."""
+    return ("unet", "model_ema", "model") if weights == "ema" else ("model",)
+
+
+def init_unet_dir(init_dir: Path, weights: str) -> Path:
+    """The saved UNet a stage initialises from (a pipeline dir's ``unet/`` for EMA weights)."""
+    return find_model_dir(init_dir, _subdir(weights), "init_from")
+
+
+def fresh_unet_config(cfg: DiffusionConfig, latent_channels: int, layout: TextLayout) -> dict:
+    """The config of a UNet trained from scratch: the preset, the data's latent channels and
+    text widths, then ``model_overrides``."""
+    return unet_config(cfg.model, in_channels=latent_channels, out_channels=latent_channels,
+                       **layout.unet_kwargs(), **cfg.model_overrides)
+
+
+def build_from_config(config: dict) -> SnapGenUNet:
+    try:
+        return SnapGenUNet(**config)
+    except TypeError as exc:
+        raise ConfigError(f"model_overrides: {exc}") from None
+
+
+def check_unet_fits(config, latent_channels: int, layout: TextLayout, data_dir: Path) -> None:
+    """The UNet's input channels and text widths must be the data's."""
+    want = dict(context_dim=layout.context_dim, pooled_dim=layout.pooled_dim, in_channels=latent_channels)
+    bad = {k: (config[k], v) for k, v in want.items() if config[k] != v}
+    if bad:
+        raise ConfigError(f"the UNet does not fit the data in {data_dir}: " +
+                          ", ".join(f"{k}={m} but the shards need {d}" for k, (m, d) in bad.items()))
 
 
 class DiffusionTask(TrainTask):
     main = "unet"
+    ema_dir = "unet"  # the output dir is a SnapGenPipeline: its unet/ holds the EMA weights
 
     def __init__(self, cfg: DiffusionConfig, data_dir: Path, init_dir: Path | None, console=None):
         self.cfg, self.data_dir, self.console = cfg, Path(data_dir), console
@@ -67,36 +100,36 @@ class DiffusionTask(TrainTask):
         if cfg.resolution not in self.manifest["resolutions"]:
             raise ConfigError(f"resolution: {cfg.resolution} not precomputed in {self.data_dir} "
                               f"(has {self.manifest['resolutions']})")
-        specs_by_name = self.manifest["encoders"]["specs"]
-        self.specs = parse_specs([specs_by_name[n] for n in self.manifest["encoders"]["student"]], "encoders")
+        self.specs = parse_specs(encoder_specs(self.manifest, "student"), "encoders")
         if not self.specs:
             raise ConfigError(f"{self.data_dir}: the shards hold no text features (precompute with --encoders)")
         self.layout = TextLayout.from_specs(self.specs)
         self.class_text = ClassText(self.data_dir) if self.manifest.get("classes") else None
         self.objective = make_objective(cfg.objective, **self._objective_kwargs())
         self.unet = self._build_unet(init_dir)
+        self.latent = dict(self.manifest["latent"], **({"vae": cfg.vae, "subfolder": None} if cfg.vae else {}))
+        self.decoder = self._load_decoder()  # now: a bad --decoder / --vae fails before training, not after
+        self._texts: TextEncoderStack | None = None
+
+    def _load_decoder(self):
+        """The pipeline's decoder: the tiny decoder (``decoder``) or the latent space's AutoencoderKL."""
+        if self.cfg.decoder:
+            return TinyDecoder.from_pretrained(find_model_dir(self.cfg.decoder, what="decoder"))
+        if not self.latent.get("vae"):
+            raise ConfigError(f"{self.data_dir}: the shards name no autoencoder; pass --decoder or --vae")
+        return load_autoencoder(self.latent["vae"], self.latent.get("subfolder"))
 
     def _objective_kwargs(self) -> dict:
         c = self.cfg
         return dict(shift=c.shift, logit_mean=c.logit_mean, logit_std=c.logit_std) if c.objective == "flow" else {}
 
     def _build_unet(self, init_dir: Path | None) -> SnapGenUNet:
-        lat = self.manifest["latent"]
+        channels = self.manifest["latent"]["channels"]
         if init_dir is not None:
-            unet = SnapGenUNet.from_pretrained(find_model_dir(init_dir, _subdir(self.cfg.init_weights), "init_from"))
+            unet = SnapGenUNet.from_pretrained(init_unet_dir(init_dir, self.cfg.init_weights))
         else:
-            cfg = unet_config(self.cfg.model, in_channels=lat["channels"], out_channels=lat["channels"],
-                              **self.layout.unet_kwargs(), **self.cfg.model_overrides)
-            try:
-                unet = SnapGenUNet(**cfg)
-            except TypeError as exc:
-                raise ConfigError(f"model_overrides: {exc}") from None
-        c = unet.config
-        want = dict(context_dim=self.layout.context_dim, pooled_dim=self.layout.pooled_dim, in_channels=lat["channels"])
-        bad = {k: (getattr(c, k), v) for k, v in want.items() if getattr(c, k) != v}
-        if bad:
-            raise ConfigError(f"the UNet does not fit the data in {self.data_dir}: " +
-                              ", ".join(f"{k}={m} but the shards need {d}" for k, (m, d) in bad.items()))
+            unet = build_from_config(fresh_unet_config(self.cfg, channels, self.layout))
+        check_unet_fits(unet.config, channels, self.layout, self.data_dir)
         return unet
 
     # -- TrainTask ------------------------------------------------------------------------
@@ -121,10 +154,8 @@ class DiffusionTask(TrainTask):
 
     def condition(self, batch: dict, ctx: StepContext):
         """(context, pooled, mask) with per-encoder dropout, drawn from the per-sample generators."""
-        gens = ctx.generators
-        feats = self.text_features(batch, gens)
-        keep = {n: torch.stack([torch.rand((), generator=g) >= self.cfg.p_drop for g in gens])
-                for n in self.layout.names}
+        feats = self.text_features(batch, ctx.generators)
+        keep = sample_keep(self.layout.names, self.cfg.p_drop, ctx.generators)
         return combine(feats, self.layout, keep, device=ctx.device)
 
     def noised(self, batch: dict, ctx: StepContext):
@@ -143,33 +174,28 @@ class DiffusionTask(TrainTask):
 
     # -- pipeline and sample grids ---------------------------------------------------------
 
-    def pipeline_spec(self) -> PipelineSpec:
-        lat = dict(self.manifest["latent"])
-        if self.cfg.vae:
-            lat.update(vae=self.cfg.vae, subfolder=None)
-        return PipelineSpec(unet="model_ema", text_encoders=[s.model_dump(mode="json") for s in self.specs],
-                            latent=lat, decoder=self.cfg.decoder,
-                            objective=dict(name=self.cfg.objective, **self._objective_kwargs()),
-                            resolution=self.cfg.resolution)
+    def pipeline(self, unet: SnapGenUNet) -> SnapGenPipeline:
+        """The text-to-image pipeline of ``unet`` with this stage's text encoders, sampler and decoder."""
+        if self._texts is None:
+            self._texts = TextEncoderStack(self.specs)
+        pipe = SnapGenPipeline(unet=unet, scheduler=self.objective.scheduler(1), text_encoder=self._texts,
+                               decoder=self.decoder, resolution=self.cfg.resolution, latent=self.latent)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def save_pipeline(self, out_dir: Path) -> None:
+        """Write ``out_dir`` as a pipeline dir (``SnapGenPipeline.from_pretrained(out_dir)``)
+        around the EMA UNet the loop saved in ``out_dir/unet``."""
+        self.pipeline(SnapGenUNet.from_pretrained(Path(out_dir) / self.ema_dir)).save_pretrained(out_dir)
 
     def sample_grid(self, model, step):
         if not self.cfg.sample_prompts:
             return None
-        if not hasattr(self, "_pipe"):
-            from ..core.pipeline import load_latent_decoder
-            from ..core.text import TextEncoderStack
-
-            spec = self.pipeline_spec()
-            texts = TextEncoderStack(self.specs)
-            dec = load_latent_decoder(spec.latent, spec.decoder)
-            self._pipe = SnapGenPipeline(model, texts, texts.layout, dec, spec.objective, spec.resolution,
-                                         spec.latent["channels"], spec.latent.get("downsample", 8))
-        self._pipe.unet = model
         device = next(model.parameters()).device
-        self._pipe.texts.to(device)
-        self._pipe.decoder.to(device)
+        pipe = self.pipeline(model).to(device)
         was_training = model.training
-        images = self._pipe(self.cfg.sample_prompts, seed=0, steps=self.cfg.sample_steps,
-                            guidance=self.cfg.sample_guidance)
+        gens = [torch.Generator().manual_seed(i) for i in range(len(self.cfg.sample_prompts))]
+        images = pipe(self.cfg.sample_prompts, num_inference_steps=self.cfg.sample_steps,
+                      guidance_scale=self.cfg.sample_guidance, generator=gens).images
         model.train(was_training)
         return image_grid(images)

@@ -108,7 +108,8 @@ class LoopConfig(StageConfig):
     keep_checkpoints: PositiveInt | None = 3
     sample_every: NonNegativeInt = Field(0, description="steps between sample grids; 0: none")
     log_every: PositiveInt = 10
-    seed: NonNegativeInt = 0
+    seed: NonNegativeInt | None = Field(None, description="seed of initialisation, data order and noise "
+                                                          "(default: the recipe's run seed; 0 standalone)")
     tracker: str = Field("tensorboard", description='"tensorboard", "none" or any accelerate tracker name')
     num_workers: NonNegativeInt = 0
 
@@ -149,6 +150,8 @@ class TrainTask:
     #: Name of the trainable that gets EMA and is saved as ``model`` / ``model_ema``;
     #: ``None``: the first one.
     main: str | None = None
+    #: Sub-directory of the output dir that gets the main trainable's EMA weights.
+    ema_dir: str = "model_ema"
 
     def trainables(self) -> dict[str, nn.Module]:
         """Modules to train, each with its own AdamW (called once; return the task's own modules)."""
@@ -316,7 +319,7 @@ def train(task: TrainTask, cfg: LoopConfig, out_dir: str | Path, resume: Literal
     ``resume``: ``"auto"`` continues from the latest complete checkpoint in
     ``out_dir/checkpoints`` (or starts fresh if there is none), a path resumes from that
     checkpoint, ``None`` starts fresh (and refuses to mix with an earlier run's checkpoints).
-    Writes ``model/`` (raw), ``model_ema/``, one dir per other trainable, ``losses.jsonl``,
+    Writes ``model/`` (raw), ``model_ema/`` (``task.ema_dir``), one dir per other trainable, ``losses.jsonl``,
     ``logs/`` (trackers), ``samples/step_*.png``, ``checkpoints/`` and ``train_summary.json``.
     """
     accelerator = Accelerator(
@@ -341,6 +344,7 @@ class _Run:
     """One call of :func:`train`: set-up, the step loop, checkpoints and outputs."""
 
     def __init__(self, task: TrainTask, cfg: LoopConfig, out_dir: Path, accelerator: Accelerator, console: Console):
+        cfg = cfg if cfg.seed is not None else cfg.model_copy(update={"seed": 0})
         self.task, self.cfg, self.out_dir, self.acc, self.console = task, cfg, out_dir, accelerator, console
         self.state = _LoopState()
         self.losses_path = out_dir / "losses.jsonl"
@@ -595,7 +599,7 @@ class _Run:
         outputs = {}
         for name in self.models:
             outputs[name] = self.out_dir / ("model" if name == self.main else name)
-        outputs["model_ema"] = self.out_dir / "model_ema"
+        outputs["model_ema"] = self.out_dir / self.task.ema_dir
         ckpts = complete_checkpoints(self.out_dir)
         summary = {
             "steps": self.cfg.steps,
