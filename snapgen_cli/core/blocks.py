@@ -4,15 +4,17 @@ Each block implements one rung of the ablation ladder behind a switch, so the
 same code builds the thin SDXL baseline (Fig. 2a) and the final SnapGen UNet
 (Fig. 2f):
 
-* ``ResBlock``         -- regular 3x3 conv residual block (SDXL) or the *expanded
-                           separable* block of Fig. 2c (DW 3x3 -> PW to ``e*C`` -> PW back),
-                           which mirrors MobileNetV4's Universal Inverted Bottleneck.
+* ``ResBlock``         -- regular 3x3 conv residual block (SDXL) or the Fig. 2c block whose
+                           two 3x3 convs are each an *expanded separable conv*
+                           (``ExpandedSepConv``: DW 3x3 -> PW to ``e*C`` -> PW back to ``C``),
+                           MobileNetV4's Universal Inverted Bottleneck in its ConvNext-like form.
 * ``Attention``        -- multi-head or multi-query attention (Fig. 2d, MQA [65]),
                            optional QK RMSNorm and 2D RoPE (Fig. 2f).
 * ``FeedForward``      -- gated (GEGLU) FFN with a configurable expansion (4 -> 3, Fig. 2d).
 * ``TransformerBlock`` -- [self-attention] + cross-attention + FFN; Fig. 2b drops the
-                           self-attention outside the lowest-resolution stage and Fig. 2e
-                           uses cross-attention + FFN blocks (no self-attention) in stage 1.
+                           self-attention outside the lowest-resolution stage.
+* ``CrossAttnLayer``   -- Fig. 2e: a stage-1 layer made of cross-attention + FFN transformer
+                           blocks (no self-attention) in place of the residual block.
 """
 
 from __future__ import annotations
@@ -41,33 +43,42 @@ def conv(in_ch: int, out_ch: int, *, separable: bool, stride: int = 1) -> nn.Mod
     )
 
 
-class ResBlock(nn.Module):
-    """Residual block with timestep conditioning.
+class ExpandedSepConv(nn.Sequential):
+    """Fig. 2c "expanded separable conv", the replacement of one 3x3 conv: DW 3x3 on the
+    input, PW to ``expansion * out_ch`` ("the number of channels after the first PW layer
+    is increased with an expansion ratio"), SiLU, PW back to ``out_ch`` ("reduced back to
+    the original number after the second PW layer"). The activation between the two
+    PWs (UIB [58] has one there) keeps them from collapsing into one linear map; UIB's
+    BatchNorm is left out (the residual block keeps SDXL's GroupNorms)."""
 
-    ``kind="conv"`` is the SDXL block: GN-SiLU-Conv3x3, + time, GN-SiLU-Conv3x3.
-    ``kind="sepconv"`` is Fig. 2c: GN-SiLU-DW3x3-PW(C_in -> e*C_out), + time,
-    GN-SiLU-PW(e*C_out -> C_out): the first pointwise conv expands the channels by
-    ``expansion`` and the second brings them back (sec. 3.1, "expand the intermediate
-    channels ... ratio is set to 2").
+    def __init__(self, in_ch: int, out_ch: int, expansion: int = 2):
+        hidden = expansion * out_ch
+        super().__init__(nn.Conv2d(in_ch, in_ch, 3, padding=1, groups=in_ch), nn.Conv2d(in_ch, hidden, 1),
+                         nn.SiLU(), nn.Conv2d(hidden, out_ch, 1))
+
+
+class ResBlock(nn.Module):
+    """Residual block with timestep conditioning: GN-SiLU-conv1, + time, GN-SiLU-conv2, plus
+    the input (through a 1x1 conv where the channels change), as SDXL's.
+
+    ``kind="conv"``: conv1/conv2 are regular 3x3 convs (SDXL). ``kind="sepconv"`` (Fig. 2c):
+    each is an :class:`ExpandedSepConv` with ``expansion`` 2 (sec. 3.1, "we replace all
+    Conv layers with [expanded] SepConv"), ~4C^2 weights each against a 3x3 conv's 9C^2.
     """
 
     def __init__(self, in_ch: int, out_ch: int, temb_dim: int, kind: str = "conv", expansion: int = 2):
         super().__init__()
         self.norm1 = group_norm(in_ch)
         if kind == "conv":
-            mid = out_ch
-            self.conv1 = nn.Conv2d(in_ch, mid, 3, padding=1)
-            self.conv2 = nn.Conv2d(mid, out_ch, 3, padding=1)
+            self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+            self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         elif kind == "sepconv":
-            mid = out_ch * expansion
-            self.conv1 = nn.Sequential(
-                nn.Conv2d(in_ch, in_ch, 3, padding=1, groups=in_ch), nn.Conv2d(in_ch, mid, 1)
-            )
-            self.conv2 = nn.Conv2d(mid, out_ch, 1)
+            self.conv1 = ExpandedSepConv(in_ch, out_ch, expansion)
+            self.conv2 = ExpandedSepConv(out_ch, out_ch, expansion)
         else:
             raise ValueError(f"unknown resblock kind {kind!r}; expected 'conv' or 'sepconv'")
-        self.time_proj = nn.Linear(temb_dim, mid)
-        self.norm2 = group_norm(mid)
+        self.time_proj = nn.Linear(temb_dim, out_ch)
+        self.norm2 = group_norm(out_ch)
         self.shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
@@ -191,26 +202,20 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer2D(nn.Module):
-    """GN -> linear in -> blocks -> linear out, with a residual around it (SDXL layout).
+    """GN -> linear in -> blocks -> linear out, with a residual around it (SDXL layout)."""
 
-    When ``in_ch != dim`` (a stage-1 transformer layer of Fig. 2e that replaces a
-    residual block and receives a skip connection) a 1x1 projection carries the
-    residual, the way a residual block's shortcut does.
-    """
-
-    def __init__(self, in_ch: int, dim: int, depth: int, context_dim: int, *, self_attention: bool,
+    def __init__(self, dim: int, depth: int, context_dim: int, *, self_attention: bool,
                  head_dim: int, mqa: bool, qk_norm: bool, rope: bool, rope_theta: float,
                  ffn_mult: float, ffn_gated: bool):
         super().__init__()
-        self.norm = group_norm(in_ch)
-        self.proj_in = nn.Linear(in_ch, dim)
+        self.norm = group_norm(dim)
+        self.proj_in = nn.Linear(dim, dim)
         self.blocks = nn.ModuleList(
             TransformerBlock(dim, context_dim, self_attention=self_attention, head_dim=head_dim, mqa=mqa,
                              qk_norm=qk_norm, ffn_mult=ffn_mult, ffn_gated=ffn_gated)
             for _ in range(depth)
         )
         self.proj_out = nn.Linear(dim, dim)
-        self.shortcut = nn.Conv2d(in_ch, dim, 1) if in_ch != dim else nn.Identity()
         self.use_rope = rope and self_attention
         self.head_dim = head_dim
         self.rope_theta = rope_theta
@@ -229,8 +234,37 @@ class Transformer2D(nn.Module):
         t = self.proj_in(self.norm(x).flatten(2).transpose(1, 2))
         for block in self.blocks:
             t = block(t, context, mask, rope)
-        t = self.proj_out(t).transpose(1, 2).reshape(b, -1, h, w)
-        return self.shortcut(x) + t
+        return x + self.proj_out(t).transpose(1, 2).reshape(b, -1, h, w)
+
+
+class CrossAttnLayer(nn.Module):
+    """A stage-1 layer of Fig. 2e: ``depth`` transformer blocks with cross-attention and FFN
+    and no self-attention, in the place of a residual block (sec. 3.1, "we replace the
+    residual blocks with transformer blocks that include CA and FFN while without SA
+    layers"), run on the feature map's pixels as tokens. Where a skip connection makes
+    ``in_ch != dim``, a linear layer maps the concatenated channels to ``dim`` first (the
+    replaced block's conv1 and 1x1 shortcut did the channel change). No GroupNorm /
+    proj_in / proj_out wrapper as in ``Transformer2D``: the blocks are pre-norm residual
+    blocks themselves, and the wrapper would add 2C^2 MACs a pixel at full resolution
+    (core/unet.py's docstring has the figures).
+    """
+
+    def __init__(self, in_ch: int, dim: int, depth: int, context_dim: int, *, head_dim: int, mqa: bool,
+                 qk_norm: bool, ffn_mult: float, ffn_gated: bool):
+        super().__init__()
+        self.proj = nn.Linear(in_ch, dim) if in_ch != dim else nn.Identity()
+        self.blocks = nn.ModuleList(
+            TransformerBlock(dim, context_dim, self_attention=False, head_dim=head_dim, mqa=mqa,
+                             qk_norm=qk_norm, ffn_mult=ffn_mult, ffn_gated=ffn_gated)
+            for _ in range(depth)
+        )
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None):
+        b, _, h, w = x.shape
+        t = self.proj(x.flatten(2).transpose(1, 2))
+        for block in self.blocks:
+            t = block(t, context, mask)
+        return t.transpose(1, 2).reshape(b, -1, h, w)
 
 
 class Downsample(nn.Module):

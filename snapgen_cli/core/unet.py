@@ -8,12 +8,54 @@ step  change (sec. 3.1)                                      config switch
 (a)   thin SDXL UNet: channels [256, 512, 896],              ``block_channels``, ``transformer_depth``
       transformer blocks [0, 2, 4]
 (b)   self-attention only in the lowest-resolution stage     ``self_attention=(False, False, True)``
-(c)   residual blocks as expanded separable convs            ``resblock="sepconv"``, ``sepconv_expansion=2``
+(c)   every 3x3 conv as a separable conv; in the residual    ``resblock="sepconv"``, ``sepconv_expansion=2``
+      blocks expanded: DW 3x3 -> PW C->2C -> PW 2C->C
 (d)   FFN expansion 3 (gated) and MQA                        ``ffn_mult=3``, ``attention="mqa"``
-(e)   stage 1: cross-attention + FFN blocks replace the      ``first_stage="transformer"``
-      residual blocks (no self-attention)
+(e)   stage 1: cross-attention + FFN transformer blocks      ``first_stage="transformer"``
+      replace the residual blocks (no self-attention)
 (f)   QK RMSNorm and 2D RoPE                                 ``qk_norm=True``, ``rope=True``
 ====  ====================================================  =========================================
+
+**Reading of sec. 3.1.** ``snapgen bench-device --ablation-ladder`` (params; MACs at a
+128x128 latent, 77 CLIP-L tokens), each step against the previous one, paper in brackets:
+(b) -1.7% / -16.9% [-17% MACs]; (c) -16.4% [-15%] / -27.7% [-27%]; (d1) -12.6% [-12%] /
+-12.0% [-12%]; (d2) -16.0% [-16%] / -5.9% [-6%]; (e) -0.1% ["smaller"] / +1.6%;
+(f) +0.0% / +0.0% ["negligible"].
+
+* (c) "we replace all Conv layers with SepConv [DW + PW] ... reduces parameters by 24%":
+  with both 3x3 convs of every residual block and the samplers' convs as DW + PW we
+  measure -23.8%. "The number of channels after the first PW layer is increased with an
+  expansion ratio, and reduced back to the original number after the second PW layer":
+  each residual-block conv becomes DW -> PW (C -> 2C) -> PW (2C -> C) (``ExpandedSepConv``,
+  UIB's ConvNext-like form), 4C^2 weights against SepConv's C^2 and a 3x3 conv's 9C^2, so
+  the saving shrinks to about 24% x 10/16 = 15%. The samplers stay plain SepConv (the
+  expansion "aligns our residual block with UIB"); ``conv_in``/``conv_out`` stay regular
+  (0.1% of the MACs). Rejected, params / MACs: one expanded SepConv per residual block
+  (DW -> PW C->2C -> PW 2C->C, the previous reading) -19.4% / -34.0%; UIB's ExtraDW form
+  (DW -> PW C->2C -> DW -> PW 2C->C, the two convs' PWs as "first" and "second")
+  -19.3% / -34.0%; expansion of the input width (2x a concatenated skip) -12.8% / -19.5%;
+  expanded samplers as well -15.7% / -25.4% (fits; the text ties the expansion to the
+  residual block).
+* (e) "we replace the residual blocks with transformer blocks that include CA and FFN
+  while without SA layers": each stage-1 residual block (2 down, 3 up) becomes one
+  CA + FFN block on the pixels (``blocks.CrossAttnLayer``), a linear layer mapping a
+  concatenated skip to the stage width. Smaller, as stated, but not fewer MACs (the paper
+  gives no FLOPs figure for (e); its Fig. 3 keeps changes that hurt no metric): a CA + FFN
+  block costs 11C^2 MACs a pixel (query and output projections 2C^2, gated x3 FFN 9C^2)
+  against 8C^2 for a (c) residual block, so no one-for-one replacement with the paper's
+  FFN lowers them. Rejected: SDXL's Transformer2D wrapper (GroupNorm, proj_in, proj_out,
+  1x1 shortcut; the previous reading) +0.1% / +4.0%; a non-gated FFN in stage 1
+  -0.4% / -0.9% (sec. 3.1's FFN is gated); fewer stage-1 layers (1 down, 2 up)
+  -0.6% / -2.7% (the text replaces blocks, it removes none); CA + FFN blocks in place of
+  the residual blocks of every stage +1.5% / +5.4%.
+* Totals: ``snapgen-imagenet`` 383.7M [372M: +3.1%], 37.6 GMACs at 256^2 [38G: -1.0%];
+  ``snapgen-t2i`` 392.7M [379M: +3.6%]. The paper's figures cannot all hold for the thin
+  SDXL it starts from (ours 635.9M; diffusers' ``UNet2DConditionModel`` so configured,
+  with SDXL's time-id embedding, 637.5M): from (b)'s 625.4M, -15/-12/-16% leave at least
+  386M before (e) even at their rounding limits, so 372M would need (e) and (f) to remove
+  at least 3.6%, while all stage-1 residual blocks hold 5.0M (1.3%). The T2I model adds
+  9.0M to the ImageNet one (the 2304-wide context's cross-attention keys/values, the
+  2048-wide pooled input; paper: 7M).
 
 Decisions where the paper is silent (all config keys, documented here once):
 
@@ -23,7 +65,7 @@ Decisions where the paper is silent (all config keys, documented here once):
 * **Timestep + pooled text** enter the SD3 way: a sinusoidal timestep embedding
   (timestep in [0, 1000], i.e. ``sigma * 1000`` for flow matching) through an MLP,
   plus an MLP of the pooled text vector, summed into one conditioning vector that
-  every residual block adds to its features.
+  every residual block adds to its features (after conv1, as SDXL).
 * **Text conditioning** (see ``core/text.py``): CLIP-L (768) and CLIP-G (1280)
   penultimate token features are concatenated along channels (2048) and zero-padded
   to Gemma-2-2b's width (2304); the Gemma tokens are appended along the sequence. So
@@ -32,14 +74,17 @@ Decisions where the paper is silent (all config keys, documented here once):
   and an 8-channel autoencoder latent (sup. H), so ``in_channels=8``.
 * **Attention** uses 64-channel heads; MQA keeps one 64-channel key/value head.
   RoPE is applied in self-attention only; QK-norm in self- and cross-attention.
-* **Stage-1 transformer layers** (step e) hold ``first_stage_depth=1`` block each and
-  take the place of the residual blocks one for one; a 1x1 projection carries the
-  residual where a skip connection changes the channel count.
-* **Separable convs** (step c) also replace the 3x3 convs of the down/up-samplers
-  ("we replace all Conv layers with SepConv"); ``conv_in``/``conv_out`` stay regular.
+* **Stage-1 layers** (step e) hold ``first_stage_depth=1`` block each and take the
+  place of the residual blocks one for one; they get no timestep input (the replaced
+  residual blocks carried it; the paper's CA + FFN blocks have none).
+* **Expanded separable convs** (step c) have a SiLU between their two PWs and no norm.
 * **Feature distillation** (sec. 3.3, Eq. 5) reads the output of the last layer
   that contains a transformer (the last one run in the decoder path), returned by
   ``forward(..., return_features=True)``.
+
+Checkpoints saved before the (c)/(e) reading above (residual blocks with one expanded
+SepConv, stage-1 ``Transformer2D`` layers) do not load: their ``sepconv`` residual blocks'
+shapes differ, and ``from_pretrained`` stops with a size-mismatch error.
 """
 
 from __future__ import annotations
@@ -54,7 +99,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 
-from .blocks import Downsample, ResBlock, Transformer2D, Upsample, group_norm
+from .blocks import CrossAttnLayer, Downsample, ResBlock, Transformer2D, Upsample, group_norm
 from .presets import preset_config
 
 
@@ -68,20 +113,21 @@ class SnapGenUNetOutput(BaseOutput):
 
 
 class UNetLayer(nn.Module):
-    """One UNet layer: a residual block and/or a transformer (SDXL: res -> transformer)."""
+    """One UNet layer: a residual block and/or a transformer (SDXL: res -> transformer), or a
+    stage-1 cross-attention + FFN layer in the residual block's place (Fig. 2e)."""
 
     def __init__(self, in_ch: int, out_ch: int, depth: int, *, stage_cfg: dict, transformer_only: bool):
         super().__init__()
         c = stage_cfg
-        tkw = dict(context_dim=c["context_dim"], head_dim=c["attention_head_dim"], mqa=c["attention"] == "mqa",
-                   qk_norm=c["qk_norm"], rope=c["rope"], rope_theta=c["rope_theta"],
+        tkw = dict(head_dim=c["attention_head_dim"], mqa=c["attention"] == "mqa", qk_norm=c["qk_norm"],
                    ffn_mult=c["ffn_mult"], ffn_gated=c["ffn_gated"])
         if transformer_only:
             self.res = None
-            self.attn = Transformer2D(in_ch, out_ch, depth, self_attention=False, **tkw)
+            self.attn = CrossAttnLayer(in_ch, out_ch, depth, c["context_dim"], **tkw)
         else:
             self.res = ResBlock(in_ch, out_ch, c["time_embed_dim"], c["resblock"], c["sepconv_expansion"])
-            self.attn = (Transformer2D(out_ch, out_ch, depth, self_attention=c["self_attention"], **tkw)
+            self.attn = (Transformer2D(out_ch, depth, c["context_dim"], self_attention=c["self_attention"],
+                                       rope=c["rope"], rope_theta=c["rope_theta"], **tkw)
                          if depth > 0 else None)
 
     def forward(self, x, temb, context, mask):
@@ -259,14 +305,15 @@ _LADDER_A = dict(
 _STEPS = [
     ("ladder-a", "thin SDXL baseline", {}),
     ("ladder-b", "self-attention only in the lowest-resolution stage", dict(self_attention=(False, False, True))),
-    ("ladder-c", "expanded separable conv residual blocks", dict(resblock="sepconv", sepconv_expansion=2)),
+    ("ladder-c", "separable convs, expanded in the residual blocks", dict(resblock="sepconv", sepconv_expansion=2)),
     ("ladder-d1", "FFN expansion 4 -> 3 (gated)", dict(ffn_mult=3.0)),
     ("ladder-d2", "MQA instead of MHSA", dict(attention="mqa")),
-    ("ladder-e", "stage 1: cross-attention + FFN blocks", dict(first_stage="transformer")),
+    ("ladder-e", "stage 1: CA + FFN blocks instead of res blocks", dict(first_stage="transformer")),
     ("ladder-f", "QK RMSNorm + 2D RoPE", dict(qk_norm=True, rope=True)),
 ]
 
-#: Paper's stated change of each ladder step against the previous one (sec. 3.1), in %.
+#: Paper's stated change of each ladder step against the previous one (sec. 3.1), in %;
+#: (e) "smaller, faster, and more efficient" and (f) "negligible" overhead have no number.
 PAPER_LADDER_DELTAS: dict[str, dict[str, float]] = {
     "ladder-b": {"macs": -17.0},
     "ladder-c": {"params": -15.0, "macs": -27.0},
