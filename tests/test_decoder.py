@@ -24,6 +24,7 @@ from snapgen_cli.core.decoder_losses import (
     r1_penalty,
 )
 from snapgen_cli.core.discriminator import PatchDiscriminator, build_discriminator
+from snapgen_cli.core.latents import denormalize_latents, latent_scale_shift, normalize_latents
 from snapgen_cli.core.measure import count_macs, count_params
 from snapgen_cli.errors import ConfigError, SnapgenError
 
@@ -100,6 +101,20 @@ def test_decode_takes_raw_latents_and_decode_normalized_undoes_sd3_scaling():
     assert not torch.allclose(dec.decode(latents).sample, expected)
     images = latents_to_images(dec, latents)
     torch.testing.assert_close(images, (expected / 2 + 0.5).clamp(0, 1))
+
+
+def test_one_latent_normalisation_round_trips_with_sd3_factors():
+    from types import SimpleNamespace
+
+    dec = _tiny()
+    assert latent_scale_shift(dec) == (1.5305, 0.0609)
+    z = torch.randn(2, 16, 4, 4)
+    torch.testing.assert_close(normalize_latents(dec, z), (z - 0.0609) * 1.5305, rtol=0, atol=0)
+    torch.testing.assert_close(denormalize_latents(dec, normalize_latents(dec, z)), z)
+    sdxl = AutoencoderKL(block_out_channels=(8,), norm_num_groups=8, scaling_factor=0.13025)  # shift_factor None
+    assert latent_scale_shift(sdxl) == (0.13025, 0.0)
+    with pytest.raises(ConfigError, match="SimpleNamespace config has no scaling_factor"):
+        latent_scale_shift(SimpleNamespace(config=SimpleNamespace()))
 
 
 @pytest.mark.parametrize("shift", [None, 0.1])

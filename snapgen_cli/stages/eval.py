@@ -370,7 +370,8 @@ def reconstruct(cfg: Config, ckpt: Path, pipe=None) -> dict:
     take the generation path (normalised with the AE's factors, decoded by
     :func:`latents_to_images` with the pipeline's decoder, the tiny one if any).
     """
-    from ..core.decoder import latents_to_images, normalize_latents
+    from ..core.decoder import latents_to_images
+    from ..core.latents import normalize_latents
     from ..core.measure import resolve_device
     from ..core.pipeline import PipelineSpec, load_latent_decoder
     from ..data.images import resize_crop, to_tensor

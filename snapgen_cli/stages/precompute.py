@@ -50,6 +50,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.text import Text
 
 from ..config import StageConfig
+from ..core.latents import latent_scale_shift, normalize_latents
 from ..core.measure import count_params, resolve_device
 from ..core.text import EncoderSpec, TextEncoderStack, parse_specs, spec_set
 from ..data import shards
@@ -209,8 +210,7 @@ class _ShardEncoder:
         self.dtype = shards.DTYPES[cfg.dtype]
         self.min_side = max(cfg.resolutions) if cfg.min_side is None else cfg.min_side
         vc = vae.config
-        self.shift = float(getattr(vc, "shift_factor", None) or 0.0)
-        self.scale = float(vc.scaling_factor)
+        self.scale, self.shift = latent_scale_shift(vae)
         self.factor = 2 ** (len(vc.block_out_channels) - 1)
         if bad := [r for r in cfg.resolutions if r % self.factor]:
             raise ConfigError(f"resolutions: {bad} are not multiples of the AE's downsampling factor {self.factor}")
@@ -238,7 +238,7 @@ class _ShardEncoder:
         if self.cfg.latent == "sample":
             gens = [torch.Generator().manual_seed(self.seed * 1_000_003 + i) for i in indices]
             z = z + dist.std * torch.stack([torch.randn(z.shape[1:], generator=g) for g in gens]).to(z)
-        return ((z - self.shift) * self.scale).to("cpu", self.dtype)
+        return normalize_latents(self.vae, z).to("cpu", self.dtype)
 
     def _latents_at(self, res: int, kept: list[Sample], views: list[dict]) -> torch.Tensor:
         b = self.cfg.batch_size

@@ -102,11 +102,6 @@ def downsampling_factor(vae_config: dict[str, Any] | Any) -> int:
     return 2 ** (len(channels) - 1)
 
 
-def latent_scale_shift(vae: AutoencoderKL) -> tuple[float, float]:
-    c = vae.config
-    return float(c.scaling_factor), float(getattr(c, "shift_factor", None) or 0.0)
-
-
 # ------------------------------------------------------------------------------ data
 
 
@@ -356,5 +351,5 @@ class AutoencoderTask(ReconstructionTask):
 
 __all__ = ["AUTOENCODER_PRESETS", "AutoencoderTask", "ImageDataset", "ReconstructionTask", "TinyDecoderTask",
            "autoencoder_config", "build_autoencoder", "comparison_grid", "downsampling_factor", "encode",
-           "evaluate_decoder", "latent_scale_shift", "latent_statistics", "load_patches", "random_patches",
+           "evaluate_decoder", "latent_statistics", "load_patches", "random_patches",
            "reconstruct", "resize_shorter"]
