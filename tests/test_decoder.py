@@ -234,6 +234,8 @@ def test_missing_lpips_weights_is_a_one_line_config_error(tmp_path, monkeypatch)
     assert "lpips_weight = 0" in msg
     assert lpips_backbone_checkpoint("vgg").endswith("vgg16-397923af.pth")
     DecoderLoss(lpips_weight=0)  # training without LPIPS needs no weights
+    with pytest.raises(ConfigError, match="or set eval_lpips = false to go without LPIPS$"):
+        load_lpips("alex", off="eval_lpips = false")  # each caller names its own switch
 
 
 def test_lpips_real_loading_path_from_a_cached_trunk(tmp_path, monkeypatch):

@@ -200,23 +200,30 @@ def test_folder_reconstruction_metrics_pairs_files_by_name(tmp_path):
 def test_lpips_without_backbone_weights_says_where_to_put_them(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     x = torch.rand(1, 3, 32, 32)
-    with pytest.raises(ConfigError, match=r"alexnet-owt-7be5be79\.pth.*TORCH_HOME"):
+    with pytest.raises(ConfigError, match=r"alexnet-owt-7be5be79\.pth.*TORCH_HOME.*set lpips = false") as exc:
         M.reconstruction_metrics(x, x, lpips=True)
+    assert "\n" not in str(exc.value)
 
 
-def test_lpips_runs_from_a_cached_backbone(tmp_path, monkeypatch):
+def test_lpips_metric_is_the_decoder_loss_network_from_a_cached_backbone(tmp_path, monkeypatch):
     """A squeezenet state dict placed in torchvision's cache (random weights: nothing can be
-    downloaded here) is loaded instead of a download; LPIPS is 0 for identical images."""
+    downloaded here) is loaded instead of a download; LPIPS is 0 for identical images, and the
+    metric on [0, 1] images equals the training loss on the same images in [-1, 1]."""
     import torchvision
 
+    from snapgen_cli.core.decoder_losses import LPIPSLoss, load_lpips, lpips_backbone_checkpoint
+
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    path = M.lpips_backbone_file("squeeze")
+    path = Path(lpips_backbone_checkpoint("squeeze"))
     path.parent.mkdir(parents=True)
     torch.manual_seed(0)
     torch.save(torchvision.models.squeezenet1_1().state_dict(), path)
     x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    y = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     assert M.reconstruction_metrics(x, x, lpips=True, lpips_net="squeeze")["lpips"] == pytest.approx(0, abs=1e-6)
-    assert M.reconstruction_metrics(x, torch.rand_like(x), lpips=True, lpips_net="squeeze")["lpips"] > 0
+    metric = M.reconstruction_metrics(x, y, lpips=True, lpips_net="squeeze")["lpips"]
+    loss = LPIPSLoss(model=load_lpips("squeeze"))(y * 2 - 1, x * 2 - 1).item()
+    assert metric > 0 and metric == pytest.approx(loss, rel=1e-5)
 
 
 # ----------------------------------------------------------------------------- ImageReward

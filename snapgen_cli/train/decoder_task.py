@@ -213,7 +213,8 @@ def evaluate_decoder(decoder: nn.Module, vae: AutoencoderKL, folder: str | Path,
     if resolution % factor:
         raise ConfigError(f"eval_resolution: {resolution} is not a multiple of the autoencoder's factor {factor}")
     files = list_images(folder, "eval_images")
-    metrics = ReconstructionMetrics(lpips=lpips, lpips_net=lpips_net, device=vae.device)
+    metrics = ReconstructionMetrics(lpips=lpips, lpips_net=lpips_net, device=vae.device,
+                                    lpips_off="eval_lpips = false")
     for i in range(0, len(files), batch_size):
         x = load_patches(files[i:i + batch_size], resolution)
         y = reconstruct(decoder, vae, x)
