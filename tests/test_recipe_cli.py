@@ -90,15 +90,18 @@ def test_missing_recipe_file(tmp_path, run_cli):
 
 
 def test_missing_checkpoint_dir(tmp_path, run_cli):
-    code, _, err = run_cli("bench-device", "--checkpoint", tmp_path / "missing", "--runs", "0")
+    code, _, err = run_cli("bench-device", "--checkpoint", tmp_path / "missing", "--runs", "0", "--out", tmp_path / "b")
     _one_error_line(code, err, "missing", "no such file or directory")
 
 
-def test_bad_flag_value_names_the_flag(run_cli):
-    code, _, err = run_cli("bench-device", "--resolution", "100", "--runs", "0")
+def test_bad_flag_value_names_the_flag(tmp_path, run_cli):
+    code, _, err = run_cli("bench-device", "--resolution", "100", "--runs", "0", "--out", tmp_path)
     _one_error_line(code, err, "--resolution: expected a multiple of 32")
-    code, _, err = run_cli("bench-device", "--model", "gpt")
+    code, _, err = run_cli("bench-device", "--model", "gpt", "--out", tmp_path)
     assert code == 2 and "Invalid value for '--model'" in err
+    code, _, err = run_cli("bench-device", "--compare", "gpt", "--out", tmp_path)
+    assert code == 2 and "Invalid value for '--compare'" in err
+    assert not any(tmp_path.iterdir())
 
 
 def test_set_overrides_by_name_and_index(tmp_path):
@@ -145,21 +148,59 @@ def test_paper_recipe_dry_runs(run_cli):
     assert {"bench", "bench-imagenet", "bench-ladder"} <= stages
 
 
-def test_bench_device_json_and_compare(run_cli):
-    code, out, _ = run_cli("bench-device", "--preset", "tiny", "--resolution", "64", "--runs", "2",
-                           "--warmup", "0", "--compare", "unet", "--json")
-    assert code == 0
+def test_bench_device_json_and_compare(tmp_path, run_cli):
+    code, out, err = run_cli("bench-device", "--preset", "tiny", "--resolution", "64", "--runs", "2",
+                             "--warmup", "0", "--compare", "unet", "--json", "--out", tmp_path / "b")
+    assert code == 0, err
     r = json.loads(out)
     assert r["params"] > 0 and r["macs"] > 0 and r["latency_ms_median"] > 0
     assert r["latency_ms_p25"] <= r["latency_ms_median"] <= r["latency_ms_p75"]
     assert r["ratios"]["tiny"]["macs"] == 1.0
+    assert json.loads((tmp_path / "b" / "bench.json").read_text()) == r  # the file holds the printed result
+    assert "latency ms (median)" in err  # the table goes to stderr
 
 
-def test_bench_device_ladder_json(run_cli):
-    code, out, _ = run_cli("bench-device", "--ablation-ladder", "--json")
+def test_bench_device_prints_the_path_of_bench_json_in_its_default_out_dir(tmp_path, monkeypatch, run_cli):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli("bench-device", "--preset", "tiny", "--resolution", "64", "--set", "runs=0")
+    assert code == 0, err
+    assert out == str(Path("runs", "bench-device", "bench.json")) + "\n"
+    r = json.loads((tmp_path / out.strip()).read_text())
+    assert r["name"] == "tiny" and r["latent"] == 8 and r["params"] > 0
+    assert "latency_ms_median" not in r  # --set runs=0: parameters and MACs only
+    assert [p.name for p in (tmp_path / "runs" / "bench-device").iterdir()] == ["bench.json"]  # no temp file left
+
+
+def test_bench_device_dry_run_prints_a_plan_and_writes_nothing(tmp_path, run_cli):
+    out_dir = tmp_path / "b"
+    code, out, err = run_cli("bench-device", "--preset", "tiny", "--resolution", "64", "--compare", "decoder",
+                             "--out", out_dir, "--dry-run", "--json")
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["stage"] == "bench-device" and r["config"]["compare"] == ["decoder"]
+    assert [p["model"] for p in r["plan"]] == ["unet:tiny", "decoder:tiny"]
+    assert all(p["params"] > 0 and p["outputs"] == [str(out_dir / "bench.json")] for p in r["plan"])
+    assert not out_dir.exists()
+    code, out, _ = run_cli("bench-device", "--preset", "tiny", "--out", out_dir, "--dry-run")
+    assert code == 0 and out == f"{out_dir / 'bench.json'}\n" and not out_dir.exists()
+
+
+def test_bench_device_help_names_choices_defaults_and_the_result_file(run_cli):
+    code, out, _ = run_cli("bench-device", "--help")
+    text = "".join(out.split())  # click wraps lines, also at hyphens
+    assert code == 0
+    for needle in ("--model [unet|decoder|sd3-decoder|sdxl-unet]", "--dtype [float32|float16|bfloat16]",
+                   "cpu, cuda[:i] or mps", "timed runs (0: parameters and MACs only) [default: 5]",
+                   "bench.json", "[default: runs/bench-device]", "--set KEY=VALUE", "--dry-run", "--json"):
+        assert "".join(needle.split()) in text, needle
+
+
+def test_bench_device_ladder_json(tmp_path, run_cli):
+    code, out, _ = run_cli("bench-device", "--ablation-ladder", "--json", "--out", tmp_path)
     rows = json.loads(out)["ablation_ladder"]
     assert code == 0 and [r["step"] for r in rows][:2] == ["ladder-a", "ladder-b"]
     assert rows[1]["paper"] == {"macs": -17.0} and rows[1]["delta_macs_pct"] == pytest.approx(-16.9, abs=0.5)
+    assert json.loads((tmp_path / "bench.json").read_text())["ablation_ladder"] == rows
 
 
 def test_report_command_round_trips_nested_specs(tmp_path, run_cli):
