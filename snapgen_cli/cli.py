@@ -259,6 +259,7 @@ def stage_command(kind: str, summary: str, positional: str | None = None, defaul
 
 
 LazyGroup.lazy = {
+    "shapes-data": Subcommand("The demo's built-in data: captioned, class-labelled and held-out shape images."),
     "precompute": Subcommand("Images + captions -> latent and text-embedding shards."),
     "train-decoder": Subcommand("Train the tiny decoder (or a small autoencoder) against a frozen encoder."),
     "pretrain": Subcommand("Train the UNet from scratch on class-conditional shards."),

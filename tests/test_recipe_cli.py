@@ -203,6 +203,35 @@ def test_bench_device_ladder_json(tmp_path, run_cli):
     assert json.loads((tmp_path / "bench.json").read_text())["ablation_ladder"] == rows
 
 
+def test_shapes_data_subcommand_writes_the_demo_folders(tmp_path, run_cli):
+    import shlex
+
+    import datasets
+
+    from snapgen_cli.report import standalone_command
+    from snapgen_cli.stages import shapes_data
+
+    out_dir = tmp_path / "shapes"
+    flags = ("--n-captioned", "4", "--n-classes", "3", "--n-holdout", "2", "--resolution", "32")
+    code, out, err = run_cli("shapes-data", "--out", out_dir, *flags, "--dry-run")
+    assert code == 0 and out == f"{out_dir}\n" and not out_dir.exists(), err
+    code, out, err = run_cli("shapes-data", "--out", out_dir, *flags)
+    assert code == 0 and out == f"{out_dir}\n", err
+    assert sorted(p.name for p in out_dir.iterdir()) == ["captioned", "classes", "holdout"]
+    for sub, n in (("captioned", 4), ("holdout", 2)):
+        lines = (out_dir / sub / "metadata.jsonl").read_text().splitlines()
+        assert len(lines) == n and len(list((out_dir / sub).glob("*.png"))) == n
+        assert all(json.loads(line)["text"] for line in lines)
+    classes = datasets.load_from_disk(str(out_dir / "classes"))
+    assert len(classes) == 3 and classes.features["label"].names == ["circle", "square", "triangle"]
+    # the run report's command for this stage (it used to say `snapgen run RECIPE --only`) reproduces it
+    cfg = shapes_data.Config(n_captioned=4, n_classes=3, n_holdout=2, resolution=32)
+    argv = shlex.split(standalone_command("shapes-data", cfg, tmp_path / "again"))
+    assert argv[:2] == ["snapgen", "shapes-data"] and run_cli(*argv[1:])[0] == 0
+    assert (tmp_path / "again" / "captioned" / "metadata.jsonl").read_text() == \
+        (out_dir / "captioned" / "metadata.jsonl").read_text()
+
+
 def test_report_command_round_trips_nested_specs(tmp_path, run_cli):
     """The run report's standalone command for a stage whose config holds nested models (encoder
     specs) passes them as one TOML value that the generated flag parses back to the same config."""
