@@ -197,8 +197,8 @@ def test_recon_encodes_with_the_vae_and_decodes_with_the_pipeline_decoder(pipeli
     want = M.ReconstructionMetrics()
     for name, (w, h) in (("a.png", (48, 40)), ("b.png", (32, 32))):
         im = Image.open(images / name).convert("RGB")
-        x = M.to_float_chw(im.crop(((im.width - w) // 2, (im.height - h) // 2,
-                                    (im.width + w) // 2, (im.height + h) // 2)))[None]
+        x = M.to_uint8_chw(im.crop(((im.width - w) // 2, (im.height - h) // 2,
+                                    (im.width + w) // 2, (im.height + h) // 2)))[None] / 255
         with torch.no_grad():
             rec = vae.decode(vae.encode(x * 2 - 1).latent_dist.mode()).sample / 2 + 0.5
         want.update(x, rec)

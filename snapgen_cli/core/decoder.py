@@ -160,10 +160,6 @@ class TinyDecoder(ModelMixin, ConfigMixin):
         image = self(z)
         return DecoderOutput(sample=image) if return_dict else (image,)
 
-    def decode_normalized(self, latents: torch.Tensor, return_dict: bool = True) -> DecoderOutput | tuple[torch.Tensor]:
-        """Decode latents in the diffusion model's (normalised) space."""
-        return self.decode(denormalize_latents(self, latents), return_dict=return_dict)
-
 
 def latents_to_images(decoder_or_vae: ModelMixin, normalized_latents: torch.Tensor) -> torch.Tensor:
     """Decode diffusion-space latents with a :class:`TinyDecoder` or an ``AutoencoderKL``

@@ -1,7 +1,8 @@
-"""SD3-style latent normalisation, the one place it is written: the diffusion model works on
-``(z - shift_factor) * scaling_factor`` of the autoencoder's raw latents ``z``; decoders take raw
-latents back (``latents / scaling_factor + shift_factor``). Both factors are read from the
-autoencoder's (or the tiny decoder's) config. (No diffusers import: ``precompute`` stays quick to load.)
+"""An autoencoder's latent space, the one place it is written: SD3-style normalisation (the
+diffusion model works on ``(z - shift_factor) * scaling_factor`` of the raw latents ``z``;
+decoders take raw latents back, ``latents / scaling_factor + shift_factor``, both factors read
+from the autoencoder's or the tiny decoder's config) and the downsampling factor f.
+(No diffusers import: ``precompute`` stays quick to load.)
 """
 
 from __future__ import annotations
@@ -33,3 +34,9 @@ def denormalize_latents(autoencoder: Any, latents: torch.Tensor) -> torch.Tensor
     """Diffusion-space latents -> the autoencoder's raw latent space (``z / scale + shift``)."""
     scale, shift = latent_scale_shift(autoencoder)
     return latents / scale + shift
+
+
+def downsampling_factor(vae_config: Any) -> int:
+    """f of an ``AutoencoderKL`` config, a dict or its ``.config`` (diffusers: ``2 ** (len(block_out_channels) - 1)``)."""
+    channels = vae_config["block_out_channels"] if isinstance(vae_config, dict) else vae_config.block_out_channels
+    return 2 ** (len(channels) - 1)

@@ -80,10 +80,6 @@ def to_uint8_chw(image: Image.Image | Tensor) -> Tensor:
     return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
 
 
-def to_float_chw(image: Image.Image) -> Tensor:
-    return to_uint8_chw(image).float() / 255.0
-
-
 # ----------------------------------------------------------------------------- Inception, FID, KID
 
 
@@ -370,34 +366,6 @@ class ReconstructionMetrics:
     def compute(self) -> dict:
         out = {name: float(m.compute()) for name, m in self.metrics.items()}
         return out | {"n_images": self.count}
-
-
-def reconstruction_metrics(originals: Tensor, reconstructions: Tensor, *, lpips: bool = False,
-                           lpips_net: str = "alex") -> dict:
-    """PSNR (dB, per image then averaged), SSIM and optionally LPIPS of two ``(N, 3, H, W)`` [0, 1] batches."""
-    metrics = ReconstructionMetrics(lpips=lpips, lpips_net=lpips_net)
-    metrics.update(originals, reconstructions)
-    return metrics.compute()
-
-
-def folder_reconstruction_metrics(originals: str | Path, reconstructions: str | Path, *, lpips: bool = False,
-                                  lpips_net: str = "alex", device: str | torch.device = "cpu") -> dict:
-    """:func:`reconstruction_metrics` over two folders whose images pair up by relative path
-    without extension; pairs are scored one at a time, so a folder may mix resolutions."""
-    orig_root, rec_root = Path(originals), Path(reconstructions)
-    recs = {p.relative_to(rec_root).with_suffix(""): p for p in list_images(rec_root, "reconstructions")}
-    metrics = ReconstructionMetrics(lpips=lpips, lpips_net=lpips_net, device=device)
-    for orig in list_images(orig_root, "originals"):
-        rec = recs.get(orig.relative_to(orig_root).with_suffix(""))
-        if rec is None:
-            raise ConfigError(f"reconstructions {str(rec_root)!r}: no image for original "
-                              f"{str(orig.relative_to(orig_root))!r}")
-        x, y = to_float_chw(load_rgb(orig)), to_float_chw(load_rgb(rec))
-        if x.shape != y.shape:
-            raise ConfigError(f"reconstruction {str(rec)!r} is {tuple(y.shape[1:])} but its original is "
-                              f"{tuple(x.shape[1:])}")
-        metrics.update(x[None], y[None])
-    return metrics.compute()
 
 
 # ----------------------------------------------------------------------------- ImageReward

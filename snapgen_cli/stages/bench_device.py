@@ -24,6 +24,7 @@ from rich.table import Table
 
 from ..config import StageConfig
 from ..core import baselines
+from ..core.decoder import PAPER_DECODER, TinyDecoder, build_decoder
 from ..core.measure import count_macs, count_params, measure_latency, resolve_device
 from ..core.unet import LADDER, PAPER_LADDER_DELTAS, PAPER_PARAMS, SnapGenUNet, unet_config
 from ..files import atomic_write_json, find_model_dir
@@ -39,7 +40,7 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 CLIP_TOKENS, GEMMA_TOKENS = 77, 256
 
 #: Paper figures (Table 2) for the decoders, for the report.
-PAPER_DECODER = {"snapgen-decoder": dict(params=1.38e6, macs=224e9), "sd3-decoder": dict(params=49.55e6, macs=4970e9)}
+PAPER_DECODERS = {"snapgen-decoder": PAPER_DECODER, "sd3-decoder": dict(params=49.55e6, macs=4970e9)}
 
 
 class Config(StageConfig):
@@ -103,8 +104,6 @@ def _unet(cfg: Config, preset: str | None, meta: bool) -> Built:
 
 
 def _decoder(cfg: Config, meta: bool) -> Built:
-    from ..core.decoder import TinyDecoder, build_decoder
-
     if cfg.checkpoint:
         path = find_model_dir(cfg.checkpoint)
         model = TinyDecoder.from_config(TinyDecoder.load_config(path)) if meta else TinyDecoder.from_pretrained(path)
@@ -207,12 +206,12 @@ def run(cfg: Config, ctx: StageContext) -> dict:
         result = dict(ablation_ladder=rows)
     else:
         main = measure_target(cfg, cfg.model, console=console)
-        paper = PAPER_PARAMS.get(main["name"]) if cfg.model == "unet" else PAPER_DECODER.get(main["name"], {}).get("params")
+        paper = PAPER_PARAMS.get(main["name"]) if cfg.model == "unet" else PAPER_DECODERS.get(main["name"], {}).get("params")
         if paper:
             main["paper_params"] = paper
             main["params_vs_paper_pct"] = 100 * (main["params"] / paper - 1)
-        if main["name"] in PAPER_DECODER:
-            main["paper_macs"] = PAPER_DECODER[main["name"]]["macs"]
+        if main["name"] in PAPER_DECODERS:
+            main["paper_macs"] = PAPER_DECODERS[main["name"]]["macs"]
             main["macs_vs_paper_pct"] = 100 * (main["macs"] / main["paper_macs"] - 1)
         result = dict(main)
         if cfg.compare:

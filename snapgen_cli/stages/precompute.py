@@ -50,7 +50,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.text import Text
 
 from ..config import StageConfig
-from ..core.latents import latent_scale_shift, normalize_latents
+from ..core.latents import downsampling_factor, latent_scale_shift, normalize_latents
 from ..core.measure import count_params, resolve_device
 from ..core.text import EncoderSpec, TextEncoderStack, parse_specs, spec_set
 from ..data import shards
@@ -209,9 +209,8 @@ class _ShardEncoder:
         self.has_captions, self.has_labels = has_captions, has_labels
         self.dtype = shards.DTYPES[cfg.dtype]
         self.min_side = max(cfg.resolutions) if cfg.min_side is None else cfg.min_side
-        vc = vae.config
         self.scale, self.shift = latent_scale_shift(vae)
-        self.factor = 2 ** (len(vc.block_out_channels) - 1)
+        self.factor = downsampling_factor(vae.config)
         if bad := [r for r in cfg.resolutions if r % self.factor]:
             raise ConfigError(f"resolutions: {bad} are not multiples of the AE's downsampling factor {self.factor}")
         self.pool = ThreadPoolExecutor(cfg.num_workers) if cfg.num_workers else None

@@ -55,6 +55,7 @@ from torch.utils.data import Dataset
 
 from ..core.baselines import SD3_VAE_CONFIG
 from ..core.decoder_losses import DecoderLoss
+from ..core.latents import downsampling_factor
 from ..data.images import ImageSkipped, open_image, resize_crop, to_tensor
 from ..data.sources import Source
 from ..errors import ConfigError, SnapgenError
@@ -94,12 +95,6 @@ def build_autoencoder(preset: str = "tiny-ae", **overrides: Any) -> AutoencoderK
         return AutoencoderKL(**autoencoder_config(preset, **overrides))
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"autoencoder_overrides: {exc}") from None
-
-
-def downsampling_factor(vae_config: dict[str, Any] | Any) -> int:
-    """f of an ``AutoencoderKL`` config (diffusers: ``2 ** (len(block_out_channels) - 1)``)."""
-    channels = vae_config["block_out_channels"] if isinstance(vae_config, dict) else vae_config.block_out_channels
-    return 2 ** (len(channels) - 1)
 
 
 # ------------------------------------------------------------------------------ data
@@ -351,6 +346,6 @@ class AutoencoderTask(ReconstructionTask):
 
 
 __all__ = ["AUTOENCODER_PRESETS", "AutoencoderTask", "ImageDataset", "ReconstructionTask", "TinyDecoderTask",
-           "autoencoder_config", "build_autoencoder", "comparison_grid", "downsampling_factor", "encode",
+           "autoencoder_config", "build_autoencoder", "comparison_grid", "encode",
            "evaluate_decoder", "latent_statistics", "load_patches", "random_patches",
            "reconstruct", "resize_shorter"]
