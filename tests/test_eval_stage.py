@@ -217,7 +217,7 @@ def test_recon_encodes_with_the_vae_and_decodes_with_the_pipeline_decoder(pipeli
 
 def test_recon_lpips_without_backbone_weights_is_a_clear_error(pipeline_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    with pytest.raises(ConfigError, match=r"LPIPS \(alex\) needs .*alexnet-owt-7be5be79\.pth"):
+    with pytest.raises(ConfigError, match=r"LPIPS \(alex\) needs .*alexnet-owt-7be5be79\.pth.*set lpips = false"):
         _run(tmp_path / "out", checkpoint=str(pipeline_dir), metrics=["recon"], lpips=True,
              recon_images=str(_recon_folder(tmp_path / "images")))
 

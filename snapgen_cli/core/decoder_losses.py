@@ -85,7 +85,7 @@ def load_lpips(net: str = "alex", off: str = "lpips_weight = 0") -> nn.Module:
     if not os.path.isfile(path):
         name = os.path.basename(path)
         raise ConfigError(
-            f"LPIPS needs the torchvision {net} ImageNet weights at {path} (nothing is downloaded): put "
+            f"LPIPS ({net}) needs torchvision's ImageNet {net} weights at {path} (nothing is downloaded): put "
             f"https://download.pytorch.org/models/{name} there, or set TORCH_HOME to a folder holding "
             f"hub/checkpoints/{name}; or set {off} to go without LPIPS"
         )
