@@ -23,7 +23,7 @@ test: setup
 	$(PY) -m pytest -q
 
 bench: setup
-	$(VENV)/bin/snapgen bench-device --ablation-ladder
+	$(VENV)/bin/snapgen bench-device --ablation-ladder --out runs/bench/ladder
 	$(PY) benchmarks/bench_latency.py --resolution 512 --runs 3
 	$(PY) benchmarks/bench_latency.py --model decoder --preset snapgen-decoder --baseline sd3-decoder --resolution 512 1024 --runs 2
 	$(PY) benchmarks/bench_train_throughput.py --runs 3

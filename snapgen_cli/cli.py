@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import click
 from rich.console import Console
@@ -60,23 +61,31 @@ def _validate_flags(config_cls, values: dict):
         raise ConfigError(f"--{key.split('.')[0].replace('_', '-')}:{rest}") from None
 
 
+class Subcommand(NamedTuple):
+    """How a stage subcommand differs from the rest: its summary, the list field that also takes
+    positional arguments (``generate``'s prompts), and ``--out``'s default (``None``: required)."""
+
+    summary: str
+    positional: str | None = None
+    default_out: str | None = None
+
+
 class LazyGroup(click.Group):
     """A group whose stage subcommands are built (and their modules imported) only when
     used, so ``snapgen --help`` stays fast; the listing uses their one-line summaries."""
 
-    lazy: dict[str, tuple[str, str | None]] = {}
+    lazy: dict[str, Subcommand] = {}
 
     def list_commands(self, ctx):
         return sorted([*self.commands, *self.lazy])
 
     def get_command(self, ctx, name):
         if name not in self.commands and name in self.lazy:
-            summary, positional = self.lazy[name]
-            self.add_command(stage_command(name, summary, positional))
+            self.add_command(stage_command(name, *self.lazy[name]))
         return self.commands.get(name)
 
     def format_commands(self, ctx, formatter):
-        rows = [(n, self.lazy[n][0] if n in self.lazy and n not in self.commands
+        rows = [(n, self.lazy[n].summary if n in self.lazy and n not in self.commands
                  else self.commands[n].get_short_help_str(80)) for n in self.list_commands(ctx)]
         with formatter.section("Commands"):
             formatter.write_dl(rows)
@@ -141,45 +150,11 @@ def _print_plan(rec, rows, console) -> None:
     console.print(t)
 
 
-# -------------------------------------------------------------------------------- bench-device
-
-@cli.command("bench-device", context_settings=CONTEXT)
-@click.option("--model", type=click.Choice(["unet", "decoder", "sd3-decoder", "sdxl-unet"]), default="unet",
-              help="What to measure; sd3-decoder and sdxl-unet are the paper's baselines (public configs, random weights).")
-@click.option("--preset", help="Model preset (unet: snapgen-t2i, snapgen-imagenet, tiny, ladder-a..f; decoder: snapgen-decoder, tiny).")
-@click.option("--checkpoint", type=click.Path(path_type=Path), help="A saved model dir instead of a preset.")
-@click.option("--resolution", type=click.IntRange(min=32), default=1024, help="Image resolution (latent = /8).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=1)
-@click.option("--context-len", type=click.IntRange(min=1), help="Text tokens (default: 77 CLIP, +256 Gemma for snapgen-t2i).")
-@click.option("--device", default="cpu", help="cpu, cuda[:i] or mps.")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32")
-@click.option("--runs", type=click.IntRange(min=0), default=5, help="Timed runs (0: parameters and MACs only).")
-@click.option("--warmup", type=click.IntRange(min=0), default=1)
-@click.option("--compare", multiple=True, type=click.Choice(["unet", "decoder", "sd3-decoder", "sdxl-unet"]),
-              help="Also measure this target in the same run and report ratios (repeatable).")
-@click.option("--ablation-ladder", is_flag=True, help="Params/MACs of each Fig. 2 step at a 128x128 latent vs. the paper.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout (the table goes to stderr).")
-def bench_device_cmd(as_json, **flags):
-    """Parameters, MACs (= FLOPs/2, the paper's convention), latency and peak memory."""
-    from .stages import bench_device
-    from .stages.base import StageContext
-
-    flags["checkpoint"] = str(flags["checkpoint"]) if flags["checkpoint"] else None
-    flags["compare"] = list(flags["compare"])
-    cfg = _validate_flags(bench_device.Config, flags)
-    result = bench_device.run(cfg, StageContext(out_dir=None, console=stderr_console()))
-    emit(result, as_json)
-    if not as_json:
-        rows = result.get("ablation_ladder") or [result]
-        for r in rows:
-            click.echo(f"{r.get('step', r['name'])}\tparams={r['params']}\tmacs={r['macs']}"
-                       + (f"\tlatency_ms={r['latency_ms_median']:.2f}" if "latency_ms_median" in r else ""))
-
-
 # ------------------------------------------------------------------------ stage subcommands
 # Every stage subcommand is generated from its stage's pydantic Config: one option per
 # field (its description is the help, its default is shown), plus --out, --set, --dry-run
-# and --json. The command only turns flags into the Config and calls the stage's run().
+# and --json. The command only turns flags into the Config and calls the stage's run();
+# stdout gets the out dir, or the stage's RESULT_FILE in it, or one JSON object (--json).
 
 def _click_type(annotation):
     """(click type, multiple, nargs, is_flag) for a pydantic field annotation."""
@@ -198,6 +173,8 @@ def _click_type(annotation):
         return click.Choice([str(a) for a in args]), False, 1, False
     if origin is list and args and args[0] in (int, float, str):
         return args[0], True, 1, False
+    if origin is list and args and typing.get_origin(args[0]) is typing.Literal:
+        return click.Choice([str(a) for a in typing.get_args(args[0])]), True, 1, False
     if origin is tuple and args and all(a in (int, float) for a in args):
         return args[0], False, len(args), False
     return str, False, 1, False  # tables and specs: a TOML value, e.g. '{a = 1}'
@@ -241,11 +218,12 @@ def _flags_to_config(config_cls, flags: dict, overrides: tuple[str, ...]):
     return _validate_flags(config_cls, data)
 
 
-def stage_command(kind: str, summary: str, positional: str | None = None):
+def stage_command(kind: str, summary: str, positional: str | None = None, default_out: str | None = None):
     """A Click command for stage ``kind``: flags from its Config, then ``run(cfg, ctx)``."""
     from .recipe import stage_module
 
     module = stage_module(kind)
+    result_file = getattr(module, "RESULT_FILE", None)
 
     def callback(out, overrides, dry_run, as_json, **flags):
         from .stages.base import StageContext
@@ -255,20 +233,22 @@ def stage_command(kind: str, summary: str, positional: str | None = None):
         cfg = _flags_to_config(module.Config, flags, overrides)
         console = stderr_console()
         ctx = StageContext(out_dir=Path(out), dry_run=dry_run, console=console)
+        shown = str(ctx.out_dir / result_file) if result_file else str(out)
         if dry_run:
             rows = [item.__dict__ for item in module.plan(cfg, ctx)]
             for r in rows:
                 console.print(r)
-            emit(dict(stage=kind, plan=rows, config=cfg.model_dump(mode="json")), as_json, str(out))
+            emit(dict(stage=kind, plan=rows, config=cfg.model_dump(mode="json")), as_json, shown)
             return
         result = module.run(cfg, ctx)
-        emit(result, as_json, str(out))
+        emit(result, as_json, shown)
 
     cmd = click.command(kind, context_settings=CONTEXT, help=(module.__doc__ or summary).strip(), short_help=summary)(callback)
     for opt in _field_options(module.Config):
         cmd = opt(cmd)
-    cmd = click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
-                       help="Output directory.")(cmd)
+    out_help = "Output directory" + (f" (the result goes to {result_file} there)." if result_file else ".")
+    cmd = click.option("--out", required=default_out is None, default=default_out, show_default=default_out is not None,
+                       type=click.Path(file_okay=False, path_type=Path), help=out_help)(cmd)
     cmd = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                        help="Set any config key (TOML value syntax), e.g. --set model_overrides.layers_per_block=1.")(cmd)
     cmd = click.option("--dry-run", is_flag=True, help="Validate and print the plan; touch nothing.")(cmd)
@@ -279,12 +259,15 @@ def stage_command(kind: str, summary: str, positional: str | None = None):
 
 
 LazyGroup.lazy = {
-    "precompute": ("Images + captions -> latent and text-embedding shards.", None),
-    "train-decoder": ("Train the tiny decoder (or a small autoencoder) against a frozen encoder.", None),
-    "pretrain": ("Train the UNet from scratch on class-conditional shards.", None),
-    "finetune": ("Text-to-image training on latent + text shards.", None),
-    "generate": ("Prompts -> PNGs from a trained pipeline dir.", "prompts"),
-    "eval": ("Generate with fixed seeds and score: alignment, FID, CLIP, PSNR, GenEval, DPG-Bench.", None),
+    "shapes-data": Subcommand("The demo's built-in data: captioned, class-labelled and held-out shape images."),
+    "precompute": Subcommand("Images + captions -> latent and text-embedding shards."),
+    "train-decoder": Subcommand("Train the tiny decoder (or a small autoencoder) against a frozen encoder."),
+    "pretrain": Subcommand("Train the UNet from scratch on class-conditional shards."),
+    "finetune": Subcommand("Text-to-image training on latent + text shards."),
+    "generate": Subcommand("Prompts -> PNGs from a trained pipeline dir.", positional="prompts"),
+    "eval": Subcommand("Generate with fixed seeds and score: alignment, FID, CLIP, PSNR, GenEval, DPG-Bench."),
+    "bench-device": Subcommand("Parameters, MACs (= FLOPs/2, the paper's convention), latency and peak memory.",
+                               default_out="runs/bench-device"),
 }
 
 

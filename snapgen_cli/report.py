@@ -16,10 +16,6 @@ from typing import Any
 
 from .files import atomic_write_json, atomic_write_text
 
-#: Commands whose flags are not generated from the stage Config one to one.
-_NO_CLI = {"shapes-data"}
-
-
 def _toml_value(v: Any) -> str:
     """A TOML literal for the simple values recipes hold (str, numbers, bools, lists, tables)."""
     if isinstance(v, bool):
@@ -37,8 +33,6 @@ def _toml_value(v: Any) -> str:
 
 def standalone_command(kind: str, cfg, out_dir: Path) -> str:
     """The standalone command that runs this stage with this config (non-default values only)."""
-    if kind in _NO_CLI:
-        return f"snapgen run RECIPE --only {out_dir.name}"
     parts = ["snapgen", kind, "--out", str(out_dir)]
     plain = cfg.model_dump(mode="json", exclude_none=True)  # nested models (e.g. encoder specs) as TOML tables
     for name, field in type(cfg).model_fields.items():

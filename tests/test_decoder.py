@@ -24,6 +24,7 @@ from snapgen_cli.core.decoder_losses import (
     r1_penalty,
 )
 from snapgen_cli.core.discriminator import PatchDiscriminator, build_discriminator
+from snapgen_cli.core.latents import denormalize_latents, latent_scale_shift, normalize_latents
 from snapgen_cli.core.measure import count_macs, count_params
 from snapgen_cli.errors import ConfigError, SnapgenError
 
@@ -90,16 +91,29 @@ def test_save_pretrained_round_trip(tmp_path):
     torch.testing.assert_close(loaded.decode(z).sample, dec.decode(z).sample, rtol=0, atol=0)
 
 
-def test_decode_takes_raw_latents_and_decode_normalized_undoes_sd3_scaling():
+def test_decode_takes_raw_latents_and_latents_to_images_undoes_sd3_scaling():
     dec = _tiny()
     assert (dec.config.scaling_factor, dec.config.shift_factor) == (1.5305, 0.0609)
     latents = torch.randn(1, 16, 4, 4)
     raw = latents / 1.5305 + 0.0609
     (expected,) = dec.decode(raw, return_dict=False)
-    torch.testing.assert_close(dec.decode_normalized(latents).sample, expected)
     assert not torch.allclose(dec.decode(latents).sample, expected)
     images = latents_to_images(dec, latents)
     torch.testing.assert_close(images, (expected / 2 + 0.5).clamp(0, 1))
+
+
+def test_one_latent_normalisation_round_trips_with_sd3_factors():
+    from types import SimpleNamespace
+
+    dec = _tiny()
+    assert latent_scale_shift(dec) == (1.5305, 0.0609)
+    z = torch.randn(2, 16, 4, 4)
+    torch.testing.assert_close(normalize_latents(dec, z), (z - 0.0609) * 1.5305, rtol=0, atol=0)
+    torch.testing.assert_close(denormalize_latents(dec, normalize_latents(dec, z)), z)
+    sdxl = AutoencoderKL(block_out_channels=(8,), norm_num_groups=8, scaling_factor=0.13025)  # shift_factor None
+    assert latent_scale_shift(sdxl) == (0.13025, 0.0)
+    with pytest.raises(ConfigError, match="SimpleNamespace config has no scaling_factor"):
+        latent_scale_shift(SimpleNamespace(config=SimpleNamespace()))
 
 
 @pytest.mark.parametrize("shift", [None, 0.1])
@@ -219,6 +233,8 @@ def test_missing_lpips_weights_is_a_one_line_config_error(tmp_path, monkeypatch)
     assert "lpips_weight = 0" in msg
     assert lpips_backbone_checkpoint("vgg").endswith("vgg16-397923af.pth")
     DecoderLoss(lpips_weight=0)  # training without LPIPS needs no weights
+    with pytest.raises(ConfigError, match="or set eval_lpips = false to go without LPIPS$"):
+        load_lpips("alex", off="eval_lpips = false")  # each caller names its own switch
 
 
 def test_lpips_real_loading_path_from_a_cached_trunk(tmp_path, monkeypatch):

@@ -205,8 +205,8 @@ def test_recon_encodes_with_the_vae_and_decodes_with_the_pipeline_decoder(pipeli
     want = M.ReconstructionMetrics()
     for name, (w, h) in (("a.png", (48, 40)), ("b.png", (32, 32))):
         im = Image.open(images / name).convert("RGB")
-        x = M.to_float_chw(im.crop(((im.width - w) // 2, (im.height - h) // 2,
-                                    (im.width + w) // 2, (im.height + h) // 2)))[None]
+        x = M.to_uint8_chw(im.crop(((im.width - w) // 2, (im.height - h) // 2,
+                                    (im.width + w) // 2, (im.height + h) // 2)))[None] / 255
         with torch.no_grad():
             rec = vae.decode(vae.encode(x * 2 - 1).latent_dist.mode()).sample / 2 + 0.5
         want.update(x, rec)
@@ -225,7 +225,7 @@ def test_recon_encodes_with_the_vae_and_decodes_with_the_pipeline_decoder(pipeli
 
 def test_recon_lpips_without_backbone_weights_is_a_clear_error(pipeline_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    with pytest.raises(ConfigError, match=r"LPIPS \(alex\) needs .*alexnet-owt-7be5be79\.pth"):
+    with pytest.raises(ConfigError, match=r"LPIPS \(alex\) needs .*alexnet-owt-7be5be79\.pth.*set lpips = false"):
         _run(tmp_path / "out", checkpoint=str(pipeline_dir), metrics=["recon"], lpips=True,
              recon_images=str(_recon_folder(tmp_path / "images")))
 

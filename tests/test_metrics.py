@@ -169,54 +169,51 @@ def test_clip_model_path_errors(tmp_path):
 # ----------------------------------------------------------------------------- PSNR / SSIM / LPIPS
 
 
+def _recon(originals, reconstructions, **kw) -> dict:
+    metrics = M.ReconstructionMetrics(**kw)
+    metrics.update(originals, reconstructions)
+    return metrics.compute()
+
+
 def test_psnr_ssim_known_values():
     x = 0.2 + 0.6 * torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    same = M.reconstruction_metrics(x, x.clone())
+    same = _recon(x, x.clone())
     assert same["psnr"] == math.inf and same["ssim"] == pytest.approx(1.0, abs=1e-6) and same["n_images"] == 3
-    shifted = M.reconstruction_metrics(x, x + 0.1)  # MSE 0.01 -> 10 log10(1 / 0.01) = 20 dB
+    shifted = _recon(x, x + 0.1)  # MSE 0.01 -> 10 log10(1 / 0.01) = 20 dB
     assert shifted["psnr"] == pytest.approx(20.0, abs=1e-3)
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)) * 0.05
-    noisy = M.reconstruction_metrics(x, x + noise)
+    noisy = _recon(x, x + noise)
     assert noisy["psnr"] == pytest.approx(-10 * math.log10(noise.pow(2).mean().item()), abs=0.1)
     assert noisy["ssim"] < shifted["ssim"] < 1
-
-
-def test_folder_reconstruction_metrics_pairs_files_by_name(tmp_path):
-    rng = np.random.default_rng(0)
-    orig, rec = tmp_path / "orig", tmp_path / "rec"
-    for d in (orig, rec):
-        d.mkdir()
-    for i in range(3):
-        a = rng.integers(40, 200, (24, 24, 3), dtype=np.uint8)
-        Image.fromarray(a).save(orig / f"{i}.png")
-        Image.fromarray(a + 25).save(rec / f"{i}.png")  # exact offset of 25 levels
-    out = M.folder_reconstruction_metrics(orig, rec)
-    assert out["psnr"] == pytest.approx(20 * math.log10(255 / 25), abs=1e-3) and out["n_images"] == 3
-    (orig / "3.png").write_bytes((orig / "0.png").read_bytes())
-    with pytest.raises(ConfigError, match="no image for original '3.png'"):
-        M.folder_reconstruction_metrics(orig, rec)
 
 
 def test_lpips_without_backbone_weights_says_where_to_put_them(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     x = torch.rand(1, 3, 32, 32)
-    with pytest.raises(ConfigError, match=r"alexnet-owt-7be5be79\.pth.*TORCH_HOME"):
-        M.reconstruction_metrics(x, x, lpips=True)
+    with pytest.raises(ConfigError, match=r"alexnet-owt-7be5be79\.pth.*TORCH_HOME.*set lpips = false") as exc:
+        _recon(x, x, lpips=True)
+    assert "\n" not in str(exc.value)
 
 
-def test_lpips_runs_from_a_cached_backbone(tmp_path, monkeypatch):
+def test_lpips_metric_is_the_decoder_loss_network_from_a_cached_backbone(tmp_path, monkeypatch):
     """A squeezenet state dict placed in torchvision's cache (random weights: nothing can be
-    downloaded here) is loaded instead of a download; LPIPS is 0 for identical images."""
+    downloaded here) is loaded instead of a download; LPIPS is 0 for identical images, and the
+    metric on [0, 1] images equals the training loss on the same images in [-1, 1]."""
     import torchvision
 
+    from snapgen_cli.core.decoder_losses import LPIPSLoss, load_lpips, lpips_backbone_checkpoint
+
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    path = M.lpips_backbone_file("squeeze")
+    path = Path(lpips_backbone_checkpoint("squeeze"))
     path.parent.mkdir(parents=True)
     torch.manual_seed(0)
     torch.save(torchvision.models.squeezenet1_1().state_dict(), path)
     x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    assert M.reconstruction_metrics(x, x, lpips=True, lpips_net="squeeze")["lpips"] == pytest.approx(0, abs=1e-6)
-    assert M.reconstruction_metrics(x, torch.rand_like(x), lpips=True, lpips_net="squeeze")["lpips"] > 0
+    y = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    assert _recon(x, x, lpips=True, lpips_net="squeeze")["lpips"] == pytest.approx(0, abs=1e-6)
+    metric = _recon(x, y, lpips=True, lpips_net="squeeze")["lpips"]
+    loss = LPIPSLoss(model=load_lpips("squeeze"))(y * 2 - 1, x * 2 - 1).item()
+    assert metric > 0 and metric == pytest.approx(loss, rel=1e-5)
 
 
 # ----------------------------------------------------------------------------- ImageReward
@@ -240,6 +237,14 @@ GENEVAL_LINES = [  # lines in the exact format of GenEval's prompts/evaluation_m
 ]
 
 
+def _write_geneval_prompt(outdir: Path, item, images: list[Image.Image]) -> None:
+    """One prompt's GenEval folder, laid out as the eval stage writes it (``stages/eval.py``)."""
+    (outdir / item.key / "samples").mkdir(parents=True)
+    (outdir / item.key / "metadata.jsonl").write_text(item.metadata_line + "\n")
+    for j, im in enumerate(images):
+        im.save(B.geneval_sample_path(outdir, item, j))
+
+
 def _tiles(n: int, size: int) -> list[Image.Image]:
     colors = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
     return [Image.new("RGB", (size, size), colors[i % 4]) for i in range(n)]
@@ -256,14 +261,13 @@ def test_geneval_layout_is_what_its_evaluator_reads(tmp_path):
 
     out = tmp_path / "geneval"
     for job in jobs:
-        B.write_geneval_prompt(out, job.item, _tiles(len(job.seeds), 16))
+        _write_geneval_prompt(out, job.item, _tiles(len(job.seeds), 16))
     assert B.check_geneval_layout(out, items) == {"prompts": 3, "images": 12}
     folder = out / "00001"
     assert sorted(p.name for p in (folder / "samples").iterdir()) == ["0000.png", "0001.png", "0002.png", "0003.png"]
     assert (folder / "metadata.jsonl").read_text() == GENEVAL_LINES[1] + "\n"
     with open(folder / "metadata.jsonl") as fp:  # how evaluate_images.py reads it
         assert json.load(fp) == json.loads(GENEVAL_LINES[1])
-    assert (folder / "grid.png").is_file()
 
     (folder / "samples" / "0003.png").unlink()
     (out / "00002" / "metadata.jsonl").write_text(json.dumps(json.loads(GENEVAL_LINES[2]), indent=1))
@@ -341,7 +345,7 @@ def test_geneval_commands_and_run(tmp_path):
     meta = tmp_path / "m.jsonl"
     meta.write_text(GENEVAL_LINES[0] + "\n")
     item = B.read_geneval_metadata(meta)[0]
-    B.write_geneval_prompt(tmp_path / "imgs", item, _tiles(4, 8), grid=False)
+    _write_geneval_prompt(tmp_path / "imgs", item, _tiles(4, 8))
     scores = B.run_geneval(repo, tmp_path / "imgs", tmp_path / "results.jsonl", detector, python=sys.executable)
     assert scores == {"overall": 0.58333, "images": 12, "prompts": 3,
                       "tasks": {"single_object": 1.0, "counting": 0.25, "position": 0.5}}

@@ -90,15 +90,18 @@ def test_missing_recipe_file(tmp_path, run_cli):
 
 
 def test_missing_checkpoint_dir(tmp_path, run_cli):
-    code, _, err = run_cli("bench-device", "--checkpoint", tmp_path / "missing", "--runs", "0")
+    code, _, err = run_cli("bench-device", "--checkpoint", tmp_path / "missing", "--runs", "0", "--out", tmp_path / "b")
     _one_error_line(code, err, "missing", "no such file or directory")
 
 
-def test_bad_flag_value_names_the_flag(run_cli):
-    code, _, err = run_cli("bench-device", "--resolution", "100", "--runs", "0")
+def test_bad_flag_value_names_the_flag(tmp_path, run_cli):
+    code, _, err = run_cli("bench-device", "--resolution", "100", "--runs", "0", "--out", tmp_path)
     _one_error_line(code, err, "--resolution: expected a multiple of 32")
-    code, _, err = run_cli("bench-device", "--model", "gpt")
+    code, _, err = run_cli("bench-device", "--model", "gpt", "--out", tmp_path)
     assert code == 2 and "Invalid value for '--model'" in err
+    code, _, err = run_cli("bench-device", "--compare", "gpt", "--out", tmp_path)
+    assert code == 2 and "Invalid value for '--compare'" in err
+    assert not any(tmp_path.iterdir())
 
 
 def test_set_overrides_by_name_and_index(tmp_path):
@@ -202,21 +205,88 @@ def test_dry_run_reports_the_models_the_paper_stages_build(run_cli):
     assert plan[("train-decoder", "tiny-decoder")] == _meta_params(build_decoder, "snapgen-decoder")
 
 
-def test_bench_device_json_and_compare(run_cli):
-    code, out, _ = run_cli("bench-device", "--preset", "tiny", "--resolution", "64", "--runs", "2",
-                           "--warmup", "0", "--compare", "unet", "--json")
-    assert code == 0
+def test_bench_device_json_and_compare(tmp_path, run_cli):
+    code, out, err = run_cli("bench-device", "--preset", "tiny", "--resolution", "64", "--runs", "2",
+                             "--warmup", "0", "--compare", "unet", "--json", "--out", tmp_path / "b")
+    assert code == 0, err
     r = json.loads(out)
     assert r["params"] > 0 and r["macs"] > 0 and r["latency_ms_median"] > 0
     assert r["latency_ms_p25"] <= r["latency_ms_median"] <= r["latency_ms_p75"]
     assert r["ratios"]["tiny"]["macs"] == 1.0
+    assert json.loads((tmp_path / "b" / "bench.json").read_text()) == r  # the file holds the printed result
+    assert "latency ms (median)" in err  # the table goes to stderr
 
 
-def test_bench_device_ladder_json(run_cli):
-    code, out, _ = run_cli("bench-device", "--ablation-ladder", "--json")
+def test_bench_device_prints_the_path_of_bench_json_in_its_default_out_dir(tmp_path, monkeypatch, run_cli):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli("bench-device", "--preset", "tiny", "--resolution", "64", "--set", "runs=0")
+    assert code == 0, err
+    assert out == str(Path("runs", "bench-device", "bench.json")) + "\n"
+    r = json.loads((tmp_path / out.strip()).read_text())
+    assert r["name"] == "tiny" and r["latent"] == 8 and r["params"] > 0
+    assert "latency_ms_median" not in r  # --set runs=0: parameters and MACs only
+    assert [p.name for p in (tmp_path / "runs" / "bench-device").iterdir()] == ["bench.json"]  # no temp file left
+
+
+def test_bench_device_dry_run_prints_a_plan_and_writes_nothing(tmp_path, run_cli):
+    out_dir = tmp_path / "b"
+    code, out, err = run_cli("bench-device", "--preset", "tiny", "--resolution", "64", "--compare", "decoder",
+                             "--out", out_dir, "--dry-run", "--json")
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["stage"] == "bench-device" and r["config"]["compare"] == ["decoder"]
+    assert [p["model"] for p in r["plan"]] == ["unet:tiny", "decoder:tiny"]
+    assert all(p["params"] > 0 and p["outputs"] == [str(out_dir / "bench.json")] for p in r["plan"])
+    assert not out_dir.exists()
+    code, out, _ = run_cli("bench-device", "--preset", "tiny", "--out", out_dir, "--dry-run")
+    assert code == 0 and out == f"{out_dir / 'bench.json'}\n" and not out_dir.exists()
+
+
+def test_bench_device_help_names_choices_defaults_and_the_result_file(run_cli):
+    code, out, _ = run_cli("bench-device", "--help")
+    text = "".join(out.split())  # click wraps lines, also at hyphens
+    assert code == 0
+    for needle in ("--model [unet|decoder|sd3-decoder|sdxl-unet]", "--dtype [float32|float16|bfloat16]",
+                   "cpu, cuda[:i] or mps", "timed runs (0: parameters and MACs only) [default: 5]",
+                   "bench.json", "[default: runs/bench-device]", "--set KEY=VALUE", "--dry-run", "--json"):
+        assert "".join(needle.split()) in text, needle
+
+
+def test_bench_device_ladder_json(tmp_path, run_cli):
+    code, out, _ = run_cli("bench-device", "--ablation-ladder", "--json", "--out", tmp_path)
     rows = json.loads(out)["ablation_ladder"]
     assert code == 0 and [r["step"] for r in rows][:2] == ["ladder-a", "ladder-b"]
     assert rows[1]["paper"] == {"macs": -17.0} and rows[1]["delta_macs_pct"] == pytest.approx(-16.9, abs=0.5)
+    assert json.loads((tmp_path / "bench.json").read_text())["ablation_ladder"] == rows
+
+
+def test_shapes_data_subcommand_writes_the_demo_folders(tmp_path, run_cli):
+    import shlex
+
+    import datasets
+
+    from snapgen_cli.report import standalone_command
+    from snapgen_cli.stages import shapes_data
+
+    out_dir = tmp_path / "shapes"
+    flags = ("--n-captioned", "4", "--n-classes", "3", "--n-holdout", "2", "--resolution", "32")
+    code, out, err = run_cli("shapes-data", "--out", out_dir, *flags, "--dry-run")
+    assert code == 0 and out == f"{out_dir}\n" and not out_dir.exists(), err
+    code, out, err = run_cli("shapes-data", "--out", out_dir, *flags)
+    assert code == 0 and out == f"{out_dir}\n", err
+    assert sorted(p.name for p in out_dir.iterdir()) == ["captioned", "classes", "holdout"]
+    for sub, n in (("captioned", 4), ("holdout", 2)):
+        lines = (out_dir / sub / "metadata.jsonl").read_text().splitlines()
+        assert len(lines) == n and len(list((out_dir / sub).glob("*.png"))) == n
+        assert all(json.loads(line)["text"] for line in lines)
+    classes = datasets.load_from_disk(str(out_dir / "classes"))
+    assert len(classes) == 3 and classes.features["label"].names == ["circle", "square", "triangle"]
+    # the run report's command for this stage (it used to say `snapgen run RECIPE --only`) reproduces it
+    cfg = shapes_data.Config(n_captioned=4, n_classes=3, n_holdout=2, resolution=32)
+    argv = shlex.split(standalone_command("shapes-data", cfg, tmp_path / "again"))
+    assert argv[:2] == ["snapgen", "shapes-data"] and run_cli(*argv[1:])[0] == 0
+    assert (tmp_path / "again" / "captioned" / "metadata.jsonl").read_text() == \
+        (out_dir / "captioned" / "metadata.jsonl").read_text()
 
 
 def test_report_command_round_trips_nested_specs(tmp_path, run_cli):

@@ -54,6 +54,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .blocks import conv, group_norm
+from .latents import denormalize_latents
 from .presets import preset_config
 
 NORM_MODES = ("minimal", "all", "none")
@@ -158,31 +159,6 @@ class TinyDecoder(ModelMixin, ConfigMixin):
         """Same contract as ``AutoencoderKL.decode``: unnormalised latents in, image out."""
         image = self(z)
         return DecoderOutput(sample=image) if return_dict else (image,)
-
-    def decode_normalized(self, latents: torch.Tensor, return_dict: bool = True) -> DecoderOutput | tuple[torch.Tensor]:
-        """Decode latents in the diffusion model's (normalised) space."""
-        return self.decode(denormalize_latents(self, latents), return_dict=return_dict)
-
-
-def _latent_scale_shift(decoder_or_vae: ModelMixin) -> tuple[float, float]:
-    cfg = decoder_or_vae.config
-    scale = getattr(cfg, "scaling_factor", None)
-    if scale is None:
-        raise ConfigError(f"{type(decoder_or_vae).__name__} config has no scaling_factor; set it in its config.json")
-    shift = getattr(cfg, "shift_factor", None)
-    return float(scale), float(shift or 0.0)
-
-
-def denormalize_latents(decoder_or_vae: ModelMixin, latents: torch.Tensor) -> torch.Tensor:
-    """Diffusion-space latents -> the autoencoder's raw latent space (``z / scale + shift``)."""
-    scale, shift = _latent_scale_shift(decoder_or_vae)
-    return latents / scale + shift
-
-
-def normalize_latents(decoder_or_vae: ModelMixin, z: torch.Tensor) -> torch.Tensor:
-    """Raw autoencoder latents -> diffusion space (``(z - shift) * scale``), as in SD3 training."""
-    scale, shift = _latent_scale_shift(decoder_or_vae)
-    return (z - shift) * scale
 
 
 def latents_to_images(decoder_or_vae: ModelMixin, normalized_latents: torch.Tensor) -> torch.Tensor:

@@ -74,17 +74,20 @@ def lpips_backbone_checkpoint(net: str) -> str:
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
 
 
-def load_lpips(net: str = "alex") -> nn.Module:
-    """The real ``lpips.LPIPS(net=net)``, frozen, after checking that its torchvision trunk is
-    cached (so a machine without network gets a clear error rather than a hanging download)."""
+def load_lpips(net: str = "alex", off: str = "lpips_weight = 0") -> nn.Module:
+    """The real ``lpips.LPIPS(net=net)``, frozen: the one LPIPS of the package (the decoder loss and
+    the reconstruction metric). Its torchvision trunk must be cached already: nothing is downloaded,
+    and a missing file is one ConfigError saying where to put it, or ``off`` (the setting that
+    turns LPIPS off for the caller)."""
     if net not in LPIPS_NETS:
         raise ConfigError(f"lpips_net: expected one of {', '.join(LPIPS_NETS)}, got {net!r}")
     path = lpips_backbone_checkpoint(net)
     if not os.path.isfile(path):
+        name = os.path.basename(path)
         raise ConfigError(
-            f"LPIPS needs the torchvision {net} ImageNet weights at {path} (download "
-            f"https://download.pytorch.org/models/{os.path.basename(path)} there, or set TORCH_HOME to a "
-            f"folder holding hub/checkpoints/{os.path.basename(path)}); or set lpips_weight = 0 to train without LPIPS"
+            f"LPIPS ({net}) needs torchvision's ImageNet {net} weights at {path} (nothing is downloaded): put "
+            f"https://download.pytorch.org/models/{name} there, or set TORCH_HOME to a folder holding "
+            f"hub/checkpoints/{name}; or set {off} to go without LPIPS"
         )
     import lpips
 

@@ -117,11 +117,6 @@ def _unmix(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.where(valid.any(-1), labels, -1), alpha
 
 
-def segment(image: Image.Image | np.ndarray) -> np.ndarray:
-    """Per-pixel palette index (into ``shapes.COLORS``), -1 for background (step 1)."""
-    return _unmix(_as_array(image))[0]
-
-
 def _template_box(shape: str, mass: float, cx: float, cy: float) -> Box:
     """The box of ``shape`` with area ``mass`` and centroid ``(cx, cy)``."""
     side = float(np.sqrt(mass / _FILL[shape]))

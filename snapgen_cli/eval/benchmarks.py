@@ -133,21 +133,6 @@ def geneval_sample_path(outdir: str | Path, item: BenchmarkPrompt, sample: int) 
     return Path(outdir) / item.key / "samples" / f"{sample:04d}.png"
 
 
-def write_geneval_prompt(outdir: str | Path, item: BenchmarkPrompt, images: Sequence[Image.Image],
-                         grid: bool = True) -> Path:
-    """Write one prompt's folder: ``metadata.jsonl`` (verbatim line), ``samples/NNNN.png``, ``grid.png``."""
-    if not item.metadata_line:
-        raise SnapgenError(f"GenEval prompt {item.key}: no metadata line (read it with read_geneval_metadata)")
-    folder = Path(outdir) / item.key
-    (folder / "samples").mkdir(parents=True, exist_ok=True)
-    (folder / "metadata.jsonl").write_text(item.metadata_line + "\n", encoding="utf-8")
-    for j, im in enumerate(images):
-        im.convert("RGB").save(geneval_sample_path(outdir, item, j))
-    if grid and images:
-        image_grid(images, cols=len(images), pad=2).save(folder / "grid.png")
-    return folder
-
-
 def write_dpg_prompt(outdir: str | Path, item: BenchmarkPrompt, images: Sequence[Image.Image]) -> Path:
     """Write ``<outdir>/<key>.png``: the 4 samples as a 2x2 grid without padding (``2r x 2r``)."""
     if len(images) != DPG_PIC_NUM:

@@ -6,7 +6,8 @@
   then ``(x - 128) / 128``), with clean-fid's own Fréchet and kernel distances.
 * **CLIP score** (Table 3, 6K COCO val captions): torchmetrics' ``CLIPScore`` on a CLIP model
   loaded from a local path or hub id.
-* **PSNR / SSIM / LPIPS** of decoder reconstructions (Table 2: PSNR on COCO val2017).
+* **PSNR / SSIM / LPIPS** of decoder reconstructions (Table 2: PSNR on COCO val2017); LPIPS is the
+  ``lpips`` package's network, loaded by the decoder loss' loader.
 * **ImageReward** (Table 3, sup. Tab. 3) through the ``image-reward`` package when installed.
 
 Decisions where the paper is silent:
@@ -30,7 +31,6 @@ Decisions where the paper is silent:
 
 from __future__ import annotations
 
-import os
 import socket
 import urllib.error
 from collections.abc import Callable, Sequence
@@ -42,13 +42,13 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from ..core.decoder_losses import load_lpips
 from ..errors import ConfigError, SnapgenError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".ppm", ".pgm")
 INCEPTION_BUNDLED = "fid-helper"
 INCEPTION_CLEANFID = "clean-fid"
 CLEANFID_INCEPTION_FILE = "inception-2015-12-05.pt"
-LPIPS_BACKBONES = {"alex": "AlexNet_Weights", "vgg": "VGG16_Weights", "squeeze": "SqueezeNet1_1_Weights"}
 IMAGE_REWARD_MODEL = "ImageReward-v1.0"
 
 FeatureFn = Callable[[Tensor], Tensor]
@@ -78,10 +78,6 @@ def to_uint8_chw(image: Image.Image | Tensor) -> Tensor:
     if isinstance(image, Tensor):
         return image if image.dtype == torch.uint8 else (image.clamp(0, 1) * 255).round().to(torch.uint8)
     return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
-
-
-def to_float_chw(image: Image.Image) -> Tensor:
-    return to_uint8_chw(image).float() / 255.0
 
 
 # ----------------------------------------------------------------------------- Inception, FID, KID
@@ -320,20 +316,29 @@ def clip_score(images: Sequence[Image.Image | Tensor], prompts: Sequence[str], m
 # ----------------------------------------------------------------------------- reconstruction
 
 
-def lpips_backbone_file(net: str = "alex") -> Path:
-    """Where torchvision caches the ImageNet backbone LPIPS needs (``$TORCH_HOME/hub/checkpoints``)."""
-    import torchvision.models
+class _MeanLPIPS(nn.Module):
+    """Mean LPIPS of reconstructions vs originals in [0, 1], with the decoder loss' own loader
+    (:func:`~snapgen_cli.core.decoder_losses.load_lpips`: the same network, the same missing-weights error)."""
 
-    if net not in LPIPS_BACKBONES:
-        raise ConfigError(f"lpips net {net!r}: expected one of {', '.join(LPIPS_BACKBONES)}")
-    url = getattr(torchvision.models, LPIPS_BACKBONES[net]).DEFAULT.url
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+    def __init__(self, net: str = "alex", off: str = "lpips = false"):
+        super().__init__()
+        self.model = load_lpips(net, off)
+        self.total, self.count = 0.0, 0
+
+    def update(self, reconstructions: Tensor, originals: Tensor) -> None:
+        self.total += float(self.model(reconstructions, originals, normalize=True).sum())
+        self.count += len(originals)
+
+    def compute(self) -> float:
+        return self.total / self.count
 
 
 class ReconstructionMetrics:
-    """Streaming PSNR / SSIM (/ LPIPS) of reconstructions vs originals, tensors ``(N, 3, H, W)`` in [0, 1]."""
+    """Streaming PSNR / SSIM (/ LPIPS) of reconstructions vs originals, tensors ``(N, 3, H, W)`` in [0, 1].
+    ``lpips_off`` names the caller's setting that turns LPIPS off (for the missing-weights error)."""
 
-    def __init__(self, lpips: bool = False, lpips_net: str = "alex", device: str | torch.device = "cpu"):
+    def __init__(self, lpips: bool = False, lpips_net: str = "alex", device: str | torch.device = "cpu",
+                 lpips_off: str = "lpips = false"):
         from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
         self.metrics: dict[str, nn.Module] = {
@@ -341,22 +346,11 @@ class ReconstructionMetrics:
             "ssim": StructuralSimilarityIndexMeasure(data_range=1.0),
         }
         if lpips:
-            self.metrics["lpips"] = self._lpips(lpips_net)
+            self.metrics["lpips"] = _MeanLPIPS(lpips_net, lpips_off)
         for m in self.metrics.values():
             m.to(device)
         self.device = device
         self.count = 0
-
-    @staticmethod
-    def _lpips(net: str) -> nn.Module:
-        from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
-
-        weights = lpips_backbone_file(net)
-        if not weights.is_file():
-            raise ConfigError(f"LPIPS ({net}) needs torchvision's ImageNet {net} weights at {weights} (not there, "
-                              f"and nothing can be downloaded): copy {weights.name} into that folder (set TORCH_HOME "
-                              "to use another cache dir), or turn LPIPS off")
-        return LearnedPerceptualImagePatchSimilarity(net_type=net, normalize=True)
 
     @torch.inference_mode()
     def update(self, originals: Tensor, reconstructions: Tensor) -> None:
@@ -372,34 +366,6 @@ class ReconstructionMetrics:
     def compute(self) -> dict:
         out = {name: float(m.compute()) for name, m in self.metrics.items()}
         return out | {"n_images": self.count}
-
-
-def reconstruction_metrics(originals: Tensor, reconstructions: Tensor, *, lpips: bool = False,
-                           lpips_net: str = "alex") -> dict:
-    """PSNR (dB, per image then averaged), SSIM and optionally LPIPS of two ``(N, 3, H, W)`` [0, 1] batches."""
-    metrics = ReconstructionMetrics(lpips=lpips, lpips_net=lpips_net)
-    metrics.update(originals, reconstructions)
-    return metrics.compute()
-
-
-def folder_reconstruction_metrics(originals: str | Path, reconstructions: str | Path, *, lpips: bool = False,
-                                  lpips_net: str = "alex", device: str | torch.device = "cpu") -> dict:
-    """:func:`reconstruction_metrics` over two folders whose images pair up by relative path
-    without extension; pairs are scored one at a time, so a folder may mix resolutions."""
-    orig_root, rec_root = Path(originals), Path(reconstructions)
-    recs = {p.relative_to(rec_root).with_suffix(""): p for p in list_images(rec_root, "reconstructions")}
-    metrics = ReconstructionMetrics(lpips=lpips, lpips_net=lpips_net, device=device)
-    for orig in list_images(orig_root, "originals"):
-        rec = recs.get(orig.relative_to(orig_root).with_suffix(""))
-        if rec is None:
-            raise ConfigError(f"reconstructions {str(rec_root)!r}: no image for original "
-                              f"{str(orig.relative_to(orig_root))!r}")
-        x, y = to_float_chw(load_rgb(orig)), to_float_chw(load_rgb(rec))
-        if x.shape != y.shape:
-            raise ConfigError(f"reconstruction {str(rec)!r} is {tuple(y.shape[1:])} but its original is "
-                              f"{tuple(x.shape[1:])}")
-        metrics.update(x[None], y[None])
-    return metrics.compute()
 
 
 # ----------------------------------------------------------------------------- ImageReward

@@ -11,7 +11,9 @@ A stage module exposes:
   ``PlanItem.provides``; the later plan reads it with ``ctx.planned_for(path)``, so a dry run
   reports the model each stage will really build;
 * ``run(cfg, ctx) -> dict`` -- do the work, write into ``ctx.out_dir``, return a JSON-able
-  summary (it is stored in the stage's done-marker and printed with ``--json``).
+  summary (it is stored in the stage's done-marker and printed with ``--json``);
+* optionally ``RESULT_FILE`` -- the file in ``ctx.out_dir`` that holds the result: the
+  subcommand prints its path instead of the output dir's.
 
 Stage functions know nothing about Click; ``cli.py`` turns flags into a ``Config``.
 """

@@ -8,11 +8,13 @@ reports the ratios side by side (the machine is shared and noisy: only figures t
 in one run are compared). ``ablation_ladder`` prints every Fig. 2 step with
 parameters and MACs at a 128x128 latent and its change against the previous step,
 next to the change sec. 3.1 states.
+
+The result goes to ``bench.json`` in the output dir (``snapgen bench-device`` prints its
+path, or the result itself with ``--json``); the table goes to stderr.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -22,12 +24,15 @@ from rich.table import Table
 
 from ..config import StageConfig
 from ..core import baselines
+from ..core.decoder import PAPER_DECODER, TinyDecoder, build_decoder
 from ..core.measure import count_macs, count_params, measure_latency, resolve_device
 from ..core.unet import LADDER, PAPER_LADDER_DELTAS, PAPER_PARAMS, SnapGenUNet, unet_config
-from ..files import find_model_dir
+from ..files import atomic_write_json, find_model_dir
 from .base import PlanItem, StageContext
 
 Target = Literal["unet", "decoder", "sd3-decoder", "sdxl-unet"]
+#: The result, written into the output dir (the CLI prints its path).
+RESULT_FILE = "bench.json"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 #: Token counts of the text conditioning: 77 CLIP tokens, plus 256 Gemma tokens for the
@@ -35,22 +40,28 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 CLIP_TOKENS, GEMMA_TOKENS = 77, 256
 
 #: Paper figures (Table 2) for the decoders, for the report.
-PAPER_DECODER = {"snapgen-decoder": dict(params=1.38e6, macs=224e9), "sd3-decoder": dict(params=49.55e6, macs=4970e9)}
+PAPER_DECODERS = {"snapgen-decoder": PAPER_DECODER, "sd3-decoder": dict(params=49.55e6, macs=4970e9)}
 
 
 class Config(StageConfig):
-    model: Target = "unet"
-    preset: str | None = Field(None, description="model preset (default: snapgen-t2i / snapgen-decoder)")
+    model: Target = Field(
+        "unet", description="what to measure; sd3-decoder and sdxl-unet are the paper's baselines (public configs, "
+        "random weights)")
+    preset: str | None = Field(
+        None, description="model preset (unet: snapgen-t2i, snapgen-imagenet, tiny, ladder-a..f; decoder: "
+        "snapgen-decoder, tiny); default: snapgen-t2i / snapgen-decoder")
     checkpoint: str | None = Field(None, description="a saved model dir (save_pretrained) instead of a preset")
-    resolution: int = Field(1024, gt=0, description="image resolution in pixels; the latent is resolution/8")
-    batch_size: int = Field(1, gt=0)
-    context_len: int | None = Field(None, gt=0, description="text tokens for cross-attention (default by preset)")
-    device: str = "cpu"
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    runs: int = Field(5, ge=0, description="timed runs; 0 = parameters and MACs only")
-    warmup: int = Field(1, ge=0)
-    compare: list[Target] = Field(default_factory=list)
-    ablation_ladder: bool = False
+    resolution: int = Field(1024, gt=0, description="image resolution in pixels, a multiple of 32 (latent = /8)")
+    batch_size: int = Field(1, gt=0, description="images per forward pass")
+    context_len: int | None = Field(
+        None, gt=0, description="text tokens for cross-attention (default: 77 CLIP, +256 Gemma for snapgen-t2i)")
+    device: str = Field("cpu", description="cpu, cuda[:i] or mps")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="dtype of the timed runs")
+    runs: int = Field(5, ge=0, description="timed runs (0: parameters and MACs only)")
+    warmup: int = Field(1, ge=0, description="untimed runs before the timed ones")
+    compare: list[Target] = Field(
+        default_factory=list, description="also measure this target in the same run and report ratios (repeatable)")
+    ablation_ladder: bool = Field(False, description="params/MACs of each Fig. 2 step at a 128x128 latent vs. the paper")
 
     @field_validator("resolution")
     @classmethod
@@ -93,8 +104,6 @@ def _unet(cfg: Config, preset: str | None, meta: bool) -> Built:
 
 
 def _decoder(cfg: Config, meta: bool) -> Built:
-    from ..core.decoder import TinyDecoder, build_decoder
-
     if cfg.checkpoint:
         path = find_model_dir(cfg.checkpoint)
         model = TinyDecoder.from_config(TinyDecoder.load_config(path)) if meta else TinyDecoder.from_pretrained(path)
@@ -197,12 +206,12 @@ def run(cfg: Config, ctx: StageContext) -> dict:
         result = dict(ablation_ladder=rows)
     else:
         main = measure_target(cfg, cfg.model, console=console)
-        paper = PAPER_PARAMS.get(main["name"]) if cfg.model == "unet" else PAPER_DECODER.get(main["name"], {}).get("params")
+        paper = PAPER_PARAMS.get(main["name"]) if cfg.model == "unet" else PAPER_DECODERS.get(main["name"], {}).get("params")
         if paper:
             main["paper_params"] = paper
             main["params_vs_paper_pct"] = 100 * (main["params"] / paper - 1)
-        if main["name"] in PAPER_DECODER:
-            main["paper_macs"] = PAPER_DECODER[main["name"]]["macs"]
+        if main["name"] in PAPER_DECODERS:
+            main["paper_macs"] = PAPER_DECODERS[main["name"]]["macs"]
             main["macs_vs_paper_pct"] = 100 * (main["macs"] / main["paper_macs"] - 1)
         result = dict(main)
         if cfg.compare:
@@ -210,20 +219,18 @@ def run(cfg: Config, ctx: StageContext) -> dict:
             result["compare"] = others
             result["ratios"] = {o["name"]: _ratios(main, o) for o in others}
         _print_rows([main] + result.get("compare", []), console)
-    if ctx.out_dir is not None and not ctx.dry_run:
-        ctx.out_dir.mkdir(parents=True, exist_ok=True)
-        (ctx.out_dir / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(ctx.out_dir / RESULT_FILE, result)
     return result
 
 
 def plan(cfg: Config, ctx: StageContext) -> list[PlanItem]:
     if cfg.ablation_ladder:
-        return [PlanItem(model=f"unet ladder ({len(LADDER)} steps)", outputs=[str(ctx.out_dir / "bench.json")])]
+        return [PlanItem(model=f"unet ladder ({len(LADDER)} steps)", outputs=[str(ctx.out_dir / RESULT_FILE)])]
     items = []
     for t in [cfg.model, *cfg.compare]:
         built = build_target(cfg, t, meta=True)
         items.append(PlanItem(model=f"{t}:{built.name}", params=count_params(built.model),
-                              outputs=[str(ctx.out_dir / "bench.json")], notes=f"{cfg.resolution}px, {cfg.runs} runs"))
+                              outputs=[str(ctx.out_dir / RESULT_FILE)], notes=f"{cfg.resolution}px, {cfg.runs} runs"))
     return items
 
 

@@ -362,7 +362,8 @@ def reconstruct(cfg: Config, ckpt: Path, pipe=None) -> dict:
     """
     from diffusers import AutoencoderKL
 
-    from ..core.decoder import latents_to_images, normalize_latents
+    from ..core.decoder import latents_to_images
+    from ..core.latents import normalize_latents
     from ..core.measure import resolve_device
     from ..core.pipeline import load_autoencoder, load_decoder, pipeline_config
     from ..data.images import resize_crop, to_tensor

@@ -50,6 +50,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.text import Text
 
 from ..config import StageConfig
+from ..core.latents import downsampling_factor, latent_scale_shift, normalize_latents
 from ..core.measure import count_params, resolve_device
 from ..core.text import EncoderSpec, TextEncoderStack, parse_specs, spec_set
 from ..data import shards
@@ -199,10 +200,8 @@ class _ShardEncoder:
         self.has_captions, self.has_labels = has_captions, has_labels
         self.dtype = shards.DTYPES[cfg.dtype]
         self.min_side = max(cfg.resolutions) if cfg.min_side is None else cfg.min_side
-        vc = vae.config
-        self.shift = float(getattr(vc, "shift_factor", None) or 0.0)
-        self.scale = float(vc.scaling_factor)
-        self.factor = 2 ** (len(vc.block_out_channels) - 1)
+        self.scale, self.shift = latent_scale_shift(vae)
+        self.factor = downsampling_factor(vae.config)
         if bad := [r for r in cfg.resolutions if r % self.factor]:
             raise ConfigError(f"resolutions: {bad} are not multiples of the AE's downsampling factor {self.factor}")
         self.pool = ThreadPoolExecutor(cfg.num_workers) if cfg.num_workers else None
@@ -229,7 +228,7 @@ class _ShardEncoder:
         if self.cfg.latent == "sample":
             gens = [torch.Generator().manual_seed(self.seed * 1_000_003 + i) for i in indices]
             z = z + dist.std * torch.stack([torch.randn(z.shape[1:], generator=g) for g in gens]).to(z)
-        return ((z - self.shift) * self.scale).to("cpu", self.dtype)
+        return normalize_latents(self.vae, z).to("cpu", self.dtype)
 
     def _latents_at(self, res: int, kept: list[Sample], views: list[dict]) -> torch.Tensor:
         b = self.cfg.batch_size

@@ -53,14 +53,14 @@ from ..core.baselines import SD3_VAE_HUB
 from ..core.decoder import TinyDecoder, build_decoder
 from ..core.decoder_losses import ADV_LOSSES, LPIPS_NETS, DecoderLoss
 from ..core.discriminator import PatchDiscriminator, build_discriminator
+from ..core.latents import downsampling_factor
 from ..core.measure import count_params
 from ..data.sources import open_source
 from ..errors import ConfigError
 from ..eval.metrics import list_images
 from ..files import atomic_write_json, find_model_dir
 from ..train.decoder_task import (AutoencoderTask, ImageDataset, TinyDecoderTask, build_autoencoder,
-                                  downsampling_factor, evaluate_decoder, latent_statistics, load_patches,
-                                  random_patches)
+                                  evaluate_decoder, latent_statistics, load_patches, random_patches)
 from ..train.loop import LoopConfig, sample_generators, save_module, train
 from .base import PlanItem, StageContext, seeded, vae_config
 

@@ -55,6 +55,7 @@ from torch.utils.data import Dataset
 
 from ..core.baselines import SD3_VAE_CONFIG
 from ..core.decoder_losses import DecoderLoss
+from ..core.latents import downsampling_factor
 from ..data.images import ImageSkipped, open_image, resize_crop, to_tensor
 from ..data.sources import Source
 from ..errors import ConfigError, SnapgenError
@@ -94,17 +95,6 @@ def build_autoencoder(preset: str = "tiny-ae", **overrides: Any) -> AutoencoderK
         return AutoencoderKL(**autoencoder_config(preset, **overrides))
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"autoencoder_overrides: {exc}") from None
-
-
-def downsampling_factor(vae_config: dict[str, Any] | Any) -> int:
-    """f of an ``AutoencoderKL`` config (diffusers: ``2 ** (len(block_out_channels) - 1)``)."""
-    channels = vae_config["block_out_channels"] if isinstance(vae_config, dict) else vae_config.block_out_channels
-    return 2 ** (len(channels) - 1)
-
-
-def latent_scale_shift(vae: AutoencoderKL) -> tuple[float, float]:
-    c = vae.config
-    return float(c.scaling_factor), float(getattr(c, "shift_factor", None) or 0.0)
 
 
 # ------------------------------------------------------------------------------ data
@@ -218,7 +208,8 @@ def evaluate_decoder(decoder: nn.Module, vae: AutoencoderKL, folder: str | Path,
     if resolution % factor:
         raise ConfigError(f"eval_resolution: {resolution} is not a multiple of the autoencoder's factor {factor}")
     files = list_images(folder, "eval_images")
-    metrics = ReconstructionMetrics(lpips=lpips, lpips_net=lpips_net, device=vae.device)
+    metrics = ReconstructionMetrics(lpips=lpips, lpips_net=lpips_net, device=vae.device,
+                                    lpips_off="eval_lpips = false")
     for i in range(0, len(files), batch_size):
         x = load_patches(files[i:i + batch_size], resolution)
         y = reconstruct(decoder, vae, x)
@@ -355,6 +346,6 @@ class AutoencoderTask(ReconstructionTask):
 
 
 __all__ = ["AUTOENCODER_PRESETS", "AutoencoderTask", "ImageDataset", "ReconstructionTask", "TinyDecoderTask",
-           "autoencoder_config", "build_autoencoder", "comparison_grid", "downsampling_factor", "encode",
-           "evaluate_decoder", "latent_scale_shift", "latent_statistics", "load_patches", "random_patches",
+           "autoencoder_config", "build_autoencoder", "comparison_grid", "encode",
+           "evaluate_decoder", "latent_statistics", "load_patches", "random_patches",
            "reconstruct", "resize_shorter"]
