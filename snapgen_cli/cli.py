@@ -7,6 +7,7 @@ stderr. Exit codes: 0 success, 2 bad usage or config, 1 runtime failure.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -156,28 +157,58 @@ def _print_plan(rec, rows, console) -> None:
 # and --json. The command only turns flags into the Config and calls the stage's run();
 # stdout gets the out dir, or the stage's RESULT_FILE in it, or one JSON object (--json).
 
-def _click_type(annotation):
-    """(click type, multiple, nargs, is_flag) for a pydantic field annotation."""
+def _unwrap(annotation):
+    """``(base annotation, optional)``: ``X | None`` -> X, ``Annotated[X, ...]`` (PositiveInt) -> X."""
     import types
     import typing
 
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    optional = False
+    while True:
+        origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+        if origin is typing.Annotated:
+            annotation = args[0]
+        elif origin in (typing.Union, types.UnionType) and type(None) in args and len(args) == 2:
+            annotation, optional = next(a for a in args if a is not type(None)), True
+        else:
+            return annotation, optional
+
+
+def _click_type(annotation):
+    """(click type, multiple, nargs, is_flag) for a pydantic field annotation. An optional
+    number is read as text so that ``none`` can unset it, as in a recipe (``StageConfig``)."""
+    import typing
+
+    annotation, optional = _unwrap(annotation)
+    args = [_unwrap(a)[0] for a in typing.get_args(annotation) if a is not type(None)]
     origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return _click_type(args[0]) if len(args) == 1 else (str, False, 1, False)  # TOML-parsed string
     if annotation is bool:
         return bool, False, 1, True
     if annotation in (int, float, str):
-        return annotation, False, 1, False
+        return (str if optional else annotation), False, 1, False
     if origin is typing.Literal:
-        return click.Choice([str(a) for a in args]), False, 1, False
+        return click.Choice([str(a) for a in args] + (["none"] if optional else [])), False, 1, False
     if origin is list and args and args[0] in (int, float, str):
         return args[0], True, 1, False
     if origin is list and args and typing.get_origin(args[0]) is typing.Literal:
         return click.Choice([str(a) for a in typing.get_args(args[0])]), True, 1, False
     if origin is tuple and args and all(a in (int, float) for a in args):
         return args[0], False, len(args), False
-    return str, False, 1, False  # tables and specs: a TOML value, e.g. '{a = 1}'
+    return str, False, 1, False  # tables, specs, unions: a TOML value, e.g. '{a = 1}'
+
+
+def _is_toml(annotation) -> bool:
+    """Whether a flag's text is a TOML value (tables, specs, unions) rather than the value itself."""
+    base = _unwrap(annotation)[0]
+    return not (base in (bool, int, float, str) or _click_type(annotation)[0] is not str)
+
+
+def _metavar(annotation, multiple: bool) -> str | None:
+    base, optional = _unwrap(annotation)
+    if _is_toml(annotation) and not multiple:
+        return "VALUE"
+    if optional and base in (int, float):
+        return f"{'INTEGER' if base is int else 'FLOAT'}|none"
+    return None
 
 
 def _field_options(config_cls):
@@ -196,7 +227,7 @@ def _field_options(config_cls):
         else:
             opts.append(click.option(flag_name, name, type=typ, multiple=multiple, nargs=nargs,
                                      default=() if multiple else default, required=False,
-                                     metavar="VALUE" if typ is str and f.annotation is not str and not multiple else None, **kw))
+                                     metavar=_metavar(f.annotation, multiple), **kw))
     return opts
 
 
@@ -208,7 +239,7 @@ def _flags_to_config(config_cls, flags: dict, overrides: tuple[str, ...]):
         if v is None or v == ():
             continue
         f = config_cls.model_fields[k]
-        if isinstance(v, str) and _click_type(f.annotation)[0] is str and f.annotation is not str:
+        if isinstance(v, str) and _is_toml(f.annotation):
             v = _parse_value(v)
         elif isinstance(v, tuple):
             v = list(v)
@@ -273,6 +304,24 @@ LazyGroup.lazy = {
 
 # ------------------------------------------------------------------------------------- entry
 
+_OS_FIXES = {errno.ENOSPC: "free some space or write elsewhere (--out)",
+             errno.EDQUOT: "free some space or write elsewhere (--out)",
+             errno.EFBIG: "the file-size limit (ulimit -f) is too small for it; raise it or write elsewhere",
+             errno.EACCES: "check the permissions, or write elsewhere (--out)",
+             errno.EROFS: "the file system is read-only; write elsewhere (--out)",
+             errno.ENOTDIR: "a parent of the path is a file, not a directory; choose another path",
+             errno.EEXIST: "something else is in the way at that path; remove it or choose another path"}
+
+
+def os_error_message(exc: OSError) -> str:
+    """One line for an OS failure: what, where and what to do. Nothing already written is lost:
+    every file snapgen writes goes to a temp file first and is renamed into place."""
+    where = exc.filename or "(file system)"
+    what = exc.strerror or str(exc)
+    fix = _OS_FIXES.get(exc.errno, "check the path and the file system")
+    return f"{where}: {what}; {fix}"
+
+
 def main(argv=None) -> None:
     """Console entry point: maps errors to one clear line and the documented exit codes."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -288,6 +337,9 @@ def main(argv=None) -> None:
     except SnapgenError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
+    except OSError as exc:  # the file system refused: one line naming the path, exit 1
+        click.echo(f"error: {os_error_message(exc)}", err=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -50,6 +51,8 @@ STAGE_KINDS: dict[str, str] = {
 }
 
 DONE_MARKER = ".snapgen-done.json"
+#: A stage name is a folder of the run dir: no separators, no "." / "..", no hidden names.
+STAGE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
 #: The recipe ``snapgen run`` runs when given none: the paper's stage sequence at toy scale.
 DEMO_RECIPE = Path(__file__).parent / "recipes" / "demo.toml"
 _RESERVED = ("name", "kind", "input")
@@ -225,8 +228,9 @@ def parse_recipe(data: dict, path: Path | None = None) -> Recipe:
         if kind not in STAGE_KINDS:
             raise ConfigError(f"{where}.kind: unknown stage kind {kind!r}; expected one of: {', '.join(STAGE_KINDS)}")
         name = raw.get("name", kind)
-        if not isinstance(name, str) or not name or "/" in name:
-            raise ConfigError(f"{where}.name: expected a non-empty string without '/', got {json.dumps(name)}")
+        if not isinstance(name, str) or not STAGE_NAME.fullmatch(name) or name in (".", ".."):
+            raise ConfigError(f"{where}.name: expected letters, digits, '-', '_' or '.' (not starting with '.', "
+                              f"at most 64; it names the stage's folder in the run dir), got {json.dumps(name)}")
         if name in seen:
             raise ConfigError(f"{where}.name: duplicate stage name {name!r}")
         seen.add(name)
@@ -318,8 +322,43 @@ def plan_recipe(recipe: Recipe, run_dir: Path, stages: list[Stage], console) -> 
     return rows
 
 
+def remove_stage_dir(path: Path, run_dir: Path) -> None:
+    """Delete a stage's output dir, refusing anything that does not resolve to a folder strictly
+    inside ``run_dir`` (a symlink or a crafted name can never reach outside the run)."""
+    target, root = Path(path).resolve(), Path(run_dir).resolve()
+    if target == root or root not in target.parents:
+        raise ConfigError(f"refusing to delete {path}: it resolves to {target}, not a folder inside the run dir {root}")
+    if target.exists():
+        shutil.rmtree(target)
+
+
+def _changed_keys(old: dict, new: dict) -> list[str]:
+    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+
+
+def check_done_stages(stages: list[Stage], run_dir: Path) -> None:
+    """A finished stage whose settings changed since it ran is an error naming the keys and the
+    fix: it is never silently skipped, and never silently redone (its outputs may be days of
+    training)."""
+    for st in stages:
+        marker = run_dir / st.name / DONE_MARKER
+        if not marker.is_file():
+            continue
+        recorded = json.loads(marker.read_text()).get("config", {})
+        changed = _changed_keys(recorded, st.config.model_dump(mode="json"))
+        if changed:
+            k = changed[0]
+            raise ConfigError(f"stage {st.name!r} ran with other settings ({', '.join(changed)}; {k}: "
+                              f"{json.dumps(recorded.get(k))} then, {json.dumps(st.config.model_dump(mode='json').get(k))} "
+                              f"now); redo it and the stages after it with --fresh --from {st.name}, "
+                              f"or restore the settings")
+
+
 def run_recipe(recipe: Recipe, run_dir: Path, stages: list[Stage], console, fresh: bool = False) -> list[dict]:
-    """Run ``stages`` in order; skip those already marked done (unless ``fresh``)."""
+    """Run ``stages`` in order; skip those already marked done (unless ``fresh``). A finished
+    stage of the recipe that is not redone here and whose settings changed is an error
+    (:func:`check_done_stages`): the stages after it would read stale outputs."""
+    check_done_stages([s for s in recipe.stages if not (fresh and s in stages)], run_dir)
     results = []
     for n, st in enumerate(stages, 1):
         ctx = _context(recipe, st, run_dir, False, console)
@@ -328,8 +367,8 @@ def run_recipe(recipe: Recipe, run_dir: Path, stages: list[Stage], console, fres
             console.print(f"[dim][{n}/{len(stages)}] {st.name}: done already, skipped[/dim]")
             results.append({**json.loads(marker.read_text()), "stage": st.name, "skipped": True})
             continue
-        if fresh and ctx.out_dir.exists():  # start over: the stage's old outputs and checkpoints go
-            shutil.rmtree(ctx.out_dir)
+        if fresh:  # start over: the stage's old outputs and checkpoints go
+            remove_stage_dir(ctx.out_dir, run_dir)
         console.rule(f"[bold][{n}/{len(stages)}] {st.name}[/bold] ({st.kind})")
         ctx.out_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()

@@ -70,7 +70,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from diffusers.utils.torch_utils import randn_tensor
-from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, field_validator
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from safetensors.torch import save_model
@@ -110,8 +110,19 @@ class LoopConfig(StageConfig):
     log_every: PositiveInt = 10
     seed: NonNegativeInt | None = Field(None, description="seed of initialisation, data order and noise "
                                                           "(default: the recipe's run seed; 0 standalone)")
-    tracker: str = Field("tensorboard", description='"tensorboard", "none" or any accelerate tracker name')
+    tracker: str = Field("tensorboard", description='"tensorboard", "none" or another accelerate tracker '
+                                                    '(wandb, mlflow, comet_ml, aim, clearml, dvclive, ...)')
     num_workers: NonNegativeInt = 0
+
+
+    @field_validator("tracker")
+    @classmethod
+    def _known_tracker(cls, v: str) -> str:
+        from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+        if v != "none" and v not in LOGGER_TYPE_TO_CLASS:
+            raise ValueError(f"expected \"none\" or one of accelerate's trackers: {', '.join(sorted(LOGGER_TYPE_TO_CLASS))}")
+        return v
 
 
 # ----------------------------------------------------------------------------------------
