@@ -163,6 +163,16 @@ def test_open_image_max_pixels_is_configurable_and_conversions_are_counted():
     assert stats.converted == {"palette": 1, "alpha": 1, "grayscale": 1} and not stats.skipped
 
 
+def test_an_animated_image_is_its_first_frame_and_counted_as_converted():
+    frames = [Image.new("RGB", (16, 16), c) for c in ((200, 10, 10), (10, 200, 10), (10, 10, 200))]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=50)
+    stats = im.ImageStats()
+    img = im.open_image(buf.getvalue(), stats=stats)
+    assert stats.converted["animated"] == 1 and not stats.skipped
+    assert np.abs(np.asarray(img, dtype=int) - (200, 10, 10)).max() <= 8  # the first frame
+
+
 def test_resize_crop_center_random_and_tensor_range():
     img = _rgb(80, 40)  # h=80, w=40 -> resized 64 x 32 for size 32
     view, crop = im.resize_crop(img, 32, crop="center")
@@ -213,6 +223,10 @@ def test_folder_precompute_skips_counts_shapes_and_golden_latents(folder, tiny_v
     for _, reason in BAD_IMAGES.values():
         expected_skips[reason] = expected_skips.get(reason, 0) + 1
     assert summary["skipped"] == man["skipped"] == expected_skips
+    listed = [json.loads(line) for line in (tmp_path / "out" / man["skipped_list"]).read_text().splitlines()]
+    assert sorted((s["key"], s["reason"]) for s in listed) == sorted(
+        (Path(name).stem, reason) for name, (_, reason) in BAD_IMAGES.items())  # which files, and why
+    assert [s["index"] for s in listed] == sorted(s["index"] for s in listed)
     assert man["converted"] == {"palette": 1}
     assert man["captions"] == {"empty": 1, "missing": 1, "truncated": 1}
     assert summary["num_samples"] == man["num_samples"] == 8 and man["source_samples"] == 8 + len(BAD_IMAGES)

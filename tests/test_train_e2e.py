@@ -343,3 +343,14 @@ def test_encoder_dropout_through_the_training_path_is_ten_percent_unconditional(
     s0, s1 = task.layout.sequence_slices["gemma"]
     for dropped in ((pooled[:, l0:l1].abs().amax(1) == 0), (context[:, s0:s1].abs().amax(dim=(1, 2)) == 0)):
         assert abs(dropped.float().mean().item() - 0.464) < 4 * (0.464 * 0.536 / n) ** 0.5
+
+
+def test_bad_vae_or_decoder_fails_when_the_stage_starts_not_after_training(shards, tmp_path):
+    """Issue 12 (5): every weight reference is loaded when the stage starts."""
+    from snapgen_cli.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"vae: cannot load an AutoencoderKL from '/nonexistent'"):
+        finetune.run(_finetune_cfg(shards, steps=2, vae="/nonexistent"), StageContext(out_dir=tmp_path / "a"))
+    with pytest.raises(ConfigError, match=r"decoder '/nonexistent': no such file or directory"):
+        finetune.run(_finetune_cfg(shards, steps=2, decoder="/nonexistent"), StageContext(out_dir=tmp_path / "b"))
+    assert not (tmp_path / "a" / "checkpoints").exists() and not (tmp_path / "b" / "checkpoints").exists()

@@ -16,7 +16,8 @@ dropped or silently altered. Decisions where the paper is silent:
 * **Converted and counted** (well-defined conversions, key in ``converted``):
   ``palette`` (a palette entry *is* an RGB(A) colour), ``grayscale`` (L -> RGB repeats the
   channel), ``alpha`` (transparent pixels composited over white, the common choice of
-  web-scraped T2I pipelines; without it transparent areas take arbitrary colours).
+  web-scraped T2I pipelines; without it transparent areas take arbitrary colours),
+  ``animated`` (an animated GIF / PNG / WebP: its first frame is used).
 * **Resize + crop**: the shorter side is resized to the target resolution (bicubic,
   antialiased) and a square crop of that size is taken at the centre or at a random
   offset. The crop's top-left corner (in resized pixels) and the original size are
@@ -42,7 +43,7 @@ from PIL import Image, UnidentifiedImageError
 from ..errors import SnapgenError
 
 SKIP_REASONS = ("no_image", "zero_byte", "corrupt", "truncated", "huge", "cmyk", "16bit", "too_small")
-CONVERSIONS = ("palette", "grayscale", "alpha")
+CONVERSIONS = ("palette", "grayscale", "alpha", "animated")
 DEFAULT_MAX_PIXELS = 8192 * 8192
 _HIGH_DEPTH_MODES = {"I", "F", "I;16", "I;16B", "I;16L", "I;16N"}
 
@@ -52,19 +53,26 @@ class ImageSkipped(Exception):
 
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
+        self.reason, self.detail = reason, detail
 
 
 @dataclass
 class ImageStats:
-    """Per-reason counters of skipped and converted images (merged across shards)."""
+    """Per-reason counters of skipped and converted images (merged across shards), and
+    which records were skipped (``{"key", "index", "reason", "detail"}``)."""
 
     skipped: Counter = field(default_factory=Counter)
     converted: Counter = field(default_factory=Counter)
+    skipped_files: list[dict] = field(default_factory=list)
+
+    def skip(self, exc: ImageSkipped, key: str, index: int) -> None:
+        self.skipped[exc.reason] += 1
+        self.skipped_files.append({"key": key, "index": index, "reason": exc.reason, "detail": exc.detail})
 
     def merge(self, other: "ImageStats") -> None:
         self.skipped.update(other.skipped)
         self.converted.update(other.converted)
+        self.skipped_files += other.skipped_files
 
 
 def open_image(src: bytes | str | Path | Image.Image, *, max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -89,6 +97,8 @@ def open_image(src: bytes | str | Path | Image.Image, *, max_pixels: int = DEFAU
         raise ImageSkipped("truncated" if "truncat" in str(e).lower() else "corrupt", str(e)) from None
     except (SyntaxError, ValueError, EOFError) as e:
         raise ImageSkipped("corrupt", str(e)) from None
+    if getattr(img, "is_animated", False) and stats is not None:
+        stats.converted["animated"] += 1  # GIF / APNG / WebP animation: its first frame is the image
     return _to_rgb(img, stats)
 
 

@@ -57,11 +57,12 @@ from ..data import shards
 from ..data.images import DEFAULT_MAX_PIXELS, ImageSkipped, ImageStats, open_image, resize_crop, sample_rng, to_tensor
 from ..data.sources import Sample, Source, open_source
 from ..errors import ConfigError
-from ..files import atomic_write_json, model_location
+from ..files import atomic_write_json, atomic_write_text, model_location
 from .base import PlanItem, StageContext, vae_config
 
 SD3_VAE = "stabilityai/stable-diffusion-3-medium-diffusers"
 RUN_CONFIG = "precompute.json"
+SKIPPED_FILE = "skipped.jsonl"
 # Settings that do not change the output; a resumed run may use other values.
 _RUNTIME_ONLY = {"batch_size", "num_workers", "device", "streaming"}
 
@@ -214,7 +215,7 @@ class _ShardEncoder:
                 raise ImageSkipped("no_image")
             img = open_image(sample.image, max_pixels=self.cfg.max_pixels, min_side=self.min_side, stats=stats)
         except ImageSkipped as e:
-            stats.skipped[e.reason] += 1
+            stats.skip(e, key=sample.key, index=sample.index)
             return sample, None, stats
         rng = sample_rng(self.seed, sample.index)
         views = {r: resize_crop(img, r, crop=self.cfg.crop, rng=rng) for r in self.cfg.resolutions}
@@ -324,11 +325,20 @@ def _class_text(enc: _ShardEncoder, names: list[list[str]], template: str, out: 
 def _write_shard(enc: _ShardEncoder, out: Path, sid: int, samples: list[Sample], size: int) -> None:
     tensors, kept, stats, captions = enc.encode_shard(samples)
     record = {"start": sid * size, "stop": sid * size + len(samples), "num_samples": len(kept),
-              "skipped": dict(stats.skipped), "converted": dict(stats.converted), "captions": captions,
+              "skipped": dict(stats.skipped), "skipped_files": stats.skipped_files,
+              "converted": dict(stats.converted), "captions": captions,
               "tensors": {k: {"shape": list(v.shape[1:]), "dtype": str(v.dtype).removeprefix("torch.")}
                           for k, v in tensors.items()}}
     shards.write_shard(out, sid, tensors, keys=[s.key for s in kept], record=record,
                        captions=[s.caption or "" for s in kept] if enc.has_captions else None)
+
+
+def _write_skipped(out: Path, records: list[dict]) -> str:
+    """``skipped.jsonl`` beside the manifest: one line per skipped source record (key, index,
+    reason, detail), in source order; returns its file name."""
+    lines = [json.dumps(s, sort_keys=True) + "\n" for r in records for s in r.get("skipped_files", [])]
+    atomic_write_text(out / SKIPPED_FILE, "".join(lines))
+    return SKIPPED_FILE
 
 
 def _write_manifest(cfg: Config, out: Path, source: Source, enc: _ShardEncoder, student: list[EncoderSpec],
@@ -348,7 +358,8 @@ def _write_manifest(cfg: Config, out: Path, source: Source, enc: _ShardEncoder, 
                      "teacher": [list(pair) for pair in teacher_names.items()] if text else [],
                      "specs": {s.name: s.model_dump(mode="json") for s in [*student, *teacher]} if text else {}},
         "tensors": records[0]["tensors"] if records else {},
-        "skipped": shards.sum_counts(records, "skipped"), "converted": shards.sum_counts(records, "converted"),
+        "skipped": shards.sum_counts(records, "skipped"), "skipped_list": _write_skipped(out, records),
+        "converted": shards.sum_counts(records, "converted"),
         "captions": shards.sum_counts(records, "captions"),
         "classes": _class_text(enc, source.label_names, cfg.class_template, out) if source.label_names else None,
         "shards": [{k: r[k] for k in ("id", "file", "start", "stop", "num_samples", "sha256", "bytes")}
