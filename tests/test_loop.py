@@ -305,3 +305,15 @@ def test_the_loop_feeds_the_shard_window_order(tmp_path, workers):
     shards = task.data.shard_ranges()
     assert len(shards) == 7
     assert task.seen == _stream(shards, b=4, a=2, steps=9, window=2, seed=5)
+
+
+def test_default_workers_are_none_on_cpu_and_spare_cores_on_an_accelerator(monkeypatch):
+    from snapgen_cli.train.loop import _workers
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert _workers(LoopConfig(), cpu) == 0 and _workers(LoopConfig(num_workers=3), cpu) == 3
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert _workers(LoopConfig(), cuda) == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # 2 cores per process: one for it, one worker
+    assert _workers(LoopConfig(), cuda) == 1 and _workers(LoopConfig(num_workers=0), cuda) == 0

@@ -34,10 +34,14 @@ Decisions where the paper is silent:
   many shards. Default 64 shards (65536 samples at precompute's 1024 per shard); 0 shuffles
   the whole data set at once. A dataset without ``shard_ranges()`` (decoder images, toy
   sets) is one shard, and a data set of one window is permuted exactly as before windows.
-* **DataLoader**: ``num_workers`` worker processes (default 0: on a CPU-only machine the
-  workers take cores from the training step; ``benchmarks/bench_data.py`` measures the data
-  path alone) and pinned memory when training on CUDA. A worker's :class:`SnapgenError`
-  (e.g. a corrupt shard) is re-raised as its own one-line message.
+* **DataLoader**: pinned memory when training on CUDA; ``num_workers`` worker processes,
+  by default (``None``) 0 when training on the CPU, whose step needs every core, else up to
+  4 per process from the cores it has to itself (``LOCAL_WORLD_SIZE`` processes share the
+  machine), one left to the main process. Workers pay where cores are idle: the data path
+  alone on 2 idle cores read 1024^2 samples at 291/s in-process, 279/s with 1 worker and
+  457/s with 2 (``benchmarks/bench_data.py``); next to 3 other busy processes, workers were
+  slower (148/s in-process, 99-106/s with workers). A worker's :class:`SnapgenError` (e.g. a
+  corrupt shard) is re-raised as its own one-line message.
 * **Steps** count optimizer updates, from 1; ``checkpoints/step_000100`` holds the state
   after 100 of them. A checkpoint is written to ``step_000100.tmp`` and renamed, so a kill
   never leaves a broken latest checkpoint; ``resume="auto"`` ignores ``.tmp`` dirs.
@@ -123,7 +127,8 @@ class LoopConfig(StageConfig):
     log_every: PositiveInt = 10
     seed: NonNegativeInt = 0
     tracker: str = Field("tensorboard", description='"tensorboard", "none" or any accelerate tracker name')
-    num_workers: NonNegativeInt = Field(0, description="DataLoader worker processes")
+    num_workers: NonNegativeInt | None = Field(None, description="DataLoader worker processes "
+                                                                "(default: 0 on CPU, else up to 4)")
     shuffle_window_shards: NonNegativeInt = Field(64, description="shards whose samples are shuffled together "
                                                                   "(after shuffling the shards); 0: all")
 
@@ -282,6 +287,15 @@ class GlobalBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return (self.steps - self.start_step) * self.a
+
+
+def _workers(cfg: LoopConfig, device: torch.device) -> int:
+    """``cfg.num_workers``, or the default of the module docstring."""
+    if cfg.num_workers is not None:
+        return cfg.num_workers
+    if device.type == "cpu":
+        return 0
+    return max(0, min(4, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1))
 
 
 def _batches(loader: DataLoader) -> Iterator[Any]:
@@ -519,8 +533,8 @@ class _Run:
         dataset = self.task.dataset()
         sampler = GlobalBatchSampler(shard_ranges(dataset), cfg.batch_size, acc.num_processes, acc.process_index,
                                      cfg.grad_accum, cfg.seed, start, cfg.steps, window=cfg.shuffle_window_shards)
-        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=self.task.collate, num_workers=cfg.num_workers,
-                            pin_memory=acc.device.type == "cuda")
+        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=self.task.collate,
+                            num_workers=_workers(cfg, acc.device), pin_memory=acc.device.type == "cuda")
         batches = _batches(loader)
         t0, last = time.perf_counter(), {}
         with self._progress() as progress:
