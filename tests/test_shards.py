@@ -37,7 +37,8 @@ def _make(root: Path, sizes=SIZES) -> Path:
                for i, n in enumerate(sizes)]
     atomic_write_json(root / shards.MANIFEST, {
         "format": shards.FORMAT_VERSION, "shards": records,
-        "tensors": {k: {"shape": list(v.shape[1:]), "dtype": str(v.dtype)} for k, v in _tensors(1, 0).items()}})
+        "tensors": {k: {"shape": list(v.shape[1:]), "dtype": str(v.dtype).removeprefix("torch.")}
+                    for k, v in _tensors(1, 0).items()}})
     return root
 
 
@@ -46,8 +47,9 @@ def _rchar() -> int:
     return int(dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())["rchar"])
 
 
-def test_items_are_bitwise_those_of_the_whole_file_reader(tmp_path):
-    ds = ShardDataset(_make(tmp_path))
+@pytest.mark.parametrize("drop_behind", [False, True])
+def test_items_are_bitwise_those_of_the_whole_file_reader(tmp_path, drop_behind):
+    ds = ShardDataset(_make(tmp_path), drop_behind=drop_behind)
     assert len(ds) == 18 and ds.shard_ranges() == [range(0, 6), range(6, 11), range(11, 18)]
     for i, (s, j) in enumerate((s, j) for s, n in enumerate(SIZES) for j in range(n)):
         whole, meta = read_tensors(tmp_path / f"shard-{s:05d}.safetensors")
@@ -67,8 +69,23 @@ def test_items_are_bitwise_those_of_the_whole_file_reader(tmp_path):
         ds[18]
 
 
-def test_a_sample_reads_its_rows_not_the_shard(tmp_path):
-    ds = ShardDataset(_make(tmp_path, sizes=[64]), fields=["latents.32", "clip_l.tokens", "clip_l.mask"])
+def test_drop_behind_is_chosen_when_an_epoch_outgrows_half_the_memory(tmp_path, monkeypatch):
+    _make(tmp_path)
+    fields = ["latents.32", "clip_l.tokens"]
+    epoch = 18 * (16 * 4 * 4 * 2 + 77 * 160 * 2)
+    assert ShardDataset(tmp_path, fields=fields).sample_bytes * 18 == epoch
+    assert not ShardDataset(tmp_path, fields=fields).drop_behind  # this machine holds 18 samples easily
+    monkeypatch.setattr(shards, "memory_bytes", lambda: 2 * epoch)
+    assert not ShardDataset(tmp_path, fields=fields).drop_behind
+    monkeypatch.setattr(shards, "memory_bytes", lambda: 2 * epoch - 2)
+    assert ShardDataset(tmp_path, fields=fields).drop_behind
+    assert not ShardDataset(tmp_path, fields=fields, drop_behind=False).drop_behind
+
+
+@pytest.mark.parametrize("drop_behind", [False, True])
+def test_a_sample_reads_its_rows_not_the_shard(tmp_path, drop_behind):
+    ds = ShardDataset(_make(tmp_path, sizes=[64]), fields=["latents.32", "clip_l.tokens", "clip_l.mask"],
+                      drop_behind=drop_behind)
     ds[0]  # first open: hashes the file once and parses the header
     file_bytes = (tmp_path / "shard-00000.safetensors").stat().st_size
     row = 16 * 4 * 4 * 2 + 77 * 160 * 2 + 77

@@ -34,6 +34,13 @@ Decisions where the paper is silent:
   workers) takes its whole tensor into shared memory. Every byte read here goes through
   ``read`` and is counted in ``rchar`` (``benchmarks/bench_data.py`` measures it). Open files
   are an LRU of ``cache_shards``.
+* **Drop-behind.** When the bytes an epoch reads (samples x the fields' row bytes) exceed half
+  the machine's memory, the page cache cannot keep them until the next epoch anyway (a cyclic
+  scan larger than an LRU cache never hits), so each row's pages are released right after it
+  is read (``POSIX_FADV_DONTNEED``). Otherwise the kernel reclaims them itself, on the
+  reading process's time: on the 20 GB benchmark set (24 GB RAM, 2 cores) a cold epoch at
+  1024^2 ran at 160-190 samples/s without and 320-330 with drop-behind. Smaller data sets
+  stay cached for the next epoch.
 * **Verified once per file version.** A shard's sha256 (recorded by precompute) is checked
   by a streaming hash (8 MB chunks, never the whole file in memory) when a process first opens
   it, and the result is kept as a marker ``<root>/.verified/<file>.json`` holding the file's
@@ -271,6 +278,11 @@ def read_manifest(root: str | Path) -> dict:
     return manifest
 
 
+def memory_bytes() -> int:
+    """Physical memory of this machine (``drop_behind``'s yardstick)."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def _rebuild_hint(root: Path) -> str:
     return f"; re-run `snapgen precompute` with --out {root} to rebuild it"
 
@@ -279,8 +291,8 @@ class ShardFile:
     """One open safetensors shard: the header parsed once, then :meth:`row` reads the bytes of
     one sample's row of one tensor and nothing else (see the module docstring)."""
 
-    def __init__(self, path: Path, rebuild_hint: str = ""):
-        self.path, self.hint = path, rebuild_hint
+    def __init__(self, path: Path, rebuild_hint: str = "", *, drop_behind: bool = False):
+        self.path, self.hint, self.drop_behind = path, rebuild_hint, drop_behind and _FADVISE
         hint = rebuild_hint
         try:
             self.fd = os.open(path, os.O_RDONLY)
@@ -314,11 +326,13 @@ class ShardFile:
         raw = torch.empty(nbytes, dtype=torch.uint8)
         if os.preadv(self.fd, [raw.numpy()], offset + j * nbytes) != nbytes:
             raise SnapgenError(f"{self.path}: truncated at tensor {name!r} row {j}{self.hint}")
+        if self.drop_behind:
+            os.posix_fadvise(self.fd, offset + j * nbytes, nbytes, os.POSIX_FADV_DONTNEED)
         return raw.view(dtype).reshape(shape)
 
-    def __del__(self) -> None:
+    def __del__(self, _close=os.close) -> None:  # os may be gone at interpreter exit
         if getattr(self, "fd", -1) >= 0:
-            os.close(self.fd)
+            _close(self.fd)
             self.fd = -1
 
 
@@ -331,18 +345,25 @@ class ShardDataset(Dataset):
     verified against the manifest's sha256 when first opened (once per file version, module
     docstring) and the last ``cache_shards`` opened stay open; keep it above twice the training
     loop's ``shuffle_window_shards`` (a batch may span two windows), else headers are re-read.
-    ``rank`` / ``world_size`` give one process its contiguous slice (see the module docstring).
+    ``drop_behind``: release each row's page-cache pages once read; ``None``: when an epoch
+    reads more than half the memory (module docstring). ``rank`` / ``world_size`` give one
+    process its contiguous slice (see the module docstring).
     """
 
     def __init__(self, root: str | Path, *, fields: list[str] | None = None, rank: int = 0, world_size: int = 1,
-                 cache_shards: int = 256, verify: bool = True):
+                 cache_shards: int = 256, verify: bool = True, drop_behind: bool | None = None):
         self.root = Path(root)
         self.manifest = read_manifest(self.root)
         self.shards = list(self.manifest["shards"])
         self.fields, self.verify, self.cache_shards = fields, verify, cache_shards
-        if fields is not None and (unknown := sorted(set(fields) - set(self.manifest["tensors"]))):
+        tensors = self.manifest["tensors"]
+        if fields is not None and (unknown := sorted(set(fields) - set(tensors))):
             raise ConfigError(f"fields: {', '.join(unknown)} not in {self.root / MANIFEST} "
-                              f"(available: {', '.join(sorted(self.manifest['tensors']))})")
+                              f"(available: {', '.join(sorted(tensors))})")
+        self.sample_bytes = sum(math.prod(tensors[k]["shape"]) * getattr(torch, tensors[k]["dtype"]).itemsize
+                                for k in (tensors if fields is None else fields))
+        epoch_bytes = self.sample_bytes * sum(s["num_samples"] for s in self.shards)
+        self.drop_behind = epoch_bytes > memory_bytes() // 2 if drop_behind is None else drop_behind
         hint = _rebuild_hint(self.root)
         for rec in self.shards:  # one stat each: a missing or cut file fails now, not mid-training
             try:
@@ -398,7 +419,7 @@ class ShardDataset(Dataset):
         rec, path, hint = self.shards[s], self.root / self.shards[s]["file"], _rebuild_hint(self.root)
         if self.verify:
             verify_file(path, rec["sha256"], hint)
-        shard = ShardFile(path, hint)
+        shard = ShardFile(path, hint, drop_behind=self.drop_behind)
         if len(shard.metadata.get("keys", ())) != rec["num_samples"]:
             raise SnapgenError(f"{path}: holds {len(shard.metadata.get('keys', ()))} samples, the manifest "
                                f"says {rec['num_samples']}{hint}")
