@@ -38,10 +38,11 @@ Decisions where the paper is silent:
   by default (``None``) 0 when training on the CPU, whose step needs every core, else up to
   4 per process from the cores it has to itself (``LOCAL_WORLD_SIZE`` processes share the
   machine), one left to the main process. Workers pay where cores are idle: the data path
-  alone on 2 idle cores read 1024^2 samples at 291/s in-process, 279/s with 1 worker and
-  457/s with 2 (``benchmarks/bench_data.py``); next to 3 other busy processes, workers were
-  slower (148/s in-process, 99-106/s with workers). A worker's :class:`SnapgenError` (e.g. a
-  corrupt shard) is re-raised as its own one-line message.
+  alone on 2 idle cores read 1024^2 samples at 316/s in-process, 323/s with 1 worker and
+  454/s with 2 (``benchmarks/results/cpu_data.json``); next to 3 other busy processes (an
+  earlier run, before shards.py's drop-behind) workers were slower: 148/s in-process,
+  99-106/s with workers. A worker's :class:`SnapgenError` (e.g. a corrupt shard) is re-raised
+  as its own one-line message.
 * **Steps** count optimizer updates, from 1; ``checkpoints/step_000100`` holds the state
   after 100 of them. A checkpoint is written to ``step_000100.tmp`` and renamed, so a kill
   never leaves a broken latest checkpoint; ``resume="auto"`` ignores ``.tmp`` dirs.
