@@ -203,9 +203,8 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         if args.reuse:
             m = shards.read_manifest(root)
-            data = {"num_shards": m["num_shards"], "shard_size": m["shard_size"], "num_samples": m["num_samples"],
-                    "bytes": sum(r["bytes"] for r in m["shards"]), "stored_bytes_per_sample": m["stored_bytes_per_sample"],
-                    "reused": True}
+            data = {k: m[k] for k in ("num_shards", "shard_size", "num_samples", "stored_bytes_per_sample")}
+            data |= {"bytes": sum(r["bytes"] for r in m["shards"]), "reused": True}
         else:
             data = build(root, args.gb, args.shard_size)
             time.sleep(2.1)  # shards written < 2 s ago are too fresh for a verified-marker (shards.py)

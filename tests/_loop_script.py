@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--resume", default=None)
     a = ap.parse_args(argv)
     cfg = LoopConfig(steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=1e-2, lr_reference_batch=4,
-                     checkpoint_every=a.checkpoint_every, keep_checkpoints=None, tracker="none", shuffle_window_shards=2)
+                     checkpoint_every=a.checkpoint_every, keep_checkpoints=None, tracker="none",
+                     shuffle_window_shards=2)
     names = ["flow", "gan"] if a.task == "both" else [a.task]
     for name in names:
         task = FlowTask(step_delay=a.step_delay) if name == "flow" else GanTask()

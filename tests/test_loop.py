@@ -225,7 +225,8 @@ def test_global_batches_split_across_processes_and_resume_without_replay():
     # One window is the plain per-epoch permutation seeded by (seed, epoch), as before windows existed.
     for epoch in (0, 1):
         seed = int(np.random.SeedSequence([3, epoch]).generate_state(1, np.uint64)[0])
-        assert stream[10 * epoch:10 * epoch + 10] == torch.randperm(10, generator=torch.Generator().manual_seed(seed)).tolist()
+        perm = torch.randperm(10, generator=torch.Generator().manual_seed(seed)).tolist()
+        assert stream[10 * epoch:10 * epoch + 10] == perm
     assert _stream(SHARDS, window=0) == _stream(SHARDS, window=7) != _stream(SHARDS, window=3)
 
 

@@ -114,7 +114,8 @@ def test_checksum_is_verified_once_per_file_version_and_corruption_is_caught(tmp
     time.sleep(2.1)  # a marker needs a ctime 2 s older than the check (module docstring)
     calls.clear()
     ShardDataset(tmp_path)[0]
-    assert calls == ["shard-00000.safetensors"] and (tmp_path / shards.VERIFIED / "shard-00000.safetensors.json").exists()
+    assert calls == ["shard-00000.safetensors"]
+    assert (tmp_path / shards.VERIFIED / "shard-00000.safetensors.json").exists()
     calls.clear()
     ShardDataset(tmp_path)[0]  # this process remembers it checked this file version
     monkeypatch.setattr(shards, "_checked", set())  # as in another process or a later run: the marker
@@ -131,8 +132,8 @@ def test_checksum_is_verified_once_per_file_version_and_corruption_is_caught(tmp
     ds = ShardDataset(tmp_path)
     assert ds[6]["key"] == "k2-0"  # other shards are fine
     with pytest.raises(SnapgenError, match=rf"^{re.escape(str(path))}: checksum mismatch \(sha256 .*\), the file is "
-                                           rf"corrupt; re-run `snapgen precompute` with --out {re.escape(str(tmp_path))} "
-                                           r"to rebuild it$"):
+                                           r"corrupt; re-run `snapgen precompute` with --out "
+                                           rf"{re.escape(str(tmp_path))} to rebuild it$"):
         ds[0]
     assert calls == ["shard-00002.safetensors", "shard-00000.safetensors"]  # shard 2 had no marker yet
 
@@ -144,7 +145,7 @@ def test_missing_or_cut_shard_fails_when_the_dataset_is_made(tmp_path):
     with pytest.raises(SnapgenError, match=rf"^{re.escape(str(path))}: \d+ bytes, the manifest says \d+; re-run"):
         ShardDataset(tmp_path)
     path.unlink()
-    with pytest.raises(SnapgenError, match=rf"^{re.escape(str(path))}: missing; re-run `snapgen precompute` with --out"):
+    with pytest.raises(SnapgenError, match=rf"^{re.escape(str(path))}: missing; re-run `snapgen precompute`"):
         ShardDataset(tmp_path)
 
 
