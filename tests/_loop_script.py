@@ -47,6 +47,18 @@ class ToyVelocity(ModelMixin, ConfigMixin):
         return self.conv_out(h)
 
 
+class ShardedTensors(TensorDataset):
+    """A TensorDataset cut into shards of ``shard`` samples (as ``ShardDataset.shard_ranges``
+    reports them), so the loop shuffles it in shard windows."""
+
+    def __init__(self, *tensors: torch.Tensor, shard: int = 3):
+        super().__init__(*tensors)
+        self.shard = shard
+
+    def shard_ranges(self) -> list[range]:
+        return [range(i, min(i + self.shard, len(self))) for i in range(0, len(self), self.shard)]
+
+
 class FlowTask(TrainTask):
     """Rectified-flow regression of a fixed set of random 4x8x8 "latents" (Eq. 1-2), with
     :class:`ToyVelocity` or (``unet=True``) the tiny SnapGen UNet on a fixed random context."""
@@ -55,7 +67,7 @@ class FlowTask(TrainTask):
         torch.manual_seed(0)
         self.model = build_unet("tiny", block_channels=(16, 32, 32), attention_head_dim=16) if unet else ToyVelocity()
         self.context = (torch.randn(1, 3, 64), torch.randn(1, 64)) if unet else None
-        self.data = TensorDataset(torch.randn(n, 4, 8, 8, generator=torch.Generator().manual_seed(1)) * 0.5 + 0.3)
+        self.data = ShardedTensors(torch.randn(n, 4, 8, 8, generator=torch.Generator().manual_seed(1)) * 0.5 + 0.3)
         self.objective = RectifiedFlow()
         self.step_delay, self.nan_at = step_delay, nan_at
 
@@ -101,7 +113,7 @@ class GanTask(TrainTask):
     def __init__(self):
         torch.manual_seed(0)
         self.g, self.d = nn.Linear(4, 2), nn.Sequential(nn.Linear(2, 8), nn.SiLU(), nn.Linear(8, 1))
-        self.data = TensorDataset(torch.randn(64, 2, generator=torch.Generator().manual_seed(1)) * 0.5 + 3)
+        self.data = ShardedTensors(torch.randn(64, 2, generator=torch.Generator().manual_seed(1)) * 0.5 + 3, shard=8)
         self.calls: list[tuple[str, dict[str, bool]]] = []
 
     def trainables(self):
@@ -139,7 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--resume", default=None)
     a = ap.parse_args(argv)
     cfg = LoopConfig(steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=1e-2, lr_reference_batch=4,
-                     checkpoint_every=a.checkpoint_every, keep_checkpoints=None, tracker="none")
+                     checkpoint_every=a.checkpoint_every, keep_checkpoints=None, tracker="none",
+                     shuffle_window_shards=2)
     names = ["flow", "gan"] if a.task == "both" else [a.task]
     for name in names:
         task = FlowTask(step_delay=a.step_delay) if name == "flow" else GanTask()

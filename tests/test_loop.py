@@ -10,20 +10,22 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from _loop_script import FlowTask, GanTask, ToyVelocity
+from _loop_script import FlowTask, GanTask, ShardedTensors, ToyVelocity
 from snapgen_cli.errors import ConfigError, SnapgenError
-from snapgen_cli.train.loop import GlobalBatchSampler, LoopConfig, complete_checkpoints, train
+from snapgen_cli.train.loop import (GlobalBatchSampler, LoopConfig, StepContext, TrainTask, complete_checkpoints,
+                                   shard_ranges, train)
 
 SCRIPT = Path(__file__).with_name("_loop_script.py")
 
 
 def _cfg(**kw) -> LoopConfig:
     base = dict(steps=10, batch_size=4, lr=1e-2, lr_reference_batch=4, checkpoint_every=5, keep_checkpoints=None,
-                tracker="none")
+                tracker="none", shuffle_window_shards=2)  # the toy sets come in shards (_loop_script.ShardedTensors)
     return LoopConfig(**{**base, **kw})
 
 
@@ -203,15 +205,116 @@ def test_bad_resume_and_config_are_clear_errors(tmp_path):
         LoopConfig(stepz=3)
 
 
-def test_global_batches_split_across_processes_and_resume_without_replay():
-    def batches(p, r, b, start=0, a=1):
-        return list(GlobalBatchSampler(10, b, p, r, a, seed=3, start_step=start, steps=6))
+SHARDS = [range(0, 5), range(5, 8), range(8, 15), range(15, 19), range(19, 25), range(25, 27), range(27, 32)]
 
-    single = batches(1, 0, 4)
-    r0, r1 = batches(2, 0, 2), batches(2, 1, 2)
+
+def _stream(shards=SHARDS, p=1, r=0, b=4, a=1, start=0, steps=24, window=3, seed=3) -> list[list[int]]:
+    return list(GlobalBatchSampler(shards, b, p, r, a, seed=seed, start_step=start, steps=steps, window=window))
+
+
+def test_global_batches_split_across_processes_and_resume_without_replay():
+    one = [range(10)]
+    single = _stream(one, b=4, steps=6)
+    r0, r1 = _stream(one, p=2, r=0, b=2, steps=6), _stream(one, p=2, r=1, b=2, steps=6)
     assert [x + y for x, y in zip(r0, r1)] == single  # each process takes its slice
     stream = [i for b in single for i in b]
     assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:20]) == list(range(10))
     assert stream[:10] != stream[10:20]  # a new permutation each epoch
-    assert batches(1, 0, 4, start=4) == single[4:]
-    assert batches(1, 0, 2, a=2) == [half for b in single for half in (b[:2], b[2:])]
+    assert _stream(one, b=4, start=4, steps=6) == single[4:]
+    assert _stream(one, b=2, a=2, steps=6) == [half for b in single for half in (b[:2], b[2:])]
+    # One window is the plain per-epoch permutation seeded by (seed, epoch), as before windows existed.
+    for epoch in (0, 1):
+        seed = int(np.random.SeedSequence([3, epoch]).generate_state(1, np.uint64)[0])
+        perm = torch.randperm(10, generator=torch.Generator().manual_seed(seed)).tolist()
+        assert stream[10 * epoch:10 * epoch + 10] == perm
+    assert _stream(SHARDS, window=0) == _stream(SHARDS, window=7) != _stream(SHARDS, window=3)
+
+
+def _windows(epoch: list[int], window: int = 3) -> list[set[int]]:
+    """Cut an epoch's order into windows of ``window`` whole shards; fail if it is not such a run."""
+    shard_of = {i: k for k, r in enumerate(SHARDS) for i in r}
+    windows, i = [], 0
+    while i < len(epoch):
+        members = set(list(dict.fromkeys(shard_of[x] for x in epoch[i:]))[:window])
+        size = sum(len(SHARDS[k]) for k in members)
+        assert {shard_of[x] for x in epoch[i:i + size]} == members, (i, members)
+        windows.append(members)
+        i += size
+    return windows
+
+
+def test_shard_windows_shuffle_shards_then_samples_within_windows():
+    stream = [i for b in _stream() for i in b]  # 24 steps x 4 = 96 positions = 3 epochs of 32
+    epochs = [stream[e * 32:(e + 1) * 32] for e in range(3)]
+    assert all(sorted(e) == list(range(32)) for e in epochs) and len({tuple(e) for e in epochs}) == 3
+    windows = [_windows(e) for e in epochs]
+    assert all([len(w) for w in ws] == [3, 3, 1] for ws in windows)  # 7 shards in windows of 3
+    assert len({frozenset(map(frozenset, ws)) for ws in windows}) > 1  # the shards are shuffled per epoch
+    shard_of = {i: k for k, r in enumerate(SHARDS) for i in r}
+    assert any(shard_of[x] != shard_of[y] for x, y in zip(epochs[0][:14], epochs[0][1:15]))  # samples mixed
+    with pytest.raises(AssertionError):  # the check above has teeth: a global shuffle is no run of windows
+        _windows(_stream(window=0)[0] + [i for b in _stream(window=0)[1:8] for i in b])
+    # Deterministic by seed; resume at any step equals the uninterrupted stream.
+    assert _stream() == _stream() and _stream(seed=4) != _stream()
+    for k in (1, 7, 8, 13):
+        assert _stream(start=k) == _stream()[k:]
+    # P processes x batch b == 1 process x batch P*b, micro-batch by micro-batch (with accumulation too).
+    for p, b, a in ((2, 2, 1), (3, 3, 2), (4, 1, 3)):
+        ranks = [_stream(p=p, r=r, b=b, a=a) for r in range(p)]
+        single = _stream(b=p * b, a=a)
+        assert [sum((rank[i] for rank in ranks), []) for i in range(len(single))] == single, (p, b, a)
+
+
+def test_shard_ranges_must_cover_the_dataset_in_order():
+    class Bad(torch.utils.data.Dataset):
+        def __len__(self):
+            return 6
+
+        def shard_ranges(self):
+            return [range(3, 6), range(0, 3)]
+
+    with pytest.raises(SnapgenError, match=r"Bad.shard_ranges\(\) must cut \[0, 6\) into consecutive ranges"):
+        shard_ranges(Bad())
+    assert shard_ranges(torch.utils.data.TensorDataset(torch.zeros(5))) == [range(5)]
+
+
+class _IndexTask(TrainTask):
+    """Records the sample indices of every micro-batch the loop feeds it."""
+
+    def __init__(self):
+        self.model, self.seen = torch.nn.Linear(1, 1), []
+        self.data = ShardedTensors(torch.arange(20.0)[:, None], shard=3)
+
+    def trainables(self):
+        return {"model": self.model}
+
+    def dataset(self):
+        return self.data
+
+    def collate(self, items):
+        return torch.stack([x for (x,) in items])
+
+    def loss(self, phase: str, batch: torch.Tensor, ctx: StepContext):
+        self.seen.append(batch[:, 0].long().tolist())
+        return ctx.models["model"](batch.to(ctx.device)).pow(2).mean(), {}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_loop_feeds_the_shard_window_order(tmp_path, workers):
+    task = _IndexTask()
+    train(task, _cfg(steps=9, batch_size=4, grad_accum=2, seed=5, num_workers=workers), tmp_path)
+    shards = task.data.shard_ranges()
+    assert len(shards) == 7
+    assert task.seen == _stream(shards, b=4, a=2, steps=9, window=2, seed=5)
+
+
+def test_default_workers_are_none_on_cpu_and_spare_cores_on_an_accelerator(monkeypatch):
+    from snapgen_cli.train.loop import _workers
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert _workers(LoopConfig(), cpu) == 0 and _workers(LoopConfig(num_workers=3), cpu) == 3
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert _workers(LoopConfig(), cuda) == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # 2 cores per process: one for it, one worker
+    assert _workers(LoopConfig(), cuda) == 1 and _workers(LoopConfig(num_workers=0), cuda) == 0

@@ -21,10 +21,28 @@ Decisions where the paper is silent:
 
 * **Exactness.** All per-sample randomness comes from :attr:`StepContext.generators`, one
   generator per sample seeded by ``(seed, step, global slot)``; the data order is a
-  permutation seeded by ``(seed, epoch)`` of which each process takes its slice of every
-  global batch. So a resumed run repeats the uninterrupted one, and ``P`` processes with
-  batch ``b`` compute what one process computes with batch ``P * b``. Resuming jumps to the
-  data position of the checkpoint's step without reading the skipped batches.
+  permutation per epoch, a function of ``(seed, epoch)`` only, of which each process takes
+  its slice of every global batch. So a resumed run repeats the uninterrupted one, and ``P``
+  processes with batch ``b`` compute what one process computes with batch ``P * b``.
+  Resuming jumps to the data position of the checkpoint's step without reading the skipped
+  batches.
+* **Data order** (:class:`GlobalBatchSampler`), as large-scale loaders shuffle sharded
+  data: each epoch puts the shards in a random order, cuts it into windows of
+  ``shuffle_window_shards`` shards and shuffles the samples within each window, so a stretch
+  of training touches a bounded set of shard files (open files, page-cache and readahead
+  locality, O(window) memory for the order instead of O(data set)) while batches still mix
+  many shards. Default 64 shards (65536 samples at precompute's 1024 per shard); 0 shuffles
+  the whole data set at once. A dataset without ``shard_ranges()`` (decoder images, toy
+  sets) is one shard, and a data set of one window is permuted exactly as before windows.
+* **DataLoader**: pinned memory when training on CUDA; ``num_workers`` worker processes,
+  by default (``None``) 0 when training on the CPU, whose step needs every core, else up to
+  4 per process from the cores it has to itself (``LOCAL_WORLD_SIZE`` processes share the
+  machine), one left to the main process. Workers pay where cores are idle: the data path
+  alone on 2 idle cores read 1024^2 samples at 316/s in-process, 323/s with 1 worker and
+  454/s with 2 (``benchmarks/results/cpu_data.json``); next to 3 other busy processes (an
+  earlier run, before shards.py's drop-behind) workers were slower: 148/s in-process,
+  99-106/s with workers. A worker's :class:`SnapgenError` (e.g. a corrupt shard) is re-raised
+  as its own one-line message.
 * **Steps** count optimizer updates, from 1; ``checkpoints/step_000100`` holds the state
   after 100 of them. A checkpoint is written to ``step_000100.tmp`` and renamed, so a kill
   never leaves a broken latest checkpoint; ``resume="auto"`` ignores ``.tmp`` dirs.
@@ -112,8 +130,10 @@ class LoopConfig(StageConfig):
                                                           "(default: the recipe's run seed; 0 standalone)")
     tracker: str = Field("tensorboard", description='"tensorboard", "none" or another accelerate tracker '
                                                     '(wandb, mlflow, comet_ml, aim, clearml, dvclive, ...)')
-    num_workers: NonNegativeInt = 0
-
+    num_workers: NonNegativeInt | None = Field(None, description="DataLoader worker processes "
+                                                                "(default: 0 on CPU, else up to 4)")
+    shuffle_window_shards: NonNegativeInt = Field(64, description="shards whose samples are shuffled together "
+                                                                  "(after shuffling the shards); 0: all")
 
     @field_validator("tracker")
     @classmethod
@@ -206,22 +226,41 @@ def sample_generators(seed: int, step: int, slots: Sequence[int]) -> list[torch.
     return [torch.Generator().manual_seed(_seed(seed, step, s)) for s in slots]
 
 
+def shard_ranges(dataset: Dataset) -> list[range]:
+    """The dataset's shards as index ranges (``dataset.shard_ranges()``), else one shard."""
+    ranges = dataset.shard_ranges() if callable(getattr(dataset, "shard_ranges", None)) else [range(len(dataset))]
+    ranges = [r for r in ranges if len(r)]
+    starts = [0] + [r.stop for r in ranges[:-1]]
+    if any(r.start != a or r.step != 1 for r, a in zip(ranges, starts)) or sum(map(len, ranges)) != len(dataset):
+        raise SnapgenError(f"{type(dataset).__name__}.shard_ranges() must cut [0, {len(dataset)}) into consecutive "
+                           f"ranges, got {ranges[:3]}...")
+    return ranges
+
+
 class GlobalBatchSampler(Sampler[list[int]]):
     """This process's micro-batches of dataset indices, from step ``start_step + 1`` on.
 
-    The data stream is the concatenation of per-epoch permutations seeded by ``(seed,
-    epoch)``. Step ``k`` (from 1) consumes stream positions ``[(k-1) G, k G)`` with
+    The data stream is the concatenation of per-epoch orders. Epoch ``e``: the shards
+    (``shards``: consecutive index ranges covering the dataset) in a random order seeded by
+    ``(seed, e)``, cut into windows of ``window`` shards (0: one window); window ``w``'s samples,
+    taken in index order, permuted by a generator seeded ``(seed, e, w)`` -- or ``(seed, e)``
+    when the epoch is one window, which makes that case the plain per-epoch permutation.
+    Step ``k`` (from 1) consumes stream positions ``[(k-1) G, k G)`` with
     ``G = batch_size * num_processes * grad_accum``; micro-batch ``m`` of process ``r`` takes
-    the global slots ``(m * P + r) * B + [0, B)`` of it.
+    the global slots ``(m * P + r) * B + [0, B)`` of it. Memory: one window's order.
     """
 
-    def __init__(self, n: int, batch_size: int, num_processes: int, rank: int, grad_accum: int,
-                 seed: int, start_step: int, steps: int):
-        if n < 1:
+    def __init__(self, shards: Sequence[range], batch_size: int, num_processes: int, rank: int, grad_accum: int,
+                 seed: int, start_step: int, steps: int, window: int = 0):
+        self.shards = list(shards)
+        self.n = sum(map(len, self.shards))
+        if self.n < 1:
             raise SnapgenError("the training data set is empty")
-        self.n, self.b, self.p, self.r, self.a = n, batch_size, num_processes, rank, grad_accum
+        self.b, self.p, self.r, self.a = batch_size, num_processes, rank, grad_accum
         self.seed, self.start_step, self.steps = seed, start_step, steps
-        self._perm: tuple[int, torch.Tensor] | None = None
+        self.window = window if 0 < window < len(self.shards) else len(self.shards)
+        self._epoch: tuple[int, list[list[int]], np.ndarray] | None = None  # epoch, windows, their ends
+        self._order: tuple[tuple[int, int], torch.Tensor] | None = None  # (epoch, window), its indices
 
     @property
     def global_batch(self) -> int:
@@ -231,12 +270,28 @@ class GlobalBatchSampler(Sampler[list[int]]):
         first = (micro * self.p + self.r) * self.b
         return range(first, first + self.b)
 
+    def _windows(self, epoch: int) -> tuple[list[list[int]], np.ndarray]:
+        if self._epoch is None or self._epoch[0] != epoch:
+            if self.window == len(self.shards):
+                windows = [list(range(len(self.shards)))]
+            else:
+                gen = torch.Generator().manual_seed(_seed(self.seed, epoch))
+                order = torch.randperm(len(self.shards), generator=gen)
+                windows = [order[i:i + self.window].tolist() for i in range(0, len(order), self.window)]
+            ends = np.cumsum([sum(len(self.shards[s]) for s in w) for w in windows])
+            self._epoch = (epoch, windows, ends)
+        return self._epoch[1], self._epoch[2]
+
     def _index(self, position: int) -> int:
-        epoch = position // self.n
-        if self._perm is None or self._perm[0] != epoch:
-            gen = torch.Generator().manual_seed(_seed(self.seed, epoch))
-            self._perm = (epoch, torch.randperm(self.n, generator=gen))
-        return int(self._perm[1][position % self.n])
+        epoch, q = divmod(position, self.n)
+        windows, ends = self._windows(epoch)
+        w = int(np.searchsorted(ends, q, side="right"))
+        if self._order is None or self._order[0] != (epoch, w):
+            seed = _seed(self.seed, epoch) if len(windows) == 1 else _seed(self.seed, epoch, w)
+            members = torch.cat([torch.arange(self.shards[s].start, self.shards[s].stop) for s in sorted(windows[w])])
+            perm = torch.randperm(len(members), generator=torch.Generator().manual_seed(seed))
+            self._order = ((epoch, w), members[perm])
+        return int(self._order[1][q - (int(ends[w - 1]) if w else 0)])
 
     def __iter__(self) -> Iterator[list[int]]:
         for step in range(self.start_step + 1, self.steps + 1):
@@ -246,6 +301,27 @@ class GlobalBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return (self.steps - self.start_step) * self.a
+
+
+def _workers(cfg: LoopConfig, device: torch.device) -> int:
+    """``cfg.num_workers``, or the default of the module docstring."""
+    if cfg.num_workers is not None:
+        return cfg.num_workers
+    if device.type == "cpu":
+        return 0
+    return max(0, min(4, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1))
+
+
+def _batches(loader: DataLoader) -> Iterator[Any]:
+    """``loader``'s batches; a worker's SnapgenError (which DataLoader re-raises with the
+    worker's traceback in the message) is raised again as its own one-line message."""
+    try:
+        yield from loader
+    except SnapgenError as e:
+        lines = str(e).rstrip().splitlines()
+        if len(lines) < 2 or not lines[0].startswith("Caught "):
+            raise
+        raise type(e)(lines[-1].split(": ", 1)[-1]) from None
 
 
 # ----------------------------------------------------------------------------------------
@@ -470,10 +546,11 @@ class _Run:
             acc.init_trackers("snapgen", config=_tracker_config(cfg))
 
         dataset = self.task.dataset()
-        sampler = GlobalBatchSampler(len(dataset), cfg.batch_size, acc.num_processes, acc.process_index,
-                                     cfg.grad_accum, cfg.seed, start, cfg.steps)
-        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=self.task.collate, num_workers=cfg.num_workers)
-        batches = iter(loader)
+        sampler = GlobalBatchSampler(shard_ranges(dataset), cfg.batch_size, acc.num_processes, acc.process_index,
+                                     cfg.grad_accum, cfg.seed, start, cfg.steps, window=cfg.shuffle_window_shards)
+        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=self.task.collate,
+                            num_workers=_workers(cfg, acc.device), pin_memory=acc.device.type == "cuda")
+        batches = _batches(loader)
         t0, last = time.perf_counter(), {}
         with self._progress() as progress:
             bar = progress.add_task("train", total=cfg.steps, completed=start, info="")
@@ -640,4 +717,4 @@ class _Run:
 
 
 __all__ = ["GlobalBatchSampler", "LoopConfig", "StepContext", "TrainTask", "complete_checkpoints", "ema_weights",
-           "sample_generators", "save_module", "train"]
+           "sample_generators", "save_module", "shard_ranges", "train"]
