@@ -1,4 +1,5 @@
-"""The objective of the tiny decoder (paper sec. 3.2, "Training of the Decoder").
+"""The paper's losses: ``lambda(t)`` of Eq. 7 (sec. 3.3) and the objective of the tiny decoder
+(paper sec. 3.2, "Training of the Decoder").
 
 The decoder is trained with "the mean squared error (MSE) loss, lpips loss [86],
 adversarial loss [23], and discard[s] the KL term [36] as the encoder is fixed":
@@ -19,6 +20,8 @@ on the discriminator step. Decisions where the paper is silent:
 * Hinge loss by default (``adv_loss="non-saturating"`` for the original GAN loss [23]);
   an R1 penalty on real images is available (``r1_gamma > 0``), off by default.
 * LPIPS uses the AlexNet trunk by default (``lpips_net``), frozen, in eval mode.
+* **Timestep of Eq. 7.** :func:`lambda_t` is evaluated at the noise level the sample was
+  actually noised with (the shifted ``sigma`` for flow), the "t" of Eq. 1.
 """
 
 from __future__ import annotations
@@ -32,6 +35,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, SnapgenError
+
+# ------------------------------------------------------------ timestep-aware scaling (Eq. 7)
+
+
+def lambda_t(t: torch.Tensor) -> torch.Tensor:
+    """``lambda(t)`` of Eq. 7: the logit-normal(0, 1) density normalised to max 1 (at t = 0.5).
+
+    ``p(t) = exp(-logit(t)^2 / 2) / (sqrt(2 pi) t (1 - t))`` and ``p(0.5) = 4 / sqrt(2 pi)``, so
+    ``lambda(t) = exp(-logit(t)^2 / 2) / (4 t (1 - t))``; it is 0 at t = 0 and t = 1.
+    """
+    t = torch.as_tensor(t, dtype=torch.float32)
+    inside = (t > 0) & (t < 1)
+    tc = torch.where(inside, t, torch.full_like(t, 0.5))
+    value = torch.exp(-torch.logit(tc) ** 2 / 2) / (4 * tc * (1 - tc))
+    return torch.where(inside, value, torch.zeros_like(value))
+
 
 LPIPS_NETS = ("alex", "vgg", "squeeze")
 
