@@ -1,7 +1,5 @@
 """Rectified flow (sec. 3.3, Eq. 1-3), DDPM + Heun (sup. H), CFG schedules."""
 
-import math
-
 import numpy as np
 import pytest
 import torch
