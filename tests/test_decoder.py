@@ -15,7 +15,7 @@ from snapgen_cli.core.decoder import (
     build_decoder,
     latents_to_images,
 )
-from snapgen_cli.core.decoder_losses import (
+from snapgen_cli.core.losses import (
     AdversarialLoss,
     DecoderLoss,
     LPIPSLoss,

@@ -1,6 +1,4 @@
-"""Rectified flow (sec. 3.3, Eq. 1-3), DDPM + Heun (sup. H), CFG schedules, lambda(t) of Eq. 7."""
-
-import math
+"""Rectified flow (sec. 3.3, Eq. 1-3), DDPM + Heun (sup. H), CFG schedules."""
 
 import numpy as np
 import pytest
@@ -8,7 +6,7 @@ import torch
 from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
 from snapgen_cli.core.flow import (
-    DDPM, IMAGENET_VARIED_CFG, Guidance, Objective, RectifiedFlow, guided, lambda_t, make_objective,
+    DDPM, IMAGENET_VARIED_CFG, Guidance, Objective, RectifiedFlow, guided, make_objective,
     objective_from_scheduler, sample, time_shift,
 )
 from snapgen_cli.core.unet import build_unet
@@ -207,17 +205,6 @@ def test_heun_guidance_counts_sampling_steps_not_model_calls():
            Guidance(scale=2.0, interval=(1, 2)), objective=DDPM())
     # Heun: step 0 = calls 0-1, step 1 = calls 2-3 (guided), step 2 = call 4 (last step is first order).
     assert passes == [[1.0], [1.0], [0.0, 1.0], [0.0, 1.0], [1.0]]
-
-
-def test_lambda_t_is_normalised_logit_normal_density():
-    t = torch.linspace(0.001, 0.999, 999)
-    lam = lambda_t(t)
-    assert lambda_t(torch.tensor(0.5)) == pytest.approx(1.0)
-    assert lam.max() == pytest.approx(1.0) and t[lam.argmax()] == pytest.approx(0.5, abs=1e-3)
-    density = torch.exp(-torch.logit(t) ** 2 / 2) / (math.sqrt(2 * math.pi) * t * (1 - t))
-    torch.testing.assert_close(lam, density / (4 / math.sqrt(2 * math.pi)))
-    assert lambda_t(torch.tensor([0.0, 1.0])).tolist() == [0.0, 0.0]
-    torch.testing.assert_close(lambda_t(torch.tensor(0.2)), lambda_t(torch.tensor(0.8)))
 
 
 def test_make_objective_and_protocol():

@@ -201,7 +201,7 @@ def test_lpips_metric_is_the_decoder_loss_network_from_a_cached_backbone(tmp_pat
     metric on [0, 1] images equals the training loss on the same images in [-1, 1]."""
     import torchvision
 
-    from snapgen_cli.core.decoder_losses import LPIPSLoss, load_lpips, lpips_backbone_checkpoint
+    from snapgen_cli.core.losses import LPIPSLoss, load_lpips, lpips_backbone_checkpoint
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     path = Path(lpips_backbone_checkpoint("squeeze"))

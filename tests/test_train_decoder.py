@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from snapgen_cli.core.decoder import TinyDecoder, build_decoder
-from snapgen_cli.core.decoder_losses import DecoderLoss, lpips_backbone_checkpoint
+from snapgen_cli.core.losses import DecoderLoss, lpips_backbone_checkpoint
 from snapgen_cli.core.discriminator import build_discriminator
 from snapgen_cli.core.measure import count_params
 from snapgen_cli.data.sources import open_source

@@ -20,8 +20,6 @@ Decisions where the paper is silent:
 * **Inference grid.** The unshifted times are uniform, ``1, 1 - 1/N, ..., 1/N``, then 0; the
   shift is applied to them once (``sigma_i = shift(1 - i/N)``), exactly as in training.
   (diffusers' default ``set_timesteps`` would start from an already shifted ``sigma_min``.)
-* **Timestep of Eq. 7.** :func:`lambda_t` is evaluated at the noise level the sample was
-  actually noised with (the shifted ``sigma`` for flow), the "t" of Eq. 1.
 * **Per-sample randomness.** Every random draw accepts one ``torch.Generator`` or a list of
   them, one per sample (diffusers' ``randn_tensor`` convention), so a training loop can seed
   each sample by its global index and get the same numbers on any number of processes.
@@ -76,25 +74,12 @@ def _bcast(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------
-# Timesteps: shift and the Eq. 7 weight.
+# Timesteps: the shift. (Eq. 7's weight lambda(t) is ``core.losses.lambda_t``.)
 
 
 def time_shift(t: torch.Tensor | float, shift: float) -> torch.Tensor | float:
     """SD3 time shift ``shift * t / (1 + (shift - 1) * t)`` (sec. 3.3; shift 3 in sec. 4)."""
     return shift * t / (1 + (shift - 1) * t)
-
-
-def lambda_t(t: torch.Tensor) -> torch.Tensor:
-    """``lambda(t)`` of Eq. 7: the logit-normal(0, 1) density normalised to max 1 (at t = 0.5).
-
-    ``p(t) = exp(-logit(t)^2 / 2) / (sqrt(2 pi) t (1 - t))`` and ``p(0.5) = 4 / sqrt(2 pi)``, so
-    ``lambda(t) = exp(-logit(t)^2 / 2) / (4 t (1 - t))``; it is 0 at t = 0 and t = 1.
-    """
-    t = torch.as_tensor(t, dtype=torch.float32)
-    inside = (t > 0) & (t < 1)
-    tc = torch.where(inside, t, torch.full_like(t, 0.5))
-    value = torch.exp(-torch.logit(tc) ** 2 / 2) / (4 * tc * (1 - tc))
-    return torch.where(inside, value, torch.zeros_like(value))
 
 
 # ----------------------------------------------------------------------------------------
@@ -327,6 +312,6 @@ def sample(model_fn: ModelFn, noise: torch.Tensor, steps: int, cond: Any, uncond
 
 
 __all__ = [
-    "DDPM", "Guidance", "IMAGENET_VARIED_CFG", "ModelFn", "Objective", "RectifiedFlow", "guided", "lambda_t",
+    "DDPM", "Guidance", "IMAGENET_VARIED_CFG", "ModelFn", "Objective", "RectifiedFlow", "guided",
     "make_objective", "objective_from_scheduler", "sample", "time_shift", "uniform_tensor",
 ]

@@ -42,7 +42,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from ..core.decoder_losses import load_lpips
+from ..core.losses import load_lpips
 from ..errors import ConfigError, SnapgenError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -318,7 +318,7 @@ def clip_score(images: Sequence[Image.Image | Tensor], prompts: Sequence[str], m
 
 class _MeanLPIPS(nn.Module):
     """Mean LPIPS of reconstructions vs originals in [0, 1], with the decoder loss' own loader
-    (:func:`~snapgen_cli.core.decoder_losses.load_lpips`: the same network, the same missing-weights error)."""
+    (:func:`~snapgen_cli.core.losses.load_lpips`: the same network, the same missing-weights error)."""
 
     def __init__(self, net: str = "alex", off: str = "lpips = false"):
         super().__init__()

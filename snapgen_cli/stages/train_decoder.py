@@ -51,7 +51,7 @@ from pydantic import Field, PositiveFloat, field_validator
 
 from ..core.baselines import SD3_VAE_HUB
 from ..core.decoder import TinyDecoder, build_decoder
-from ..core.decoder_losses import ADV_LOSSES, LPIPS_NETS, DecoderLoss
+from ..core.losses import ADV_LOSSES, LPIPS_NETS, DecoderLoss
 from ..core.discriminator import PatchDiscriminator, build_discriminator
 from ..core.latents import downsampling_factor
 from ..core.measure import count_params

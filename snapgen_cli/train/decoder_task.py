@@ -3,7 +3,7 @@
 * :class:`TinyDecoderTask` -- the paper's setting: the SD3 encoder (any diffusers
   ``AutoencoderKL``) frozen, the :class:`~snapgen_cli.core.decoder.TinyDecoder` trained on
   random 256^2 patches to reconstruct them from their latents with MSE + LPIPS + an
-  adversarial loss, no KL (:class:`~snapgen_cli.core.decoder_losses.DecoderLoss`).
+  adversarial loss, no KL (:class:`~snapgen_cli.core.losses.DecoderLoss`).
 * :class:`AutoencoderTask` -- **not in the paper**: a small ``AutoencoderKL`` (encoder and
   decoder) trained jointly with the same loss plus a small KL term, for domains with no
   pretrained encoder and for the CPU demo, where the SD3 weights cannot be downloaded. Its
@@ -54,7 +54,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from ..core.baselines import SD3_VAE_CONFIG
-from ..core.decoder_losses import DecoderLoss
+from ..core.losses import DecoderLoss
 from ..core.latents import downsampling_factor
 from ..data.images import ImageSkipped, open_image, resize_crop, to_tensor
 from ..data.sources import Source
