@@ -12,8 +12,9 @@ from torch import nn
 
 from snapgen_cli.core.losses import (
     RATIO_EPS, DistillLoss, FeatureProjector, featkd_loss, kd_loss, lambda_t, plot_fig6, read_tbins, scaled_kd,
-    task_loss, tbin_sums, timestep_aware_scaling, tokens_to_map,
+    task_loss, tbin_sums, timestep_aware_scaling,
 )
+from snapgen_cli.core.teacher import tokens_to_map
 from snapgen_cli.errors import ConfigError, SnapgenError
 
 

@@ -122,21 +122,12 @@ def kd_loss(v_student: torch.Tensor, v_teacher: torch.Tensor) -> torch.Tensor:
 def featkd_loss(projected: torch.Tensor, f_teacher: torch.Tensor) -> torch.Tensor:
     """Eq. 5 per sample: ``||f_teacher - psi(f_student)||^2``; ``projected`` is ``psi(f_student)``
     (:class:`FeatureProjector`'s output), ``f_teacher`` the teacher's last-layer tokens as a map
-    (:func:`tokens_to_map`), detached."""
+    (``core.teacher.tokens_to_map``), detached."""
     if projected.shape != f_teacher.shape:
         raise ValueError(f"feature KD: projected student features {tuple(projected.shape)} do not match the "
                          f"teacher's {tuple(f_teacher.shape)}; build the FeatureProjector with teacher_channels="
                          f"{f_teacher.shape[1]} and the grid ratio as stride (FeatureProjector.between)")
     return per_sample_mse(f_teacher.detach(), projected)
-
-
-def tokens_to_map(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """A DiT's tokens (B, N, C) on its row-major (height, width) patch grid (SD3's ``PatchEmbed``:
-    ``flatten(2).transpose(1, 2)``) as a feature map (B, C, height, width)."""
-    b, n, c = tokens.shape
-    if n != height * width:
-        raise ValueError(f"{n} tokens do not fill a {height}x{width} grid")
-    return tokens.transpose(1, 2).reshape(b, c, height, width)
 
 
 # ------------------------------------------------------------ timestep-aware scaling (Eq. 7)
