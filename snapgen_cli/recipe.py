@@ -44,6 +44,7 @@ STAGE_KINDS: dict[str, str] = {
     "train-decoder": "snapgen_cli.stages.train_decoder",
     "pretrain": "snapgen_cli.stages.pretrain",
     "finetune": "snapgen_cli.stages.finetune",
+    "distill": "snapgen_cli.stages.distill",
     "generate": "snapgen_cli.stages.generate",
     "bench-device": "snapgen_cli.stages.bench_device",
     "shapes-data": "snapgen_cli.stages.shapes_data",

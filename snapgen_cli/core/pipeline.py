@@ -4,7 +4,8 @@ A training stage's output directory (``pretrain``, ``finetune``, ...) is a diffu
 pipeline directory, loaded with one call, ``SnapGenPipeline.from_pretrained(dir)``::
 
     model_index.json   the components' classes, the training resolution and the latent space
-    unet/              the EMA weights of the efficient UNet (sec. 3.1; EMA: sup. G)
+    unet/              the EMA weights of the efficient UNet (sec. 3.1; EMA: sup. G), or of an
+                       SD3 DiT trained as a distillation teacher (``core/denoiser.py``)
     scheduler/         the sampler: FlowMatchEulerDiscreteScheduler with the time shift
                        (rectified flow, Eq. 3) or HeunDiscreteScheduler (DDPM, sup. H)
     text_encoder/      the text-encoder stack (core/text.py), saved by reference
@@ -38,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline
+from diffusers import AutoencoderKL, DiffusionPipeline, SD3Transformer2DModel
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
@@ -49,6 +50,7 @@ from ..files import find_model_dir, model_location
 from .decoder import TinyDecoder, latents_to_images
 from .flow import Guidance, objective_from_scheduler, sample
 from .text import TextEncoderStack, combine, unconditional
+from .denoiser import denoise
 from .unet import SnapGenUNet
 
 MODEL_INDEX = "model_index.json"
@@ -60,7 +62,7 @@ class SnapGenPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "text_encoder->unet->decoder"
 
-    def __init__(self, unet: SnapGenUNet, scheduler: SchedulerMixin, text_encoder: TextEncoderStack,
+    def __init__(self, unet: SnapGenUNet | SD3Transformer2DModel, scheduler: SchedulerMixin, text_encoder: TextEncoderStack,
                  decoder: TinyDecoder | AutoencoderKL, resolution: int = 1024, latent: dict | None = None):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler, text_encoder=text_encoder, decoder=decoder)
@@ -110,7 +112,7 @@ class SnapGenPipeline(DiffusionPipeline):
         uncond = unconditional(self.layout, len(generator), device=device)
 
         def model_fn(x, t, c):
-            return self.unet(x, t, c[0], c[1], encoder_attention_mask=c[2]).sample
+            return denoise(self.unet, x, t, c)[0]
 
         with self.progress_bar(total=steps) as bar:
             return sample(model_fn, noise, steps, cond, uncond, guidance, self.objective, on_step=bar.update)

@@ -87,8 +87,8 @@ class Config(StageConfig):
     latent: Literal["mean", "sample"] = "mean"
     encoders: list[EncoderSpec] | str = Field("student", description="a named set (core.text.SPEC_SETS) or specs")
     teacher_encoders: list[EncoderSpec] | str | None = Field(None, description="e.g. 'teacher' (SD3.5) for distill")
-    text_max_length: int | None = Field(None, gt=0, description="token length of every student encoder (default: "
-                                                                 "each spec's own); short-caption sets need few")
+    text_max_length: int | None = Field(None, gt=0, description="token length of every encoder, student and teacher "
+                                                                 "(default: each spec's own); short captions need few")
     batch_size: int = Field(32, gt=0)
     shard_size: int = Field(1024, gt=0)
     dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
@@ -123,12 +123,13 @@ def _specs(cfg: Config) -> tuple[list[EncoderSpec], list[EncoderSpec], dict[str,
 
     A teacher encoder identical to a student one is encoded once and shared; any other teacher
     encoder is stored as ``teacher_<name>`` (SD3.5's CLIP-L is not the student's CLIP-L file)."""
-    student = _resolve(cfg.encoders, "encoders")
-    if cfg.text_max_length:
-        student = [s.model_copy(update={"max_length": cfg.text_max_length}) for s in student]
+    def length(specs: list[EncoderSpec]) -> list[EncoderSpec]:
+        return [s.model_copy(update={"max_length": cfg.text_max_length}) for s in specs] if cfg.text_max_length else specs
+
+    student = length(_resolve(cfg.encoders, "encoders"))
     by_name = {s.name: s for s in student}
     teacher, stored = [], {}
-    for spec in _resolve(cfg.teacher_encoders, "teacher_encoders"):
+    for spec in length(_resolve(cfg.teacher_encoders, "teacher_encoders")):
         stored[spec.name] = spec.name if by_name.get(spec.name) == spec else f"teacher_{spec.name}"
         teacher.append(spec.model_copy(update={"name": stored[spec.name]}))
     return student, teacher, stored
@@ -182,11 +183,13 @@ def plan(cfg: Config, ctx: StageContext) -> list[PlanItem]:
             params = count_params(AutoencoderKL.from_config(config))
     else:
         note += "; the autoencoder's config is not available locally, resolved at run time"
-    student, teacher, _ = _specs(cfg)
+    student, teacher, teacher_names = _specs(cfg)
     out = [str(ctx.out_dir / "shard-*.safetensors"), str(ctx.out_dir / shards.MANIFEST)]
     texts = [(s, "student") for s in student] + [(s, "teacher") for s in teacher if s.name.startswith("teacher_")]
+    renamed = {v: k for k, v in teacher_names.items()}
     provides = {"latent_channels": config["latent_channels"] if config else None, "resolutions": cfg.resolutions,
-                "text_encoders": [s.model_dump(mode="json") for s in student]}
+                "text_encoders": {"student": [s.model_dump(mode="json") for s in student],
+                                  "teacher": [{**s.model_dump(mode="json"), "name": renamed[s.name]} for s in teacher]}}
     return [PlanItem(f"AutoencoderKL {cfg.vae}", params, [cfg.source], out, note, provides=provides),
             *[PlanItem(f"text encoder {s.name} ({role}, {s.kind})", None, [s.path], [], f"max_length {s.max_length}")
               for s, role in texts]]

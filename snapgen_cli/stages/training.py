@@ -17,13 +17,12 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 
+from ..core import denoiser
 from ..core.measure import count_params
 from ..core.text import TextLayout, parse_specs
-from ..core.unet import SnapGenUNet
 from ..data.shards import MANIFEST, encoder_specs, read_manifest
 from ..errors import ConfigError
-from ..train.diffusion import (DiffusionConfig, DiffusionTask, build_from_config, check_unet_fits, fresh_unet_config,
-                               init_unet_dir)
+from ..train.diffusion import DiffusionConfig, DiffusionTask, init_unet_dir
 from ..train.loop import train
 from .base import PlanItem, StageContext, seeded
 
@@ -36,26 +35,26 @@ def inputs(cfg: DiffusionConfig, ctx: StageContext) -> tuple[Path, Path | None]:
     return data, init
 
 
-def _data_info(data: Path, ctx: StageContext) -> tuple[int | None, TextLayout]:
-    """(latent channels, text layout) of the shards at ``data``: their manifest, or the plan
-    of the earlier stage that writes them."""
+def _data_info(data: Path, ctx: StageContext, role: str = "student") -> tuple[int | None, TextLayout]:
+    """(latent channels, the ``role``'s text layout) of the shards at ``data``: their manifest,
+    or the plan of the earlier stage that writes them."""
     if (data / MANIFEST).is_file():
         m = read_manifest(data)
-        channels, specs = m["latent"]["channels"], encoder_specs(m, "student")
+        channels, specs = m["latent"]["channels"], encoder_specs(m, role)
     elif planned := ctx.planned_for(data):
-        channels, specs = planned.get("latent_channels"), planned.get("text_encoders", [])
+        channels, specs = planned.get("latent_channels"), planned.get("text_encoders", {}).get(role, [])
     else:
         raise ConfigError(f"data: {data} holds no {MANIFEST}; point it at a `snapgen precompute` output")
     if not specs:
-        raise ConfigError(f"data: the shards in {data} hold no text features (precompute with --encoders)")
+        flag = "--encoders" if role == "student" else "--teacher-encoders"
+        raise ConfigError(f"data: the shards in {data} hold no {role} text features (precompute with {flag})")
     return channels, TextLayout.from_specs(parse_specs(specs, "encoders"))
 
 
 def _init_config(init: Path, cfg: DiffusionConfig, ctx: StageContext) -> dict:
     """The config of the UNet at ``init``: its ``config.json``, or the plan of the stage that writes it."""
     if init.exists():
-        saved = SnapGenUNet.load_config(init_unet_dir(init, cfg.init_weights))
-        return {k: v for k, v in saved.items() if not k.startswith("_")}
+        return denoiser.saved_config(init_unet_dir(init, cfg.init_weights))
     if planned := ctx.planned_for(init).get("unet_config"):
         return dict(planned)
     raise ConfigError(f"init_from: {init} does not exist (and no earlier stage of the recipe writes it)")
@@ -63,15 +62,15 @@ def _init_config(init: Path, cfg: DiffusionConfig, ctx: StageContext) -> dict:
 
 def plan_training(cfg: DiffusionConfig, ctx: StageContext) -> list[PlanItem]:
     data, init = inputs(cfg, ctx)
-    channels, layout = _data_info(data, ctx)
+    channels, layout = _data_info(data, ctx, cfg.text_role)
     config = _init_config(init, cfg, ctx) if init is not None else None
     params, note = None, f"{cfg.objective} @{cfg.resolution}px, {cfg.steps} steps x {cfg.batch_size}"
     if config is None and channels is not None:
-        config = fresh_unet_config(cfg, channels, layout)
+        config = denoiser.fresh_config(cfg.model, channels, layout, cfg.model_overrides)
     if config is not None:
-        check_unet_fits(config, config["in_channels"] if channels is None else channels, layout, data)
+        denoiser.check_fits(config, config["in_channels"] if channels is None else channels, layout, data)
         with torch.device("meta"):
-            params = count_params(build_from_config(config))
+            params = count_params(denoiser.build(config))
     else:
         note += "; the latent channels are known once the autoencoder exists"
     what = f"unet:{cfg.model}" if init is None else f"unet from {init} (its architecture; `model` unused)"
@@ -80,10 +79,10 @@ def plan_training(cfg: DiffusionConfig, ctx: StageContext) -> list[PlanItem]:
                      provides={"unet_config": config} if config else {})]
 
 
-def run_training(cfg: DiffusionConfig, ctx: StageContext) -> dict:
+def run_training(cfg: DiffusionConfig, ctx: StageContext, task_cls: type[DiffusionTask] = DiffusionTask) -> dict:
     data, init = inputs(cfg, ctx)
     cfg = seeded(cfg, ctx)  # the UNet's initial weights follow the run's seed
-    task = DiffusionTask(cfg, data, init, ctx.console)
+    task = task_cls(cfg, data, init, ctx.console)
     summary = train(task, cfg, ctx.out_dir, resume=cfg.resume, console=ctx.console)
     state = PartialState()
     if state.is_main_process:

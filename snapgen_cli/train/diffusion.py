@@ -18,16 +18,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 
+from ..core import denoiser
 from ..core.decoder import TinyDecoder
 from ..core.flow import make_objective
+from ..core.losses import task_loss
 from ..core.pipeline import SnapGenPipeline, load_autoencoder
 from ..core.text import TextEncoderStack, TextLayout, combine, parse_specs, sample_keep
-from ..core.unet import SnapGenUNet, unet_config
 from ..data.images import image_grid
-from ..data.shards import ClassText, ShardDataset, encoder_features, encoder_specs, read_manifest
+from ..data.shards import ClassText, ShardDataset, encoder_features, encoder_names, encoder_specs, read_manifest
 from ..errors import ConfigError
 from ..files import find_model_dir
 from .loop import LoopConfig, StepContext, TrainTask
@@ -38,7 +38,8 @@ class DiffusionConfig(LoopConfig):
 
     data: str | None = Field(None, description="precompute output dir (default: the previous stage's output)")
     resolution: int = Field(256, gt=0, description="which precomputed latents to train on (latents.<res>)")
-    model: str = Field("snapgen-t2i", description="UNet preset when not initialising from a checkpoint")
+    model: str = Field("snapgen-t2i", description="UNet preset (or an SD3 DiT preset: sd3-tiny, sd35-medium, sd35-large) "
+                                                  "when not initialising from a checkpoint")
     model_overrides: dict[str, Any] = Field(default_factory=dict, description="UNet config keys to override")
     init_from: str | None = Field(None, description='checkpoint/stage dir to start from; "previous" for the previous stage')
     init_weights: Literal["ema", "raw"] = "ema"
@@ -47,6 +48,8 @@ class DiffusionConfig(LoopConfig):
     logit_mean: float = 0.0
     logit_std: float = Field(1.0, gt=0)
     p_drop: float = Field(0.464, ge=0, le=1, description="per-encoder dropout probability (CFG)")
+    text_role: Literal["student", "teacher"] = Field("student", description="which precomputed text features "
+                                                     "condition the model (teacher: train a teacher on its own)")
     decoder: str | None = Field(None, description="tiny decoder dir for sample grids and the saved pipeline")
     vae: str | None = Field(None, description="override the latent space's AutoencoderKL (default: from the shards)")
     resume: str | None = Field("auto", description='"auto": continue from the latest checkpoint in the output dir; a checkpoint path; null: start fresh')
@@ -62,31 +65,28 @@ def _subdir(weights: str) -> tuple[str, ...]:
 
 
 def init_unet_dir(init_dir: Path, weights: str) -> Path:
-    """The saved UNet a stage initialises from (a pipeline dir's ``unet/`` for EMA weights)."""
+    """The saved denoiser a stage initialises from (a pipeline dir's ``unet/`` for EMA weights)."""
     return find_model_dir(init_dir, _subdir(weights), "init_from")
 
 
-def fresh_unet_config(cfg: DiffusionConfig, latent_channels: int, layout: TextLayout) -> dict:
-    """The config of a UNet trained from scratch: the preset, the data's latent channels and
-    text widths, then ``model_overrides``."""
-    return unet_config(cfg.model, in_channels=latent_channels, out_channels=latent_channels,
-                       **layout.unet_kwargs(), **cfg.model_overrides)
+class TextRole:
+    """One role's text features in the shards (``"student"`` or ``"teacher"``, see precompute):
+    its encoder specs in order, their layout, and the stored tensor names."""
 
+    def __init__(self, manifest: dict, role: str, data_dir: Path):
+        self.role, self.names = role, encoder_names(manifest, role)
+        self.specs = parse_specs(encoder_specs(manifest, role), f"{role} encoders")
+        if not self.specs:
+            flag = "--encoders" if role == "student" else "--teacher-encoders"
+            raise ConfigError(f"{data_dir}: the shards hold no {role} text features (precompute with {flag})")
+        self.layout = TextLayout.from_specs(self.specs)
 
-def build_from_config(config: dict) -> SnapGenUNet:
-    try:
-        return SnapGenUNet(**config)
-    except TypeError as exc:
-        raise ConfigError(f"model_overrides: {exc}") from None
+    def fields(self, manifest: dict) -> list[str]:
+        return [k for k in manifest["tensors"] if k.split(".")[0] in self.names.values()]
 
-
-def check_unet_fits(config, latent_channels: int, layout: TextLayout, data_dir: Path) -> None:
-    """The UNet's input channels and text widths must be the data's."""
-    want = dict(context_dim=layout.context_dim, pooled_dim=layout.pooled_dim, in_channels=latent_channels)
-    bad = {k: (config[k], v) for k, v in want.items() if config[k] != v}
-    if bad:
-        raise ConfigError(f"the UNet does not fit the data in {data_dir}: " +
-                          ", ".join(f"{k}={m} but the shards need {d}" for k, (m, d) in bad.items()))
+    def features(self, stored: dict, manifest: dict) -> dict[str, torch.Tensor]:
+        """The role's features under its spec names (``combine``'s input)."""
+        return encoder_features(stored, manifest, self.role)
 
 
 class DiffusionTask(TrainTask):
@@ -100,11 +100,9 @@ class DiffusionTask(TrainTask):
         if cfg.resolution not in self.manifest["resolutions"]:
             raise ConfigError(f"resolution: {cfg.resolution} not precomputed in {self.data_dir} "
                               f"(has {self.manifest['resolutions']})")
-        self.specs = parse_specs(encoder_specs(self.manifest, "student"), "encoders")
-        if not self.specs:
-            raise ConfigError(f"{self.data_dir}: the shards hold no text features (precompute with --encoders)")
-        self.layout = TextLayout.from_specs(self.specs)
         self.class_text = ClassText(self.data_dir) if self.manifest.get("classes") else None
+        self.text = TextRole(self.manifest, cfg.text_role, self.data_dir)
+        self.specs, self.layout = self.text.specs, self.text.layout
         self.objective = make_objective(cfg.objective, **self._objective_kwargs())
         self.unet = self._build_unet(init_dir)
         self.latent = dict(self.manifest["latent"], **({"vae": cfg.vae, "subfolder": None} if cfg.vae else {}))
@@ -123,13 +121,13 @@ class DiffusionTask(TrainTask):
         c = self.cfg
         return dict(shift=c.shift, logit_mean=c.logit_mean, logit_std=c.logit_std) if c.objective == "flow" else {}
 
-    def _build_unet(self, init_dir: Path | None) -> SnapGenUNet:
+    def _build_unet(self, init_dir: Path | None):
         channels = self.manifest["latent"]["channels"]
         if init_dir is not None:
-            unet = SnapGenUNet.from_pretrained(init_unet_dir(init_dir, self.cfg.init_weights))
+            unet = denoiser.load(init_unet_dir(init_dir, self.cfg.init_weights))
         else:
-            unet = build_from_config(fresh_unet_config(self.cfg, channels, self.layout))
-        check_unet_fits(unet.config, channels, self.layout, self.data_dir)
+            unet = denoiser.build(denoiser.fresh_config(self.cfg.model, channels, self.layout, self.cfg.model_overrides))
+        denoiser.check_fits(unet.config, channels, self.layout, self.data_dir)
         return unet
 
     # -- TrainTask ------------------------------------------------------------------------
@@ -137,9 +135,13 @@ class DiffusionTask(TrainTask):
     def trainables(self):
         return {"unet": self.unet}
 
+    def text_roles(self) -> list[TextRole]:
+        """The text features a batch must carry (distillation adds the teacher's)."""
+        return [self.text]
+
     def dataset(self):
         fields = [self.key] + (["label"] if self.class_text else
-                               [k for k in self.manifest["tensors"] if k.split(".")[0] in self.layout.names])
+                               list(dict.fromkeys(f for r in self.text_roles() for f in r.fields(self.manifest))))
         return ShardDataset(self.data_dir, fields=fields)
 
     def collate(self, items):
@@ -147,16 +149,19 @@ class DiffusionTask(TrainTask):
                                                  for it in items])
 
     def text_features(self, batch: dict, gens: list[torch.Generator]) -> dict[str, torch.Tensor]:
+        """The stored text features of the batch (class-conditional data: one random synonym of
+        each label's class, drawn from the sample's generator)."""
         if self.class_text is None:
-            return encoder_features(batch, self.manifest, "student")
+            return batch
         rows = [self.class_text.sample(batch["label"][i:i + 1].cpu(), generator=g) for i, g in enumerate(gens)]
         return {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
 
-    def condition(self, batch: dict, ctx: StepContext):
-        """(context, pooled, mask) with per-encoder dropout, drawn from the per-sample generators."""
-        feats = self.text_features(batch, ctx.generators)
-        keep = sample_keep(self.layout.names, self.cfg.p_drop, ctx.generators)
-        return combine(feats, self.layout, keep, device=ctx.device)
+    def condition(self, batch: dict, ctx: StepContext, stored: dict | None = None, keep: dict | None = None):
+        """(context, pooled, mask) with per-encoder dropout (sec. 4), drawn from the per-sample
+        generators; ``stored`` / ``keep``: features and flags already drawn for this batch."""
+        stored = self.text_features(batch, ctx.generators) if stored is None else stored
+        keep = sample_keep(self.layout.names, self.cfg.p_drop, ctx.generators) if keep is None else keep
+        return combine(self.text.features(stored, self.manifest), self.layout, keep, device=ctx.device)
 
     def noised(self, batch: dict, ctx: StepContext):
         """(x0, t, x_t, target): Eq. 1-2 (flow) or DDPM, randomness from the sample generators."""
@@ -168,13 +173,13 @@ class DiffusionTask(TrainTask):
     def loss(self, phase, batch, ctx):
         x0, t, xt, target = self.noised(batch, ctx)
         context, pooled, mask = self.condition(batch, ctx)
-        pred = ctx.models["unet"](xt, self.objective.model_timestep(t), context, pooled, encoder_attention_mask=mask).sample
-        loss = F.mse_loss(pred.float(), target.float())  # Eq. 2
+        pred, _ = denoiser.denoise(ctx.models["unet"], xt, self.objective.model_timestep(t), (context, pooled, mask))
+        loss = task_loss(pred, target).mean()  # Eq. 2
         return loss, {"task": loss.detach()}
 
     # -- pipeline and sample grids ---------------------------------------------------------
 
-    def pipeline(self, unet: SnapGenUNet) -> SnapGenPipeline:
+    def pipeline(self, unet) -> SnapGenPipeline:
         """The text-to-image pipeline of ``unet`` with this stage's text encoders, sampler and decoder."""
         if self._texts is None:
             self._texts = TextEncoderStack(self.specs)
@@ -186,7 +191,7 @@ class DiffusionTask(TrainTask):
     def save_pipeline(self, out_dir: Path) -> None:
         """Write ``out_dir`` as a pipeline dir (``SnapGenPipeline.from_pretrained(out_dir)``)
         around the EMA UNet the loop saved in ``out_dir/unet``."""
-        self.pipeline(SnapGenUNet.from_pretrained(Path(out_dir) / self.ema_dir)).save_pretrained(out_dir)
+        self.pipeline(denoiser.load(Path(out_dir) / self.ema_dir)).save_pretrained(out_dir)
 
     def sample_grid(self, model, step):
         if not self.cfg.sample_prompts:
