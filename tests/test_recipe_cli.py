@@ -163,7 +163,7 @@ def _plan_params(run_cli, recipe) -> dict[tuple[str, str], int]:
     """(stage, kind of model: unet / autoencoder / tiny-decoder) -> the plan's parameter count."""
     code, out, err = run_cli("run", recipe, "--dry-run", "--json")
     assert code == 0, err
-    kinds = {"unet": "unet", "AutoencoderKL:": "autoencoder", "tiny decoder": "tiny-decoder"}
+    kinds = {"unet": "unet", "AutoencoderKL:": "autoencoder", "tiny decoder": "tiny-decoder", "teacher": "teacher"}
     return {(r["stage"], kind): r["params"] for r in json.loads(out)["plan"]
             for prefix, kind in kinds.items() if r["model"].startswith(prefix)}
 
@@ -200,9 +200,10 @@ def test_dry_run_reports_the_models_the_paper_stages_build(run_cli):
     plan = _plan_params(run_cli, ROOT / "recipes" / "paper.toml")
     layout = TextLayout.from_specs(student())
     unet = _meta_params(build_unet, "snapgen-t2i", in_channels=16, out_channels=16, **layout.unet_kwargs())
-    for stage in ("pretrain", "finetune-256", "finetune-512", "finetune-1024"):
+    for stage in ("pretrain", "finetune-256", "finetune-512", "finetune-1024", "distill"):
         assert plan[(stage, "unet")] == unet, stage
     assert plan[("train-decoder", "tiny-decoder")] == _meta_params(build_decoder, "snapgen-decoder")
+    assert round(plan[("distill", "teacher")] / 1e9, 1) == 8.1  # SD3.5-Large built on meta (with its pos. table)
 
 
 def test_bench_device_json_and_compare(tmp_path, run_cli):
