@@ -527,9 +527,10 @@ def train(task: TrainTask, cfg: LoopConfig, out_dir: str | Path, resume: Literal
           console: Console | None = None) -> dict[str, Any]:
     """Train ``task`` with ``cfg`` into ``out_dir``; return (and write) a JSON-able summary.
 
-    ``resume``: ``"auto"`` continues from the latest complete checkpoint in
-    ``out_dir/checkpoints`` (or starts fresh if there is none), a path resumes from that
-    checkpoint, ``None`` starts fresh (and refuses to mix with an earlier run's checkpoints).
+    ``resume``: ``"auto"`` continues from the newest intact checkpoint in
+    ``out_dir/checkpoints`` (skipping corrupt newer ones with a warning; starting fresh if there
+    is none), a path resumes from that checkpoint, ``None`` starts fresh (and refuses to mix
+    with an earlier run's checkpoints).
     Writes ``model/`` (raw), ``model_ema/`` (``task.ema_dir``), one dir per other trainable, ``losses.jsonl``,
     ``logs/`` (trackers), ``samples/step_*.png``, ``checkpoints/`` and ``train_summary.json``.
     """
