@@ -1,9 +1,13 @@
 """The shared accelerate training loop: learning, exact resume after SIGKILL, 2-process DDP ==
 1 process, NaN guard, atomic checkpoints, EMA, alternating GAN phases, deterministic data."""
 
+import hashlib
+import io
 import json
 import math
 import os
+import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -13,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from rich.console import Console
 from safetensors.torch import load_file
 
 from _loop_script import FlowTask, GanTask, ShardedTensors, ToyVelocity
@@ -176,9 +181,10 @@ def test_alternating_phases_step_each_optimizer_in_turn(tmp_path):
     g, d = (load_file(tmp_path / sub / "model.safetensors") for sub in ("model", "discriminator"))
     assert not torch.equal(g["weight"], g0["weight"]) and not torch.equal(d["0.weight"], d0["0.weight"])
     ckpt = tmp_path / "checkpoints" / "step_000006"
-    for name in ("optimizer.bin", "optimizer_1.bin"):
-        state = torch.load(ckpt / name, weights_only=False)["state"]
-        assert {int(s["step"]) for s in state.values()} == {6}
+    for name in ("generator", "discriminator"):
+        state = load_file(ckpt / f"optimizer.{name}.safetensors")
+        steps = {k: int(v) for k, v in state.items() if k.endswith("/step")}
+        assert len(steps) == len(list(task.trainables()[name].parameters())) and set(steps.values()) == {6}
 
 
 def test_gradient_checkpointing_switch_keeps_the_numbers(tmp_path):
@@ -318,3 +324,196 @@ def test_default_workers_are_none_on_cpu_and_spare_cores_on_an_accelerator(monke
     assert _workers(LoopConfig(), cuda) == 4
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # 2 cores per process: one for it, one worker
     assert _workers(LoopConfig(), cuda) == 1 and _workers(LoopConfig(num_workers=0), cuda) == 0
+
+
+# --- checkpoints: safetensors + JSON only, fsynced, checked on resume ---------------------------
+
+
+def _ckpt_files(ckpt: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(ckpt.iterdir())}
+
+
+def test_checkpoints_are_safetensors_and_json_fsynced_before_the_rename(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(a), str(b))) or real_replace(a, b))
+    train(GanTask(), _cfg(steps=5), tmp_path)
+    ckpt = tmp_path / "checkpoints" / "step_000005"
+    files = _ckpt_files(ckpt)
+    assert set(files) == {"checkpoint.json", "ema.safetensors", "weights.generator.safetensors",
+                          "weights.discriminator.safetensors", "optimizer.generator.safetensors",
+                          "optimizer.discriminator.safetensors"}
+    manifest = json.loads(files["checkpoint.json"])
+    assert (manifest["format"], manifest["version"], manifest["loop"]) == ("snapgen-checkpoint", 1, {"step": 5})
+    for name, data in files.items():  # nothing pickled: each file is JSON or safetensors, listed with its sha256
+        if name != "checkpoint.json":
+            assert manifest["files"][name] == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            assert load_file(ckpt / name)
+    assert manifest["schedulers"]["generator"]["lr_lambdas"] == [None]
+    assert manifest["ema"]["optimization_step"] == 5
+    # Every file, then the dir, fsynced before the rename; the parent dir after it.
+    tmp = str(ckpt) + ".tmp"
+    rename = events.index(("replace", tmp, str(ckpt)))
+    synced = [e[1] for e in events[:rename] if e[0] == "fsync"]
+    assert {f"{tmp}/{name}" for name in files} | {tmp} <= set(synced)
+    assert synced.index(tmp) > max(synced.index(f"{tmp}/{name}") for name in files)
+    assert ("fsync", str(ckpt.parent)) in events[rename:]
+
+
+class _Payload:
+    """Unpickling this runs a shell command that creates ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _accelerate_checkpoint(path: Path, task: FlowTask) -> None:
+    """A checkpoint as snapgen wrote it before format 1 (``accelerator.save_state``)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    class Steps:
+        def state_dict(self):
+            return {"step": 5}
+
+        def load_state_dict(self, state):
+            pass
+
+    acc = Accelerator(cpu=True)
+    opt = torch.optim.AdamW(task.model.parameters(), lr=1e-2, weight_decay=0.01, fused=True)
+    model, opt, sched = acc.prepare(task.model, opt, get_scheduler("constant_with_warmup", opt, num_warmup_steps=0))
+    acc.register_for_checkpointing(EMAModel(model.parameters()), Steps())
+    acc.save_state(str(path))
+    AcceleratorState._reset_state(reset_partial_state=False)
+
+
+def test_a_checkpoint_carrying_a_pickle_payload_is_refused_and_runs_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+    # An old-format (accelerate) checkpoint whose pickles carry a payload: refused unread.
+    old = tmp_path / "old"
+    _accelerate_checkpoint(old / "checkpoints" / "step_000005", FlowTask())
+    for name in ("custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl", "random_states_0.pkl"):
+        torch.save(_Payload(marker), old / "checkpoints" / "step_000005" / name)
+    with pytest.raises(ConfigError) as err:
+        train(FlowTask(), _cfg(steps=10), old, resume="auto")
+    assert not marker.exists()
+    assert str(err.value) == (f"{old / 'checkpoints' / 'step_000005'}: a checkpoint of an older snapgen (accelerate's "
+                              "pickled save_state), not loaded since unpickling can run code; train into a new "
+                              f"--out, or move {old / 'checkpoints'} away to start over")
+
+    # A checkpoint whose tensors or manifest were swapped for a payload, checksums updated to match.
+    run = tmp_path / "run"
+    train(FlowTask(), _cfg(steps=5), run)
+    ckpt = run / "checkpoints" / "step_000005"
+    payload = pickle.dumps(_Payload(marker))
+    (ckpt / "ema.safetensors").write_bytes(payload)
+    manifest = json.loads((ckpt / "checkpoint.json").read_text())
+    manifest["files"]["ema.safetensors"] = {"bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+    (ckpt / "checkpoint.json").write_text(json.dumps(manifest))
+    with pytest.raises(SnapgenError, match=rf"^{re.escape(str(ckpt / 'ema.safetensors'))}: not a valid safetensors "
+                                           r"file \(.*\); checkpoint step_000005 is corrupt: resume from another one "
+                                           r"\(resume='auto' takes the newest intact one\)$") as err:
+        train(FlowTask(), _cfg(steps=10), run, resume=ckpt)
+    assert "\n" not in str(err.value) and not marker.exists()
+    (ckpt / "checkpoint.json").write_bytes(payload)
+    with pytest.raises(SnapgenError, match=rf"^{re.escape(str(ckpt / 'checkpoint.json'))}: not valid JSON "):
+        train(FlowTask(), _cfg(steps=10), run, resume=ckpt)
+    assert not marker.exists()
+    pickle.loads(payload)  # the control: unpickling it does run the command
+    assert marker.exists()
+
+
+def test_resume_refuses_a_non_checkpoint_and_a_checkpoint_of_another_model(tmp_path):
+    (tmp_path / "some_dir").mkdir()
+    with pytest.raises(ConfigError, match=r"^resume: '.*some_dir' is not a complete checkpoint directory \(no "
+                                          r"checkpoint.json; e.g. .*step_000005\), or pass resume='auto'$"):
+        train(FlowTask(), _cfg(steps=5), tmp_path / "new", resume=tmp_path / "some_dir")
+    out = tmp_path / "run"
+    train(FlowTask(), _cfg(steps=5), out)
+    ckpt = out / "checkpoints" / "step_000005"
+    before = _ckpt_files(ckpt)
+    fix = f"; train into a new --out, or move {out / 'checkpoints'} away to start over$"
+    wider = FlowTask()
+    wider.model = ToyVelocity(hidden=32)
+    with pytest.raises(ConfigError, match=rf"^resume: {re.escape(str(ckpt))} is a checkpoint of another model "
+                                          r"\(trainable 'model' tensor 'conv_in.weight': of shape \[16, 4, 3, 3\] "
+                                          r"there, of shape \[32, 4, 3, 3\] in this run\)" + fix):
+        train(wider, _cfg(steps=10), out, resume="auto")
+    with pytest.raises(ConfigError, match=rf"^resume: {re.escape(str(ckpt))} is a checkpoint of other trainables "
+                                          r"\(model; this run trains generator, discriminator\)" + fix):
+        train(GanTask(), _cfg(steps=10), out, resume="auto")
+    assert _ckpt_files(ckpt) == before and [p.name for p in complete_checkpoints(out)] == ["step_000005"]
+
+
+def _corrupt(ckpt: Path, how: str) -> str:
+    """Damage checkpoint ``ckpt`` (whatever its format) in way ``how``; return the file's name."""
+    files = sorted((p for p in ckpt.iterdir() if p.is_file()), key=lambda p: (p.stat().st_size, p.name))
+    path = ckpt / "checkpoint.json" if how == "manifest" else files[-1]  # else the largest file
+    data = path.read_bytes()
+    if how == "truncate":
+        path.write_bytes(data[:len(data) // 2])
+    elif how == "flip":
+        path.write_bytes(data[:-9] + bytes([data[-9] ^ 0x10]) + data[-8:])
+    else:
+        path.write_bytes(b"")
+    return path.name
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("reference")
+    train(FlowTask(), _cfg(steps=15, grad_accum=2, batch_size=2), out)
+    return out
+
+
+@pytest.mark.parametrize("how", ["empty", "truncate", "flip", "manifest"])
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, reference_run, how):
+    cfg = _cfg(steps=15, grad_accum=2, batch_size=2)
+    train(FlowTask(), cfg, tmp_path)
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_000005", "step_000010", "step_000015"]
+    name = _corrupt(tmp_path / "checkpoints" / "step_000015", how)
+    log = io.StringIO()
+    summary = train(FlowTask(), cfg, tmp_path, resume="auto", console=Console(file=log, width=80))
+    assert summary["resumed_from"] == str(tmp_path / "checkpoints" / "step_000010")
+    warning = [line for line in log.getvalue().splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and re.fullmatch(
+        rf"warning: step_000015 is not intact \({re.escape(str(tmp_path / 'checkpoints' / 'step_000015' / name))}: "
+        r".+\); resuming from step_000010, the newest intact checkpoint", warning[0]), warning
+    _assert_same_run(reference_run, tmp_path, tol=1e-6)
+    # The rewritten step 15 is intact again: a further resume takes it.
+    assert train(FlowTask(), cfg, tmp_path, resume="auto")["resumed_from"].endswith("step_000015")
+
+
+def test_no_intact_checkpoint_or_a_corrupt_chosen_one_is_a_one_line_error(tmp_path):
+    train(FlowTask(), _cfg(steps=10), tmp_path)
+    ckpts = tmp_path / "checkpoints"
+    _corrupt(ckpts / "step_000010", "truncate")
+    with pytest.raises(SnapgenError, match=rf"^{re.escape(str(ckpts / 'step_000010' / 'optimizer.model.safetensors'))}"
+                                           r": \d+ bytes, checkpoint.json says \d+; checkpoint step_000010 is corrupt: "
+                                           r"resume from another one \(resume='auto' takes the newest intact one\)$"):
+        train(FlowTask(), _cfg(steps=10), tmp_path, resume=ckpts / "step_000010")
+    _corrupt(ckpts / "step_000005", "empty")
+    with pytest.raises(SnapgenError, match=rf"^{re.escape(str(ckpts))}: no intact checkpoint \(step_000010 is not "
+                                           r"intact \(.*\); step_000005 is not intact \(.*\)\); move the folder away "
+                                           r"to start over, or restore one$") as err:
+        train(FlowTask(), _cfg(steps=10), tmp_path, resume="auto")
+    assert "\n" not in str(err.value) and len(complete_checkpoints(tmp_path)) == 2  # nothing deleted
+
+
+def test_pruning_keeps_the_checkpoint_to_fall_back_to_below_a_corrupt_newer_one(tmp_path):
+    train(FlowTask(), _cfg(steps=15, keep_checkpoints=2), tmp_path)
+    _corrupt(tmp_path / "checkpoints" / "step_000015", "empty")
+    # Resumed from 10 with checkpoints every 3 steps: 12 is written below the corrupt 15, then NaN at 14.
+    with pytest.raises(SnapgenError, match="step 14: non-finite"):
+        train(FlowTask(nan_at=14), _cfg(steps=15, keep_checkpoints=1, checkpoint_every=3), tmp_path, resume="auto")
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_000012", "step_000015"]
+    summary = train(FlowTask(), _cfg(steps=15, keep_checkpoints=1, checkpoint_every=3), tmp_path, resume="auto")
+    assert summary["resumed_from"].endswith("step_000012")
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_000015"]

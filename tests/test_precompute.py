@@ -380,6 +380,11 @@ def _resume_and_compare(cfg: pc.Config, crashed: Path, clean: Path) -> None:
         if isinstance(v, torch.Tensor):
             assert torch.equal(resumed[k], v), k
     assert read_manifest(crashed)["num_samples"] == 11 and not list(crashed.glob(".shard-*"))
+    # Byte for byte: the shard files (and their records, which hold their sha256) of both runs.
+    files = sorted(p.name for p in clean.glob("shard-*"))
+    assert files == sorted(p.name for p in crashed.glob("shard-*")) and len(files) == 8
+    for name in files:
+        assert (crashed / name).read_bytes() == (clean / name).read_bytes(), name
 
 
 def test_crashed_run_resumes_to_exactly_the_uninterrupted_result(tiny_vae, tmp_path, monkeypatch):
@@ -470,6 +475,22 @@ def test_resume_with_other_settings_is_refused(folder, tiny_vae, tmp_path):
     with pytest.raises(ConfigError, match=r"out: .* other settings \(resolutions differ\)"):
         _run(_cfg(folder, tiny_vae, max_samples=4, resolutions=[64]), tmp_path / "out")
     _run(_cfg(folder, tiny_vae, max_samples=4, batch_size=1), tmp_path / "out")  # runtime-only: fine
+
+
+def test_shards_of_an_older_format_are_refused_with_the_fix(folder, tiny_vae, tmp_path):
+    out = tmp_path / "out"
+    _run(_cfg(folder, tiny_vae, max_samples=4), out)
+    run_config = json.loads((out / "precompute.json").read_text())
+    del run_config["format"]  # as format-2 precompute wrote it
+    (out / "precompute.json").write_text(json.dumps(run_config))
+    with pytest.raises(ConfigError, match=rf"^out: {out} holds shards of format 2 or older, this snapgen writes 3; "
+                                          r"use a new --out$"):
+        _run(_cfg(folder, tiny_vae, max_samples=4), out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**manifest, "format": 2}))
+    with pytest.raises(ConfigError, match=r"manifest.json: shard format 2, this snapgen reads 3; re-run `snapgen "
+                                          r"precompute` into a new --out$"):
+        ShardDataset(out)
 
 
 def test_missing_vae_and_bad_options_are_config_errors(folder, tmp_path, tiny_vae):

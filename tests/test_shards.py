@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save as st_save
 
 from snapgen_cli.data import shards
-from snapgen_cli.data.shards import ShardDataset, read_tensors, write_shard
+from snapgen_cli.data.shards import ShardDataset, ShardFile, read_tensors, write_shard
 from snapgen_cli.errors import SnapgenError
 from snapgen_cli.files import atomic_write_json
 from snapgen_cli.train.loop import LoopConfig, StepContext, TrainTask, train
@@ -67,6 +68,22 @@ def test_items_are_bitwise_those_of_the_whole_file_reader(tmp_path, drop_behind)
     assert ds[-1]["key"] == "k3-6"
     with pytest.raises(IndexError):
         ds[18]
+
+
+def test_a_shard_is_byte_identical_however_often_it_is_written(tmp_path):
+    """safetensors writes its metadata map in arbitrary order per call; one canonical key fixes it."""
+    tensors, keys, captions = _tensors(5, 1), [f"k{j}" for j in range(5)], [f"caption {j}" for j in range(5)]
+    shas = {write_shard(tmp_path, 0, tensors, keys=keys, captions=captions, record={"num_samples": 5})["sha256"]
+            for _ in range(16)}
+    assert len(shas) == 1
+    meta = ShardFile(tmp_path / "shard-00000.safetensors").metadata
+    assert meta == {"keys": keys, "captions": captions} == read_tensors(tmp_path / "shard-00000.safetensors")[1]
+    # A shard of format 2 (one metadata key per field) is a clear error, not a shard without samples.
+    path = tmp_path / "old.safetensors"
+    path.write_bytes(st_save({"index": torch.arange(2)}, metadata={"keys": '["a", "b"]', "captions": '["", ""]'}))
+    with pytest.raises(SnapgenError, match=r"old.safetensors: not a readable safetensors file \(.*metadata keys "
+                                           r"\['captions', 'keys'\] of shard format < 3, this snapgen reads 3\)"):
+        ShardFile(path)
 
 
 def test_drop_behind_is_chosen_when_an_epoch_outgrows_half_the_memory(tmp_path, monkeypatch):

@@ -12,7 +12,10 @@ Shard tensors: ``latents.<res>`` (N, C, res/f, res/f), ``crop.<res>`` (N, 2) int
 crop in resized pixels, ``original_size`` (N, 2) int32 (h, w), ``index`` (N,) int64 source index,
 ``label`` (N,) int64 when the source has labels, and every text feature returned by
 ``TextEncoderStack.encode`` (``<encoder>.tokens`` / ``.pooled`` / ``.mask``). Sample keys and
-captions are JSON lists in the safetensors header metadata.
+captions are JSON lists in the safetensors header metadata, all of it one canonical JSON
+object (sorted keys) under the one key ``snapgen``: safetensors writes its metadata map in an
+arbitrary order per call, so two keys would make a re-run or resumed shard differ in bytes;
+one key makes a shard's bytes a function of its contents (format 3).
 
 Decisions where the paper is silent:
 
@@ -89,7 +92,9 @@ from ..files import atomic_write_bytes, atomic_write_json
 
 MANIFEST = "manifest.json"
 CLASS_TEXT = "class_text.safetensors"
-FORMAT_VERSION = 2  # 2: encoder names as ordered [name, stored] pairs (1 sorted them)
+FORMAT_VERSION = 3  # 3: header metadata as one canonical JSON key (2: one key each); 2: encoder names as
+#                     ordered [name, stored] pairs (1 sorted them)
+META_KEY = "snapgen"  # the one safetensors metadata key: canonical JSON of all the metadata
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _FADVISE = hasattr(os, "posix_fadvise")  # Linux; elsewhere reads are not announced ahead
 VERIFIED = ".verified"  # per-file markers of a passed sha256 check (module docstring)
@@ -174,9 +179,10 @@ def verify_file(path: Path, sha256: str | None, rebuild_hint: str = "") -> None:
 
 def write_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, object] | None = None
                   ) -> dict:
-    """Atomically write a safetensors file; JSON-encode ``metadata`` values. Returns sha256 + size."""
+    """Atomically write a safetensors file, ``metadata`` as canonical JSON under :data:`META_KEY`
+    (so equal contents give equal bytes, module docstring). Returns sha256 + size."""
     data = st_save({k: v.contiguous() for k, v in tensors.items()},
-                   metadata={k: json.dumps(v) for k, v in (metadata or {}).items()})
+                   metadata={META_KEY: json.dumps(dict(metadata or {}), sort_keys=True)})
     atomic_write_bytes(path, data)
     return {"file": path.name, "sha256": sha256_bytes(data), "bytes": len(data)}
 
@@ -194,10 +200,17 @@ def read_tensors(path: Path, sha256: str | None = None, *, rebuild_hint: str = "
                            f"the file is corrupt{rebuild_hint}")
     try:
         (n,) = struct.unpack("<Q", data[:8])
-        meta = json.loads(data[8:8 + n]).get("__metadata__", {})
-        return st_load(data), {k: json.loads(v) for k, v in meta.items()}
+        meta = _metadata(json.loads(data[8:8 + n]).get("__metadata__", {}))
+        return st_load(data), meta
     except Exception as e:  # noqa: BLE001 - any parse failure means a corrupt file
         raise SnapgenError(f"{path}: not a readable safetensors file ({e}){rebuild_hint}") from None
+
+
+def _metadata(header: Mapping[str, str]) -> dict:
+    """The metadata :func:`write_tensors` stored in a safetensors header's ``__metadata__``."""
+    if set(header) - {META_KEY}:
+        raise ValueError(f"metadata keys {sorted(header)} of shard format < 3, this snapgen reads {FORMAT_VERSION}")
+    return json.loads(header.get(META_KEY, "{}"))
 
 
 def write_shard(out_dir: Path, shard_id: int, tensors: Mapping[str, torch.Tensor], *, keys: list[str],
@@ -285,7 +298,8 @@ def read_manifest(root: str | Path) -> dict:
     except json.JSONDecodeError as e:
         raise SnapgenError(f"{path}: not valid JSON ({e})") from None
     if manifest.get("format") != FORMAT_VERSION:
-        raise ConfigError(f"{path}: shard format {manifest.get('format')!r}, this snapgen reads {FORMAT_VERSION}")
+        raise ConfigError(f"{path}: shard format {manifest.get('format')!r}, this snapgen reads {FORMAT_VERSION}; "
+                          "re-run `snapgen precompute` into a new --out")
     return manifest
 
 
@@ -315,7 +329,7 @@ class ShardFile:
             if n > size - 8:
                 raise ValueError(f"header of {n} bytes in a {size}-byte file")
             header = json.loads(os.pread(self.fd, n, 8))
-            self.metadata = {k: json.loads(v) for k, v in header.pop("__metadata__", {}).items()}
+            self.metadata = _metadata(header.pop("__metadata__", {}))
             self.tensors: dict[str, tuple[torch.dtype, list[int], int, int]] = {}
             for name, e in header.items():  # name -> (dtype, row shape, offset of row 0, bytes per row)
                 dtype, (start, end), shape = _ST_DTYPES[e["dtype"]], e["data_offsets"], e["shape"]

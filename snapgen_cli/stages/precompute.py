@@ -24,8 +24,10 @@ Decisions where the paper is silent:
   pick a random synonym each step; their per-sample shards hold no text.
 * **Resume**: shard ``i`` always holds source indices ``[i*shard_size, (i+1)*shard_size)``; a
   shard is done when its record file exists and its checksum matches. A re-run skips done
-  shards, redoes the rest, and writes ``manifest.json`` at the end. ``precompute.json`` pins the
-  settings that change the output; resuming with different ones is refused.
+  shards, redoes the rest, and writes ``manifest.json`` at the end; a resumed run's shard files
+  are byte-identical to an uninterrupted run's (``data.shards``: canonical header metadata).
+  ``precompute.json`` pins the settings that change the output and the shard format; resuming
+  with different ones, or into older shards, is refused.
 * **Multi-process** (``accelerate launch``): process ``r`` of ``W`` encodes shards ``i % W == r``;
   the main process writes the manifest after a barrier.
 * **Precision**: the AE runs in ``vae_dtype`` (fp32 default: SDXL-family AEs overflow in
@@ -282,7 +284,7 @@ class _ShardEncoder:
 
 def _check_run_config(cfg: Config, seed: int, out: Path, state: PartialState) -> None:
     """Pin the output-changing settings; refuse to resume into a folder made with others."""
-    pinned = {**cfg.model_dump(mode="json", exclude=_RUNTIME_ONLY), "seed": seed}
+    pinned = {**cfg.model_dump(mode="json", exclude=_RUNTIME_ONLY), "seed": seed, "format": shards.FORMAT_VERSION}
     path = out / RUN_CONFIG
     if state.is_main_process:
         for name in ("shard-", f"{shards.MANIFEST}.", f"{shards.CLASS_TEXT}.", f"{RUN_CONFIG}."):
@@ -292,6 +294,9 @@ def _check_run_config(cfg: Config, seed: int, out: Path, state: PartialState) ->
             atomic_write_json(path, pinned)
     state.wait_for_everyone()
     previous = json.loads(path.read_text())
+    if previous.get("format") != shards.FORMAT_VERSION:
+        raise ConfigError(f"out: {out} holds shards of format {previous.get('format', '2 or older')}, this snapgen "
+                          f"writes {shards.FORMAT_VERSION}; use a new --out")
     if diff := sorted(k for k in set(previous) | set(pinned) if previous.get(k) != pinned.get(k)):
         raise ConfigError(f"out: {out} holds shards made with other settings ({', '.join(diff)} differ); "
                           "use a new --out, or the same settings to resume")

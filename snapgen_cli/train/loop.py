@@ -44,8 +44,45 @@ Decisions where the paper is silent:
   99-106/s with workers. A worker's :class:`SnapgenError` (e.g. a corrupt shard) is re-raised
   as its own one-line message.
 * **Steps** count optimizer updates, from 1; ``checkpoints/step_000100`` holds the state
-  after 100 of them. A checkpoint is written to ``step_000100.tmp`` and renamed, so a kill
-  never leaves a broken latest checkpoint; ``resume="auto"`` ignores ``.tmp`` dirs.
+  after 100 of them. A checkpoint is written to ``step_000100.tmp``, every file fsynced
+  (:func:`_write_file`, the one writer of checkpoint files), then the dir, then renamed and
+  the parent dir fsynced, so a kill or a power cut never leaves a broken latest checkpoint;
+  ``resume="auto"`` ignores ``.tmp`` dirs. ``keep_checkpoints`` prunes the oldest, never one
+  newer than the checkpoint just written.
+* **Checkpoint format** (``snapgen-checkpoint`` version 1): safetensors + JSON, written and
+  read by this module (not ``accelerator.save_state``, whose optimizer, scheduler, RNG and
+  custom-object files are pickles: loading one runs whatever code it carries). Nothing is
+  ever unpickled: loading a safetensors or JSON file runs no code. Per checkpoint dir:
+
+  - ``weights.<trainable>.safetensors``: each trainable's state dict (tensors sharing
+    storage, e.g. tied weights, stored once);
+  - ``optimizer.<trainable>.safetensors``: its AdamW per-parameter tensors, keyed
+    ``<parameter name>/<exp_avg|exp_avg_sq|step>``;
+  - ``ema.safetensors``: the EMA's shadow parameters, keyed by the main model's parameter names;
+  - ``checkpoint.json``, written last: ``format`` / ``version``, ``loop`` (``step``), the
+    trainables, per optimizer its parameter names and shapes and ``param_groups``
+    (hyper-parameters), per LR scheduler its ``state_dict`` (diffusers' ``get_scheduler`` is
+    a ``LambdaLR`` of plain functions: ``lr_lambdas`` are ``None``, the rest are numbers),
+    the EMA's scalars (``optimization_step``, ``decay``, ...), the fp16 ``GradScaler`` state
+    (``null`` without one; accelerate makes none on CPU, so the CPU tests do not reach it), and
+    the size and sha256 of every other file.
+
+  A checkpoint is *intact* when its manifest parses and every file matches its recorded
+  size and sha256 and parses. ``resume="auto"`` walks back from the newest and resumes from
+  the newest intact one, with a warning naming what is wrong with the newer ones (they stay
+  on disk until overwritten); a corrupt checkpoint passed as ``resume`` is a
+  :class:`SnapgenError` naming the file. A checkpoint of another model (other trainables,
+  tensor names or shapes), of another format, or of older snapgen versions (``accelerate``
+  pickles, never opened) is a :class:`ConfigError` naming it, the tensor and the fix; nothing
+  on disk is changed by a refused resume. **No RNG state is saved**: every
+  random draw comes from per-sample generators seeded by ``(seed, step, slot)`` and the data
+  order is a function of ``(seed, epoch)`` (above), so the global RNG state does not affect
+  what a resumed run computes (the SIGKILL test resumes to 1e-6 of the uninterrupted run).
+  Only the main process writes (under DDP every rank holds the same state); every process
+  reads. **FSDP** would need sharded state: every rank writing its own shard of the weights,
+  optimizer state and EMA (``SHARDED_STATE_DICT``; gathering full tensors on one rank is what
+  FSDP exists to avoid), the manifest recording the world size and shard layout, and loading
+  checking that layout; not implemented (a later issue).
 * **EMA** is diffusers' ``EMAModel`` (its default warm-up: decay ``min(0.999, (1+n)/(10+n))``
   at update ``n``), kept on every process and saved as ``model_ema`` apart from ``model``.
 * **LR overrides** (``lr_overrides``, e.g. for a discriminator) are, like ``lr``, values at
@@ -60,8 +97,8 @@ Decisions where the paper is silent:
   stops every process with a :class:`SnapgenError` naming the step and the term; nothing is
   saved, so the latest checkpoint is the last good state.
 * **Not covered here (CPU-only tests):** FSDP. The loop passes FSDP configs through
-  accelerate unchanged, but EMA, sample grids and the final ``save_pretrained`` use the
-  unwrapped module of each process, which is only the full model under DDP.
+  accelerate unchanged, but EMA, sample grids, checkpoints and the final ``save_pretrained``
+  use the unwrapped module of each process, which is only the full model under DDP.
 """
 
 from __future__ import annotations
@@ -74,7 +111,7 @@ import shutil
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -91,13 +128,14 @@ from diffusers.utils.torch_utils import randn_tensor
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, field_validator
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from safetensors.torch import save_model
+from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..config import StageConfig
+from ..data.shards import sha256_file
 from ..errors import ConfigError, SnapgenError
-from ..files import atomic_write_json
+from ..files import _UMASK, atomic_write_json
 
 CHECKPOINTS = "checkpoints"
 
@@ -330,15 +368,9 @@ def _batches(loader: DataLoader) -> Iterator[Any]:
 
 @dataclass
 class _LoopState:
-    """The loop's own resumable state (registered with accelerate): steps done."""
+    """The loop's own resumable state (``checkpoint.json``'s ``loop``): steps done."""
 
     step: int = 0
-
-    def state_dict(self) -> dict[str, int]:
-        return {"step": self.step}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.step = int(state["step"])
 
 
 def _adamw(params: list[torch.Tensor], **kwargs: Any) -> torch.optim.AdamW:
@@ -363,6 +395,98 @@ def _replace_dir(tmp: Path, final: Path) -> None:
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+
+
+CHECKPOINT_FORMAT, CHECKPOINT_VERSION = "snapgen-checkpoint", 1
+CHECKPOINT_MANIFEST = "checkpoint.json"
+#: Files of ``accelerator.save_state`` (snapgen before checkpoint format 1): pickles, never read.
+_ACCELERATE_FILES = ("optimizer.bin", "scheduler.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl")
+
+
+class CorruptCheckpoint(SnapgenError):
+    """A checkpoint file that is missing, does not parse, or does not match its sha256."""
+
+
+def _fsync(path: Path, flags: int = os.O_RDONLY) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, write: Callable[[Path], Any]) -> dict[str, Any]:
+    """The one writer of checkpoint files: ``write(path)``, fsync, then its size and sha256
+    (read back, as the resume check will)."""
+    write(path)
+    os.chmod(path, 0o666 & ~_UMASK)  # safetensors creates files 0600
+    _fsync(path)
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def _unique_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` without the later names of tensors sharing storage (tied weights): safetensors
+    stores each tensor once, and loading the first name fills the others."""
+    seen, out = set(), {}
+    for k, v in state.items():
+        key = (v.device, v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.stride())
+        if v.numel() and key in seen:
+            continue
+        seen.add(key)
+        out[k] = v
+    return out
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except Exception as e:  # noqa: BLE001 - any parse failure means a corrupt file
+        raise CorruptCheckpoint(f"{path}: not a valid safetensors file ({type(e).__name__}: {e})") from None
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
+    """``(manifest, tensors by file name)`` of checkpoint ``path``, each file checked against
+    its recorded size and sha256 and parsed as JSON / safetensors (never unpickled).
+
+    Raises :class:`CorruptCheckpoint` for a missing, unparsable or mismatching file and
+    :class:`ConfigError` for a checkpoint of another format or version."""
+    manifest_path = path / CHECKPOINT_MANIFEST
+    fix = f"train into a new --out, or move {path.parent} away to start over"
+    if not manifest_path.is_file():
+        if any((path / name).exists() for name in _ACCELERATE_FILES):
+            raise ConfigError(f"{path}: a checkpoint of an older snapgen (accelerate's pickled save_state), not "
+                              f"loaded since unpickling can run code; {fix}")
+        raise CorruptCheckpoint(f"{manifest_path}: missing")
+    try:
+        manifest = json.loads(manifest_path.read_bytes())
+    except (ValueError, OSError) as e:
+        raise CorruptCheckpoint(f"{manifest_path}: not valid JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(manifest, dict):
+        raise CorruptCheckpoint(f"{manifest_path}: not a checkpoint manifest (a JSON {type(manifest).__name__})")
+    if (manifest.get("format"), manifest.get("version")) != (CHECKPOINT_FORMAT, CHECKPOINT_VERSION):
+        raise ConfigError(f"{manifest_path}: format {manifest.get('format')!r} version {manifest.get('version')!r}, "
+                          f"this snapgen reads {CHECKPOINT_FORMAT!r} version {CHECKPOINT_VERSION}; {fix}")
+    tensors = {}
+    try:
+        for name, rec in manifest["files"].items():
+            file = path / name
+            if Path(name).name != name or not name.endswith(".safetensors"):
+                raise CorruptCheckpoint(f"{manifest_path}: lists {name!r}, not a checkpoint file name")
+            try:
+                size = file.stat().st_size
+            except FileNotFoundError:
+                raise CorruptCheckpoint(f"{file}: missing") from None
+            if size != rec["bytes"]:
+                raise CorruptCheckpoint(f"{file}: {size} bytes, {CHECKPOINT_MANIFEST} says {rec['bytes']}")
+            if (got := sha256_file(file)) != rec["sha256"]:
+                raise CorruptCheckpoint(f"{file}: checksum mismatch (sha256 {got[:12]}..., {CHECKPOINT_MANIFEST} "
+                                        f"says {str(rec['sha256'])[:12]}...)")
+            tensors[name] = _load_tensors(file)
+        for key in ("loop", "trainables", "main", "optimizers", "schedulers", "ema", "scaler"):
+            manifest[key]  # noqa: B018 - present, else malformed
+    except (KeyError, TypeError, AttributeError) as e:
+        raise CorruptCheckpoint(f"{manifest_path}: malformed ({type(e).__name__}: {e})") from None
+    return manifest, tensors
 
 
 def save_module(module: nn.Module, path: Path) -> None:
@@ -403,9 +527,10 @@ def train(task: TrainTask, cfg: LoopConfig, out_dir: str | Path, resume: Literal
           console: Console | None = None) -> dict[str, Any]:
     """Train ``task`` with ``cfg`` into ``out_dir``; return (and write) a JSON-able summary.
 
-    ``resume``: ``"auto"`` continues from the latest complete checkpoint in
-    ``out_dir/checkpoints`` (or starts fresh if there is none), a path resumes from that
-    checkpoint, ``None`` starts fresh (and refuses to mix with an earlier run's checkpoints).
+    ``resume``: ``"auto"`` continues from the newest intact checkpoint in
+    ``out_dir/checkpoints`` (skipping corrupt newer ones with a warning; starting fresh if there
+    is none), a path resumes from that checkpoint, ``None`` starts fresh (and refuses to mix
+    with an earlier run's checkpoints).
     Writes ``model/`` (raw), ``model_ema/`` (``task.ema_dir``), one dir per other trainable, ``losses.jsonl``,
     ``logs/`` (trackers), ``samples/step_*.png``, ``checkpoints/`` and ``train_summary.json``.
     """
@@ -483,9 +608,9 @@ class _Run:
         self.params = {n: [p for g in opt.param_groups for p in g["params"]] for n, opt in self.optimizers.items()}
         self.frozen = {name: m.to(acc.device).eval().requires_grad_(False) for name, m in task.frozen().items()}
 
-        self.main_module = acc.unwrap_model(self.models[self.main])
+        self.modules = {n: acc.unwrap_model(m) for n, m in self.models.items()}
+        self.main_module = self.modules[self.main]
         self.ema = EMAModel(self.main_module.parameters(), decay=cfg.ema_decay, foreach=True)
-        acc.register_for_checkpointing(self.ema, self.state)
 
     def _enable_checkpointing(self, trainables: dict[str, nn.Module]) -> None:
         if not self.cfg.gradient_checkpointing:
@@ -504,20 +629,132 @@ class _Run:
                                   "or choose an empty output directory")
             return None
         if resume == "auto":
-            if not ckpts:
+            path, (manifest, tensors) = self._newest_intact(ckpts)
+            if path is None:
                 return None
-            path = ckpts[-1]
         else:
             path = Path(resume)
-            if not path.is_dir() or path.name.endswith(".tmp"):
+            if not path.is_dir() or path.name.endswith(".tmp") or not (
+                    (path / CHECKPOINT_MANIFEST).exists() or any((path / f).exists() for f in _ACCELERATE_FILES)):
                 example = self.out_dir / CHECKPOINTS / checkpoint_name(self.cfg.checkpoint_every)
-                raise ConfigError(f"resume: {str(path)!r} is not a complete checkpoint directory (e.g. {example}), "
-                                  "or pass resume='auto'")
-        self.acc.load_state(str(path))
-        self.ema.to(self.acc.device)
+                raise ConfigError(f"resume: {str(path)!r} is not a complete checkpoint directory (no "
+                                  f"{CHECKPOINT_MANIFEST}; e.g. {example}), or pass resume='auto'")
+            try:
+                manifest, tensors = read_checkpoint(path)
+            except CorruptCheckpoint as e:
+                raise CorruptCheckpoint(f"{e}; checkpoint {path.name} is corrupt: resume from another one "
+                                        "(resume='auto' takes the newest intact one)") from None
+        self._load_checkpoint(path, manifest, tensors)
         if self.state.step > self.cfg.steps:
             raise ConfigError(f"steps: checkpoint {path} is at step {self.state.step}, past steps={self.cfg.steps}")
         return path
+
+    def _newest_intact(self, ckpts: list[Path]) -> tuple[Path | None, tuple[dict, dict]]:
+        """The newest intact checkpoint and its contents, warning about the newer ones that are not."""
+        problems = []
+        for path in reversed(ckpts):
+            try:
+                found = read_checkpoint(path)
+            except CorruptCheckpoint as e:
+                problems.append(f"{path.name} is not intact ({e})")
+                continue
+            if problems and self.acc.is_main_process:
+                self.console.print(f"warning: {'; '.join(problems)}; resuming from {path.name}, the newest intact "
+                                   "checkpoint", markup=False, highlight=False, soft_wrap=True)
+            return path, found
+        if problems:
+            raise SnapgenError(f"{self.out_dir / CHECKPOINTS}: no intact checkpoint ({'; '.join(problems)}); move "
+                               "the folder away to start over, or restore one")
+        return None, ({}, {})
+
+    # -- checkpoints ---------------------------------------------------------------------
+
+    def _param_names(self, name: str) -> list[str]:
+        """Names of trainable ``name``'s optimizer parameters, in the optimizer's order."""
+        names = {id(p): k for k, p in self.modules[name].named_parameters()}
+        return [names.get(id(p), str(i)) for i, p in enumerate(self.params[name])]
+
+    def _checkpoint_state(self, step: int) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
+        """What the checkpoint of ``step`` holds: the manifest's JSON state and each file's tensors."""
+        files, optimizers = {}, {}
+        for n in self.models:
+            files[f"weights.{n}.safetensors"] = _unique_tensors(self.modules[n].state_dict())
+            state = self.optimizers[n].state_dict()
+            names = self._param_names(n)
+            tensors, other = {}, {}
+            for i, per_param in state["state"].items():
+                for k, v in per_param.items():
+                    if torch.is_tensor(v):
+                        tensors[f"{names[i]}/{k}"] = v
+                    else:
+                        other.setdefault(names[i], {})[k] = v
+            files[f"optimizer.{n}.safetensors"] = tensors
+            optimizers[n] = {"params": [[k, list(p.shape)] for k, p in zip(names, self.params[n])],
+                             "param_groups": state["param_groups"], "state": other}
+        ema_names = [k for k, _ in self.main_module.named_parameters()]
+        files["ema.safetensors"] = dict(zip(ema_names, self.ema.shadow_params))
+        ema = {k: v for k, v in self.ema.state_dict().items() if k != "shadow_params"}
+        manifest = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "loop": {"step": step},
+                    "trainables": list(self.models), "main": self.main, "optimizers": optimizers,
+                    "schedulers": {n: sch.state_dict() for n, sch in self.schedulers.items()}, "ema": ema,
+                    "scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else None}
+        return manifest, files
+
+    def _load_checkpoint(self, path: Path, manifest: dict[str, Any], files: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Check that checkpoint ``path`` is of this run's model, then load it (every process)."""
+        fix = f"train into a new --out, or move {path.parent} away to start over"
+        if manifest["trainables"] != list(self.models) or manifest["main"] != self.main:
+            raise ConfigError(f"resume: {path} is a checkpoint of other trainables ({', '.join(manifest['trainables'])}"
+                              f"; this run trains {', '.join(self.models)}); {fix}")
+
+        def same(what: str, saved: Mapping[str, Sequence[int]], live: Mapping[str, Sequence[int]]) -> None:
+            for k in [*live, *(k for k in saved if k not in live)]:
+                a, b = saved.get(k), live.get(k)
+                if a is None or b is None or list(a) != list(b):
+                    there = "missing" if a is None else f"of shape {list(a)}"
+                    here = "missing" if b is None else f"of shape {list(b)}"
+                    raise ConfigError(f"resume: {path} is a checkpoint of another model ({what} tensor {k!r}: {there} "
+                                      f"there, {here} in this run); {fix}")
+
+        try:
+            for n, module in self.modules.items():
+                weights = files[f"weights.{n}.safetensors"]
+                same(f"trainable {n!r}", {k: v.shape for k, v in weights.items()},
+                     {k: v.shape for k, v in _unique_tensors(module.state_dict()).items()})
+                opt = manifest["optimizers"][n]
+                same(f"{n!r} optimizer", dict(opt["params"]), dict(zip(self._param_names(n),
+                                                                          (p.shape for p in self.params[n]))))
+            ema = files["ema.safetensors"]
+            for n in self.models:
+                names = set(self._param_names(n))
+                if bad := [k for k in files[f"optimizer.{n}.safetensors"] if k.rpartition("/")[0] not in names]:
+                    raise KeyError(f"optimizer.{n}.safetensors: {bad[0]}")
+        except (KeyError, TypeError, ValueError) as e:
+            raise CorruptCheckpoint(f"{path / CHECKPOINT_MANIFEST}: malformed ({type(e).__name__}: {e})") from None
+        same("EMA", {k: v.shape for k, v in ema.items()}, {k: p.shape for k, p in self.main_module.named_parameters()})
+
+        for n, module in self.modules.items():
+            module.load_state_dict(files[f"weights.{n}.safetensors"], strict=False)  # shared names are filled too
+            opt, names = manifest["optimizers"][n], self._param_names(n)
+            tensors = files[f"optimizer.{n}.safetensors"]
+            live_groups = self.optimizers[n].param_groups
+            groups = [{k: tuple(v) if isinstance(live.get(k), tuple) else v for k, v in g.items()}
+                      for g, live in zip(opt["param_groups"], live_groups)]
+            state: dict[int, dict[str, Any]] = {}
+            for key, v in tensors.items():
+                pname, _, field = key.rpartition("/")
+                state.setdefault(names.index(pname), {})[field] = v
+            for pname, extra in opt["state"].items():
+                state.setdefault(names.index(pname), {}).update(extra)
+            self.optimizers[n].load_state_dict({"state": state, "param_groups": groups})
+            self.schedulers[n].load_state_dict(manifest["schedulers"][n])
+        self.ema.load_state_dict(manifest["ema"])
+        with torch.no_grad():
+            for shadow, (k, _) in zip(self.ema.shadow_params, self.main_module.named_parameters()):
+                shadow.copy_(ema[k])
+        if self.acc.scaler is not None and manifest["scaler"] is not None:
+            self.acc.scaler.load_state_dict(manifest["scaler"])
+        self.state.step = int(manifest["loop"]["step"])
 
     def _prepare_out_dir(self) -> None:
         """Main process: drop half-written checkpoints and losses logged after the resume point."""
@@ -667,17 +904,26 @@ class _Run:
             image.save(self.out_dir / "samples" / f"{checkpoint_name(step)}.png")
 
     def _save_checkpoint(self, step: int) -> None:
-        """``accelerator.save_state`` into ``step_N.tmp``, then an atomic rename to ``step_N``."""
+        """Main process: write ``step_N.tmp`` (module docstring: format, fsync), rename it to
+        ``step_N``, prune old checkpoints."""
         acc = self.acc
         final = self.out_dir / CHECKPOINTS / checkpoint_name(step)
         tmp = final.with_name(final.name + ".tmp")
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        acc.wait_for_everyone()
         if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            manifest, files = self._checkpoint_state(step)
+            manifest["files"] = {name: _write_file(tmp / name, lambda f, t=tensors: save_file(
+                {k: v.contiguous() for k, v in t.items()}, str(f))) for name, tensors in files.items()}
+            data = (json.dumps(manifest, indent=1) + "\n").encode()
+            _write_file(tmp / CHECKPOINT_MANIFEST, lambda f: f.write_bytes(data))
+            _fsync(tmp, os.O_RDONLY | os.O_DIRECTORY)
             _replace_dir(tmp, final)
+            _fsync(final.parent, os.O_RDONLY | os.O_DIRECTORY)
             if self.cfg.keep_checkpoints:
-                for old in complete_checkpoints(self.out_dir)[:-self.cfg.keep_checkpoints]:
+                older = [p for p in complete_checkpoints(self.out_dir) if int(p.name[5:]) < step]
+                for old in older[:max(0, len(older) - (self.cfg.keep_checkpoints - 1))]:
                     shutil.rmtree(old)
         acc.wait_for_everyone()
 
