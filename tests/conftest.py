@@ -39,3 +39,24 @@ def accelerate_launch():
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
             "--main_process_port", str(port)]
+
+
+def kill_after(proc, path, timeout: float = 300) -> None:
+    """SIGKILL ``proc`` as soon as ``path`` exists (e.g. a checkpoint dir); fail if the process
+    ends first or nothing appears within ``timeout`` seconds. Reaps the process."""
+    import signal
+    import time
+
+    try:
+        deadline = time.monotonic() + timeout
+        while not path.is_dir():
+            if proc.poll() is not None:
+                err = proc.stderr.read() if proc.stderr else ""
+                raise AssertionError(f"the process ended before {path} appeared: {err[-2000:] if err else ''}")
+            assert time.monotonic() < deadline, f"{path} did not appear"
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert proc.returncode == -signal.SIGKILL

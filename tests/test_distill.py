@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_train_e2e import CAPTIONS, _image, _tiny_vae
+from test_train_e2e import _tiny_vae, captioned_images
 
 from snapgen_cli.core import denoiser
 from snapgen_cli.core.losses import FeatureProjector
@@ -30,13 +30,7 @@ def kd(tmp_path_factory):
     trained on the teacher's features, and a tiny UNet student trained briefly."""
     root = tmp_path_factory.mktemp("kd")
     vae = _tiny_vae(root / "vae")
-    images = root / "images"
-    images.mkdir()
-    lines = []
-    for i, (caption, shape, color) in enumerate(CAPTIONS):
-        _image(shape, color).save(images / f"{i}.png")
-        lines.append(json.dumps({"file_name": f"{i}.png", "text": caption}))
-    (images / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    images = captioned_images(root / "images")
     precompute.run(precompute.Config(source=str(images), resolutions=[32], vae=str(vae), vae_subfolder=None,
                                      encoders="minilm", teacher_encoders="minilm", text_max_length=8, dtype="fp32"),
                    StageContext(out_dir=root / "pre"))

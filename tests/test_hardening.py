@@ -14,31 +14,13 @@ import sys
 from pathlib import Path
 
 import pytest
-
-BENCH = """
-[run]
-name = "t"
-out_dir = "{out}"
-
-[[stages]]
-name = "{name}"
-kind = "bench-device"
-preset = "tiny"
-resolution = 64
-runs = 0
-
-[[stages]]
-name = "b"
-kind = "bench-device"
-preset = "tiny"
-resolution = 128
-runs = 0
-"""
+from test_recipe_cli import BENCH
 
 
 def _recipe(tmp_path, name="a", out=None) -> Path:
+    """test_recipe_cli's two-stage bench-device recipe, its first stage named ``name``."""
     p = tmp_path / "r.toml"
-    p.write_text(BENCH.format(out=out or tmp_path / "run", name=name))
+    p.write_text(BENCH.format(out=out or tmp_path / "run").replace('name = "a"', f"name = {json.dumps(name)}", 1))
     return p
 
 

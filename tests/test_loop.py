@@ -8,19 +8,18 @@ import math
 import os
 import pickle
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _loop_script import FlowTask, GanTask, ShardedTensors, ToyVelocity
+from conftest import kill_after
 from rich.console import Console
 from safetensors.torch import load_file
 
-from _loop_script import FlowTask, GanTask, ShardedTensors, ToyVelocity
 from snapgen_cli.errors import ConfigError, SnapgenError
 from snapgen_cli.train.loop import (GlobalBatchSampler, LoopConfig, StepContext, TrainTask, complete_checkpoints,
                                    shard_ranges, train)
@@ -108,17 +107,7 @@ def test_resume_after_sigkill_repeats_the_uninterrupted_run(tmp_path):
     proc = subprocess.Popen([sys.executable, str(SCRIPT), "--out", str(killed), "--steps", "15",
                              "--checkpoint-every", "5", "--step-delay", "0.3"],
                             env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 240
-        while not (killed / "checkpoints" / "step_000005").is_dir():
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            assert time.monotonic() < deadline, "no checkpoint appeared"
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    kill_after(proc, killed / "checkpoints" / "step_000005", timeout=240)
     done = [p.name for p in complete_checkpoints(killed)]
     assert done and done[-1] in ("step_000005", "step_000010")
     assert not (killed / "model").exists()

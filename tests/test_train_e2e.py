@@ -8,10 +8,8 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import datasets
@@ -19,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL
+from conftest import kill_after
 from PIL import Image
 
 from snapgen_cli.core.pipeline import SnapGenPipeline
@@ -52,17 +51,22 @@ def _tiny_vae(path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2e")
-    vae = _tiny_vae(root / "vae")
-    images = root / "images"
+def captioned_images(images: Path) -> Path:
+    """The four captioned shape images as an image folder (``metadata.jsonl``)."""
     images.mkdir()
     lines = []
     for i, (caption, shape, color) in enumerate(CAPTIONS):
         _image(shape, color).save(images / f"{i}.png")
         lines.append(json.dumps({"file_name": f"{i}.png", "text": caption}))
     (images / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return images
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    vae = _tiny_vae(root / "vae")
+    images = captioned_images(root / "images")
     precompute.run(precompute.Config(source=str(images), resolutions=[32], vae=str(vae), vae_subfolder=None,
                                      encoders="minilm", shard_size=8, dtype="fp32"), StageContext(out_dir=root / "pre"))
     return root
@@ -270,18 +274,7 @@ def test_pretrain_cli_sigkilled_after_a_checkpoint_resumes_to_the_uninterrupted_
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     common = ("--steps", "60", "--batch-size", "4", "--checkpoint-every", "5")
     _finished(_snapgen(*_pretrain_argv(class_shards, ref, *common)))
-    proc = _snapgen(*_pretrain_argv(class_shards, killed, *common))
-    try:
-        deadline = time.monotonic() + 300
-        while not (killed / "checkpoints" / "step_000005").is_dir():
-            assert proc.poll() is None, proc.stderr.read()[-2000:]
-            assert time.monotonic() < deadline, "no checkpoint appeared"
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.communicate()
-    assert proc.returncode == -signal.SIGKILL
+    kill_after(_snapgen(*_pretrain_argv(class_shards, killed, *common)), killed / "checkpoints" / "step_000005")
     assert not (killed / "model").exists() and not (killed / "model_index.json").exists()  # it died mid-run
     done = int(json.loads((killed / "losses.jsonl").read_text().splitlines()[-1])["step"])
     assert 5 <= done < 60
