@@ -77,6 +77,15 @@ def write_run_report(run_dir: Path, name: str, results: list[dict], commands: di
     metrics = (ev or {}).get("summary", {}).get("metrics", {}) if ev else {}
     if "alignment" in metrics:
         report["alignment"] = metrics["alignment"]
+    evals = [dict(stage=r["stage"], checkpoint=r["summary"].get("meta", {}).get("checkpoint"),
+                  overall=r["summary"]["metrics"]["alignment"]["overall"],
+                  chance=r["summary"]["metrics"]["alignment"].get("chance"))
+             for r in results if r.get("kind") == "eval" and "alignment" in (r.get("summary") or {}).get("metrics", {})]
+    if len(evals) > 1:  # e.g. the teacher, the student before and after distillation
+        report["alignment_by_stage"] = evals
+    kd = _find(results, "distill")
+    if kd and (kd.get("summary") or {}).get("fig6"):
+        report["fig6"] = kd["summary"]["fig6"]
     recon = metrics.get("recon")
     decoders = [r for r in results if r.get("kind") == "train-decoder"]
     report["decoder"] = {r["stage"]: (r.get("summary") or {}).get("eval") for r in decoders}
@@ -106,6 +115,18 @@ def _markdown(report: dict, run_dir: Path) -> str:
         if "chance" in al:
             lines.append(f"\nChance level (valid images, prompts ignored): {_fmt(al['chance'])}.")
         lines.append("")
+    by_stage = report.get("alignment_by_stage")
+    if by_stage:
+        lines += ["## Alignment of every evaluated model", "", "| eval stage | checkpoint | overall | chance |",
+                  "| --- | --- | --- | --- |"]
+        for e in by_stage:
+            ckpt = Path(e["checkpoint"]).name if e.get("checkpoint") else "-"
+            lines.append(f"| {e['stage']} | {ckpt} | {_fmt(e['overall'])} | {_fmt(e.get('chance'))} |")
+        lines.append("")
+    if "fig6" in report:
+        rel = Path(report["fig6"])
+        rel = rel.relative_to(run_dir) if rel.is_relative_to(run_dir) else rel
+        lines += ["## Distillation: loss magnitude per t bin (Fig. 6)", "", f"![fig 6]({rel})", ""]
     dec = {k: v for k, v in report.get("decoder", {}).items() if v}
     if dec:
         lines += ["## Decoder reconstruction", "", "| stage | PSNR (dB) | SSIM |", "| --- | --- | --- |"]

@@ -60,11 +60,11 @@ def _teacher_item(cfg: Config, ctx: StageContext) -> PlanItem:
     with torch.device("meta"):
         model = (SD3Transformer2DModel.from_config(config) if config else
                  build_teacher(HUB_PRESETS[cfg.teacher]) if cfg.teacher in HUB_PRESETS else None)
-    params = count_teacher_params(model) if model is not None else None
+    params = count_params(model) if model is not None else None
     paper = PUBLISHED_PARAMS.get(HUB_PRESETS.get(cfg.teacher, ""))
     note = "frozen; " + ("config unknown until it exists" if model is None else
-                         f"{params / 1e9:.2f}B with its positional table" + (f" (published {paper / 1e9:.1f}B)"
-                                                                             if paper else ""))
+                         f"{count_teacher_params(model) / 1e9:.3g}B with its positional table"
+                         + (f" (published {paper / 1e9:.1f}B)" if paper else ""))
     return PlanItem(model=f"teacher SD3Transformer2DModel {cfg.teacher}", params=params, inputs=[cfg.teacher],
                     notes=note)
 
