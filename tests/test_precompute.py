@@ -262,6 +262,11 @@ def test_teacher_encoders_are_shared_when_identical_and_prefixed_otherwise(folde
     assert man["encoders"]["teacher"] == [["clip_l", "clip_l"], ["clip_g", "teacher_clip_g"]]  # spec order kept
     item = ShardDataset(tmp_path / "out")[0]
     assert {k for k in item if k.endswith(".tokens")} == {"clip_l.tokens", "teacher_clip_g.tokens"}
+    nbytes = lambda prefix: sum(v.numel() * v.element_size() for k, v in item.items()  # noqa: E731
+                                if isinstance(v, torch.Tensor) and k.startswith(prefix))
+    size = man["bytes_per_sample"]  # what the teacher's own features cost, reported apart
+    assert size["teacher_text"] == nbytes("teacher_clip_g.") > 0 and size["student_text"] == nbytes("clip_l.")
+    assert size["latents"] == nbytes("latents.") and size["total"] == sum(v for k, v in size.items() if k != "total")
     teacher = encoder_features(item, man, "teacher")
     assert set(teacher) == {f"{n}.{p}" for n in ("clip_l", "clip_g") for p in ("tokens", "pooled", "mask")}
     assert torch.equal(teacher["clip_g.tokens"], item["teacher_clip_g.tokens"])

@@ -349,6 +349,20 @@ def _write_skipped(out: Path, records: list[dict]) -> str:
     return SKIPPED_FILE
 
 
+def _bytes_per_sample(tensors: dict, student: list[EncoderSpec], teacher: list[EncoderSpec]) -> dict[str, int]:
+    """What one sample costs in the shards, by part: latents, the student's text features, the
+    teacher's own (those it does not share with the student; T5-XXL's 256 x 4096 fp16 tokens
+    alone are 2 MiB) and the rest; ``total``."""
+    owners = {s.name: "student_text" for s in student} | {s.name: "teacher_text" for s in teacher
+                                                        if s.name.startswith("teacher_")}
+    parts: dict[str, int] = {"latents": 0, "student_text": 0, "teacher_text": 0, "other": 0}
+    for key, info in tensors.items():
+        n = math.prod(info["shape"]) * torch.empty((), dtype=getattr(torch, info["dtype"])).element_size()
+        part = "latents" if key.startswith("latents.") else owners.get(key.split(".")[0], "other")
+        parts[part] += n
+    return {**parts, "total": sum(parts.values())}
+
+
 def _write_manifest(cfg: Config, out: Path, source: Source, enc: _ShardEncoder, student: list[EncoderSpec],
                     teacher: list[EncoderSpec], teacher_names: dict[str, str]) -> None:
     records = shards.shard_records(out)
@@ -366,6 +380,8 @@ def _write_manifest(cfg: Config, out: Path, source: Source, enc: _ShardEncoder, 
                      "teacher": [list(pair) for pair in teacher_names.items()] if text else [],
                      "specs": {s.name: s.model_dump(mode="json") for s in [*student, *teacher]} if text else {}},
         "tensors": records[0]["tensors"] if records else {},
+        "bytes_per_sample": _bytes_per_sample(records[0]["tensors"] if records else {}, student, teacher),
+        "bytes": sum(r["bytes"] for r in records),
         "skipped": shards.sum_counts(records, "skipped"), "skipped_list": _write_skipped(out, records),
         "converted": shards.sum_counts(records, "converted"),
         "captions": shards.sum_counts(records, "captions"),
@@ -413,6 +429,7 @@ def run(cfg: Config, ctx: StageContext) -> dict:
         _write_manifest(cfg, out, source, enc, student, teacher, teacher_names)
     state.wait_for_everyone()
     m = shards.read_manifest(out)
-    return {"out_dir": str(out), **{k: m[k] for k in ("num_samples", "num_shards", "source_samples", "skipped",
+    return {"out_dir": str(out), **{k: m[k] for k in ("num_samples", "num_shards", "source_samples", "bytes_per_sample",
+                                                        "bytes", "skipped",
                                                         "converted", "captions")},
             "seconds": round(time.perf_counter() - t0, 2)}

@@ -25,6 +25,7 @@ Decisions where the paper is silent:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -44,7 +45,8 @@ class DistillConfig(DiffusionConfig):
     teacher: str = Field("stabilityai/stable-diffusion-3.5-large", description="the teacher: an SD3/SD3.5 pipeline "
                          "or transformer dir, a hub id, or a `finetune --model sd3-*` output")
     teacher_subfolder: str | None = Field("transformer", description="subfolder of the teacher's weights")
-    teacher_dtype: str = Field("auto", description="auto (bf16 on a GPU, else fp32), bfloat16, float16 or float32")
+    teacher_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="the teacher's weights and compute: auto = bfloat16 on an accelerator, else float32")
     teacher_device: str | None = Field(None, description="run the teacher on its own device (e.g. cuda:1)")
     teacher_offload: bool = Field(False, description="keep the teacher in CPU RAM, streamed to the GPU per layer")
     kd: bool = Field(True, description="output distillation, Eq. 4")
@@ -74,7 +76,9 @@ class DistillTask(DiffusionTask):
         super().__init__(cfg, data_dir, init_dir, console)
         self.teacher_text = TextRole(self.manifest, "teacher", self.data_dir)
         device = cfg.teacher_device
-        dtype = None if cfg.teacher_dtype == "auto" else cfg.teacher_dtype
+        dtype = cfg.teacher_dtype
+        if dtype == "auto":  # the loop trains on the accelerator when there is one (bf16: sec. 3.3's 8B teacher)
+            dtype = "bfloat16" if torch.accelerator.is_available() else "float32"
         self.teacher = load_teacher(*teacher_location(cfg.teacher, cfg.teacher_subfolder), dtype=dtype, device=device,
                                     offload=cfg.teacher_offload)
         check_teacher(self.teacher, self.teacher_text.layout, self.manifest["latent"]["channels"])
