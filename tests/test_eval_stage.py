@@ -162,7 +162,12 @@ def test_shift_overrides_the_pipeline_objective(pipeline_dir, alignment_run, tmp
     assert json.loads((tmp_path / "generation.json").read_text())["objective"]["shift"] == 1.0
     default = alignment_run[0] / "alignment" / "00000.png"
     assert alignment_run[1]["meta"]["sampler"]["objective"]["shift"] == 3.0
-    assert np.abs(_pixels(tmp_path / "alignment" / "00000.png") - _pixels(default)).max() > 5
+    # the sampler the eval stage builds runs on the unshifted grid (1, 0.5, 0 for 2 steps) ...
+    pipe = E._load_pipeline(pipeline_dir, E.Config(shift=1.0))
+    torch.testing.assert_close(pipe.objective.scheduler(2).sigmas, torch.tensor([1.0, 0.5, 0.0]))
+    assert SnapGenPipeline.from_pretrained(pipeline_dir).objective.scheduler(2).sigmas[1] == pytest.approx(0.75)
+    # ... and the image changes (a random tiny UNet: by a few 8-bit levels)
+    assert np.abs(_pixels(tmp_path / "alignment" / "00000.png") - _pixels(default)).max() > 0
 
 
 # ----------------------------------------------------------------------------- FID, CLIP, recon
