@@ -296,6 +296,7 @@ LazyGroup.lazy = {
     "pretrain": Subcommand("Train the UNet from scratch on class-conditional shards."),
     "finetune": Subcommand("Text-to-image training on latent + text shards."),
     "distill": Subcommand("Multi-level knowledge distillation from an SD3 DiT teacher (Eq. 4-8)."),
+    "step-distill": Subcommand("Adversarial step distillation to 4/8 steps with a few-step DiT teacher (Eq. 9)."),
     "generate": Subcommand("Prompts -> PNGs from a trained pipeline dir.", positional="prompts"),
     "eval": Subcommand("Generate with fixed seeds and score: alignment, FID, CLIP, PSNR, GenEval, DPG-Bench."),
     "bench-device": Subcommand("Parameters, MACs (= FLOPs/2, the paper's convention), latency and peak memory.",

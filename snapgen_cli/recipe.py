@@ -45,6 +45,7 @@ STAGE_KINDS: dict[str, str] = {
     "pretrain": "snapgen_cli.stages.pretrain",
     "finetune": "snapgen_cli.stages.finetune",
     "distill": "snapgen_cli.stages.distill",
+    "step-distill": "snapgen_cli.stages.step_distill",
     "generate": "snapgen_cli.stages.generate",
     "bench-device": "snapgen_cli.stages.bench_device",
     "shapes-data": "snapgen_cli.stages.shapes_data",

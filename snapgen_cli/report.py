@@ -66,6 +66,18 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return str(v)
 
 
+def _eval_row(r: dict) -> dict:
+    """One eval stage's headline figures: sampler settings, alignment, FID / KID."""
+    summary = r["summary"]
+    m, sampler = summary["metrics"], (summary.get("meta") or {}).get("sampler") or {}
+    al, fid = m.get("alignment") or {}, m.get("fid") or {}
+    kid = fid.get("kid")
+    return dict(stage=r["stage"], checkpoint=(summary.get("meta") or {}).get("checkpoint"),
+                steps=sampler.get("steps"), guidance=sampler.get("guidance"), overall=al.get("overall"),
+                chance=al.get("chance"), fid=fid.get("fid"), kid=kid.get("mean") if isinstance(kid, dict) else kid,
+                fid_reference=fid.get("n_reference"))
+
+
 def write_run_report(run_dir: Path, name: str, results: list[dict], commands: dict[str, str]) -> dict:
     """Write ``report.json`` and ``report.md`` for a finished (or partly skipped) run."""
     run_dir = Path(run_dir)
@@ -73,20 +85,21 @@ def write_run_report(run_dir: Path, name: str, results: list[dict], commands: di
                "summary": r.get("summary"), "command": commands.get(r["stage"])} for r in results]
     report: dict[str, Any] = {"run": name, "run_dir": str(run_dir), "stages": stages,
                               "total_wall_s": round(sum(s["wall_s"] or 0 for s in stages), 2)}
-    ev = _find(results, "eval")
-    metrics = (ev or {}).get("summary", {}).get("metrics", {}) if ev else {}
+    evals = [r for r in results if r.get("kind") == "eval" and (r.get("summary") or {}).get("metrics")]
+    # the per-category table: the stage named "eval" (the recipe's final model), else the last eval
+    ev = next((r for r in evals if r["stage"] == "eval"), evals[-1] if evals else None)
+    metrics = ev["summary"]["metrics"] if ev else {}
     if "alignment" in metrics:
         report["alignment"] = metrics["alignment"]
-    evals = [dict(stage=r["stage"], checkpoint=r["summary"].get("meta", {}).get("checkpoint"),
-                  overall=r["summary"]["metrics"]["alignment"]["overall"],
-                  chance=r["summary"]["metrics"]["alignment"].get("chance"))
-             for r in results if r.get("kind") == "eval" and "alignment" in (r.get("summary") or {}).get("metrics", {})]
-    if len(evals) > 1:  # e.g. the teacher, the student before and after distillation
-        report["alignment_by_stage"] = evals
+    rows = [_eval_row(r) for r in evals]
+    if len(rows) > 1:  # e.g. the teacher, the student before and after (step) distillation
+        report["alignment_by_stage"] = [r for r in rows if r.get("overall") is not None]
+        report["evaluations"] = rows
     kd = _find(results, "distill")
     if kd and (kd.get("summary") or {}).get("fig6"):
         report["fig6"] = kd["summary"]["fig6"]
-    recon = metrics.get("recon")
+    recon = next((r["summary"]["metrics"]["recon"] for r in reversed(evals) if "recon" in r["summary"]["metrics"]),
+                 None)
     decoders = [r for r in results if r.get("kind") == "train-decoder"]
     report["decoder"] = {r["stage"]: (r.get("summary") or {}).get("eval") for r in decoders}
     if recon:
@@ -115,13 +128,19 @@ def _markdown(report: dict, run_dir: Path) -> str:
         if "chance" in al:
             lines.append(f"\nChance level (valid images, prompts ignored): {_fmt(al['chance'])}.")
         lines.append("")
-    by_stage = report.get("alignment_by_stage")
-    if by_stage:
-        lines += ["## Alignment of every evaluated model", "", "| eval stage | checkpoint | overall | chance |",
-                  "| --- | --- | --- | --- |"]
-        for e in by_stage:
+    rows = report.get("evaluations")
+    if rows:
+        lines += ["## Alignment of every evaluated model", "",
+                  "| eval stage | checkpoint | steps | cfg | alignment | chance | FID | KID |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for e in rows:
             ckpt = Path(e["checkpoint"]).name if e.get("checkpoint") else "-"
-            lines.append(f"| {e['stage']} | {ckpt} | {_fmt(e['overall'])} | {_fmt(e.get('chance'))} |")
+            cells = [_fmt(e.get(k)) if e.get(k) is not None else "-" for k in ("overall", "chance", "fid", "kid")]
+            lines.append(f"| {e['stage']} | {ckpt} | {e.get('steps') or '-'} | {e.get('guidance') or '-'} | "
+                         + " | ".join(cells) + " |")
+        n_ref = {e.get("fid_reference") for e in rows if e.get("fid") is not None}
+        if n_ref:
+            lines.append(f"\nFID / KID against the held-out reference images ({', '.join(map(str, n_ref))} images).")
         lines.append("")
     if "fig6" in report:
         rel = Path(report["fig6"])

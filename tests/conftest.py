@@ -60,3 +60,30 @@ def kill_after(proc, path, timeout: float = 300) -> None:
         proc.kill()
         proc.communicate()
     assert proc.returncode == -signal.SIGKILL
+
+
+# ------------------------------------------------------------------ distillation fixtures
+
+FAST = dict(resolution=32, lr_reference_batch=4, tracker="none", ema_decay=0.9, checkpoint_every=1000)
+
+
+@pytest.fixture(scope="session")
+def kd(tmp_path_factory):
+    """Shards with student and teacher text (MiniLM for both: stored once), a tiny DiT teacher
+    trained on the teacher's features, and a tiny UNet student trained briefly."""
+    from test_train_e2e import _tiny_vae, captioned_images
+
+    from snapgen_cli.stages import finetune, precompute
+    from snapgen_cli.stages.base import StageContext
+
+    root = tmp_path_factory.mktemp("kd")
+    vae = _tiny_vae(root / "vae")
+    images = captioned_images(root / "images")
+    precompute.run(precompute.Config(source=str(images), resolutions=[32], vae=str(vae), vae_subfolder=None,
+                                     encoders="minilm", teacher_encoders="minilm", text_max_length=8, dtype="fp32"),
+                   StageContext(out_dir=root / "pre"))
+    finetune.run(finetune.Config(data=str(root / "pre"), init_from=None, model="sd3-tiny", text_role="teacher",
+                                 steps=120, batch_size=4, lr=2e-3, **FAST), StageContext(out_dir=root / "teacher"))
+    finetune.run(finetune.Config(data=str(root / "pre"), init_from=None, model="tiny", steps=10, batch_size=4,
+                                 lr=1e-3, **FAST), StageContext(out_dir=root / "student"))
+    return root

@@ -24,7 +24,9 @@ import pytest
 SHORT = [
     # data, autoencoder, decoder and the student as in the full demo; teacher and distill shortened
     "eval-finetune.alignment_n=240", "teacher.steps=300", "eval-teacher.alignment_n=60", "distill.steps=100",
-    "eval.alignment_n=60",
+    "eval.alignment_n=60", "step-distill.steps=30",
+    *[f"{e}.{k}" for e in ("eval-4step-before", "eval-8step-before", "eval-4step", "eval-8step")
+      for k in ("alignment_n=24", 'metrics=["alignment"]')],
 ]
 
 
@@ -43,7 +45,8 @@ def test_shortened_demo_trains_every_stage_and_passes_quality_thresholds(tmp_pat
     stages = [s["stage"] for s in json.loads(out)["stages"]]
     assert stages == ["data", "autoencoder", "decoder", "precompute-classes", "precompute", "pretrain",
                       "finetune-32", "finetune-64", "eval-finetune", "teacher", "eval-teacher", "distill",
-                      "generate", "eval"]
+                      "step-distill", "generate", "eval", "eval-4step-before", "eval-8step-before", "eval-4step",
+                      "eval-8step"]
 
     report = json.loads((tmp_path / "demo" / "report.json").read_text())
     md = (tmp_path / "demo" / "report.md").read_text()
@@ -57,7 +60,11 @@ def test_shortened_demo_trains_every_stage_and_passes_quality_thresholds(tmp_pat
     # quality thresholds on the student before distillation (the distilled one depends on a teacher
     # trained for seconds; its score is reported next to it, not asserted)
     by_stage = {e["stage"]: e for e in report["alignment_by_stage"]}
-    assert set(by_stage) == {"eval-finetune", "eval-teacher", "eval"}
+    assert set(by_stage) == {"eval-finetune", "eval-teacher", "eval", "eval-4step-before", "eval-8step-before",
+                             "eval-4step", "eval-8step"}
+    rows = {e["stage"]: e for e in report["evaluations"]}
+    assert (rows["eval-4step"]["steps"], rows["eval-8step-before"]["steps"], rows["eval"]["steps"]) == (4, 8, 20)
+    assert rows["eval"]["fid"] > 0 and rows["eval"]["kid"] is not None and "| FID | KID |" in md
     assert "## Alignment of every evaluated model" in md and "![fig 6](distill/fig6.png)" in md
     al = json.loads((tmp_path / "demo" / "eval-finetune" / "eval_report.json").read_text())["metrics"]["alignment"]
     print("alignment", al["overall"], "chance", al["chance"], {k: v["accuracy"] for k, v in al["categories"].items()},
@@ -76,7 +83,7 @@ def test_shortened_demo_trains_every_stage_and_passes_quality_thresholds(tmp_pat
 
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     run = tmp_path / "demo"
-    for stage in ("pretrain", "finetune-32", "finetune-64", "distill", "teacher"):
+    for stage in ("pretrain", "finetune-32", "finetune-64", "distill", "teacher", "step-distill"):
         assert plan[(stage, "unet")] == count(denoiser.load(run / stage / "unet")), stage
     assert plan[("autoencoder", "autoencoder")] == count(AutoencoderKL.from_pretrained(run / "autoencoder" / "model_ema"))
     assert plan[("decoder", "tiny-decoder")] == count(TinyDecoder.from_pretrained(run / "decoder" / "model_ema"))

@@ -163,7 +163,8 @@ def _plan_params(run_cli, recipe) -> dict[tuple[str, str], int]:
     """(stage, kind of model: unet / autoencoder / tiny-decoder) -> the plan's parameter count."""
     code, out, err = run_cli("run", recipe, "--dry-run", "--json")
     assert code == 0, err
-    kinds = {"unet": "unet", "AutoencoderKL:": "autoencoder", "tiny decoder": "tiny-decoder", "teacher": "teacher"}
+    kinds = {"unet": "unet", "AutoencoderKL:": "autoencoder", "tiny decoder": "tiny-decoder", "teacher": "teacher",
+             "discriminator heads": "heads"}
     return {(r["stage"], kind): r["params"] for r in json.loads(out)["plan"]
             for prefix, kind in kinds.items() if r["model"].startswith(prefix)}
 
@@ -200,10 +201,15 @@ def test_dry_run_reports_the_models_the_paper_stages_build(run_cli):
     plan = _plan_params(run_cli, ROOT / "recipes" / "paper.toml")
     layout = TextLayout.from_specs(student())
     unet = _meta_params(build_unet, "snapgen-t2i", in_channels=16, out_channels=16, **layout.unet_kwargs())
-    for stage in ("pretrain", "finetune-256", "finetune-512", "finetune-1024", "distill"):
+    for stage in ("pretrain", "finetune-256", "finetune-512", "finetune-1024", "distill", "step-distill"):
         assert plan[(stage, "unet")] == unet, stage
     assert plan[("train-decoder", "tiny-decoder")] == _meta_params(build_decoder, "snapgen-decoder")
     assert round(plan[("distill", "teacher")] / 1e9, 2) == 8.06  # SD3.5-Large built on meta (+ its 0.09B pos. table)
+    # step-distill: SD3.5-Large-Turbo (the same architecture) on meta, and four heads on its 2432-wide tokens
+    assert plan[("step-distill", "teacher")] == plan[("distill", "teacher")]
+    from snapgen_cli.core.discriminator import FeatureHeads
+
+    assert plan[("step-distill", "heads")] == _meta_params(FeatureHeads, 2432, (9, 18, 27, 37), 256)
 
 
 def test_bench_device_json_and_compare(tmp_path, run_cli):

@@ -1,4 +1,7 @@
-"""PatchGAN discriminator for training the tiny decoder (paper sec. 3.2, "adversarial loss [23]").
+"""The two discriminators: a PatchGAN for the tiny decoder (sec. 3.2) and the heads on a frozen
+teacher's features for step distillation (sec. 3.4, :class:`FeatureHeads`).
+
+PatchGAN discriminator for training the tiny decoder (paper sec. 3.2, "adversarial loss [23]").
 
 The paper names an adversarial loss but not the discriminator. We use the layout that
 latent-autoencoder training made standard -- the pix2pix / taming-transformers
@@ -84,3 +87,55 @@ def build_discriminator(preset: str = "patchgan", **overrides) -> PatchDiscrimin
             f"unknown discriminator preset {preset!r}; choose one of: {', '.join(DISCRIMINATOR_PRESETS)}"
         )
     return PatchDiscriminator(**{**copy.deepcopy(DISCRIMINATOR_PRESETS[preset]), **overrides})
+
+
+# ----------------------------------------------------------------------------------------
+# Step distillation (sec. 3.4): trainable heads on the frozen few-step teacher's features.
+
+
+class FeatureHeads(ModelMixin, ConfigMixin):
+    """The trainable part of sec. 3.4's discriminator ``D_{theta_T}``: "a few linear layers ...
+    after feature extraction" from the frozen teacher (SD3.5-Large-Turbo), one head per chosen
+    teacher block (``blocks``), as in LADD (Sauer et al. 2024, ref. [63]).
+
+    A head maps each image token (B, N, ``feature_dim``) to a logit: LayerNorm (no affine) ->
+    Linear(feature_dim, hidden) -> FiLM by the noise level -> SiLU -> Linear(hidden, 1). The
+    noise level ``sigma`` enters as SD3 embeds it (``sigma * 1000`` through sinusoidal features
+    and a 2-layer MLP, diffusers' ``Timesteps`` / ``TimestepEmbedding``), giving a per-head
+    scale and shift of the hidden layer: "heads conditioned on the noise level". Decisions where
+    the paper is silent: token-wise logits (LADD's heads are also token-/patch-wise), no text
+    conditioning in the heads (the teacher's features already carry the prompt), the last layer
+    zero-initialised so that every head starts at logit 0 (the discriminator loss then starts at
+    its analytic value, 2 ln 2 for the log form).
+    """
+
+    @register_to_config
+    def __init__(self, feature_dim: int, blocks: tuple[int, ...] = (-1,), hidden: int = 256, embed_dim: int = 256):
+        super().__init__()
+        from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+
+        if not blocks:
+            raise ConfigError("disc_blocks: expected at least one teacher block index")
+        self.time_proj = Timesteps(embed_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.time_embed = TimestepEmbedding(embed_dim, hidden)
+        self.norm = nn.LayerNorm(feature_dim, elementwise_affine=False)
+        self.inp = nn.ModuleList(nn.Linear(feature_dim, hidden) for _ in blocks)
+        self.film = nn.ModuleList(nn.Linear(hidden, 2 * hidden) for _ in blocks)
+        self.out = nn.ModuleList(nn.Linear(hidden, 1) for _ in blocks)
+        for lin in [*self.film, *self.out]:
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def forward(self, features: list[torch.Tensor], sigma: torch.Tensor) -> list[torch.Tensor]:
+        """Per-token logits (B, N) of each head, from the teacher's tokens after each block
+        (``core.teacher.teacher_block_features``) and the noise level (B,) in [0, 1]."""
+        if len(features) != len(self.inp):
+            raise ValueError(f"{len(features)} feature maps for {len(self.inp)} heads")
+        emb = self.time_embed(self.time_proj(sigma.reshape(-1).float() * 1000.0).to(features[0].dtype))
+        emb = nn.functional.silu(emb)
+        logits = []
+        for f, inp, film, out in zip(features, self.inp, self.film, self.out, strict=True):
+            scale, shift = film(emb).unsqueeze(1).chunk(2, dim=-1)
+            h = inp(self.norm(f)) * (1 + scale) + shift
+            logits.append(out(nn.functional.silu(h)).squeeze(-1))
+        return logits

@@ -17,7 +17,7 @@ batch mean. :class:`DistillLoss` makes each row of supplement F's Tab. 3 a setti
 + kd; + featkd; + t-scaling). :func:`tbin_sums` logs per-sample terms in t bins every step and
 :func:`plot_fig6` draws Fig. 6 (mean loss magnitude of L_task and L_kd against t) from a run's
 ``losses.jsonl``. Step distillation (sec. 3.4, Eq. 9) subtracts ``S(L_task, L_kd)`` from a GAN
-objective: :func:`timestep_aware_scaling` and :class:`AdversarialLoss` are its pieces.
+objective: :class:`StepDistillLoss` combines :func:`timestep_aware_scaling` and :class:`AdversarialLoss`.
 
 **Decoder** (``snapgen train-decoder``): "the mean squared error (MSE) loss, lpips loss [86],
 adversarial loss [23], and discard[s] the KL term [36] as the encoder is fixed":
@@ -589,4 +589,81 @@ class DecoderLoss(nn.Module):
         logs["loss_d"] = loss.detach()
         logs["logits_real"] = real_logits.detach().mean()
         logs["logits_fake"] = fake_logits.detach().mean()
+        return loss, logs
+
+
+# ------------------------------------------------------------ step distillation (sec. 3.4, Eq. 9)
+
+
+class StepDistillLoss:
+    """Eq. 9: ``min_D max_G E[log D(x_{t-1}, t)] + E[log(1 - D(x'_{t-1}, t))] - S(L_task, L_kd)``.
+
+    The generator (the student) minimises ``adv_weight * L_adv^G + S(L_task, L_kd)`` and the
+    discriminator (heads on the frozen teacher's features) minimises ``L_adv^D`` (+ the
+    approximate R1 penalty), both averaged over the heads. ``adv_loss="non-saturating"`` is
+    Eq. 9's log form as GANs train it [23]: D minimises ``softplus(-D(real)) + softplus(D(fake))``
+    (= ``-log sigmoid(D(real)) - log(1 - sigmoid(D(fake)))``), G minimises ``softplus(-D(fake))``
+    (the non-saturating ``-log sigmoid(D(fake))`` instead of ``log(1 - sigmoid(D(fake)))``); at
+    zero logits the D loss is ``2 ln 2``. ``"hinge"`` is the option LADD also uses.
+
+    ``S`` is :func:`timestep_aware_scaling` at the student's own noise level (Eq. 7); ``kd=False``
+    leaves ``E[L_task]`` (the ablation without the turbo teacher's output). ``adv_weight`` 1 is
+    Eq. 9 as written (no constant). The approximate R1 (``r1_gamma > 0``; SD3-Turbo / LADD's
+    substitute for the double-backward R1 through the big teacher): ``r1_gamma * E||D(x) -
+    D(x + N(0, r1_sigma^2))||^2`` on real inputs, which needs no gradient through the teacher.
+
+    Logged per head ``h<block>``: the mean real and fake logits ``D_real`` / ``D_fake`` and the
+    discriminator's accuracy ``acc`` (a sample's score is its mean token logit; real counts as
+    right above 0, fake below).
+    """
+
+    def __init__(self, adv_loss: str = "non-saturating", adv_weight: float = 1.0, kd: bool = True,
+                 r1_gamma: float = 0.0, eps: float = RATIO_EPS):
+        if not adv_weight >= 0:
+            raise ConfigError(f"adv_weight: expected a number >= 0, got {adv_weight}")
+        if not r1_gamma >= 0:
+            raise ConfigError(f"r1_gamma: expected a number >= 0, got {r1_gamma}")
+        self.adversarial = AdversarialLoss(adv_loss)
+        self.adv_weight, self.kd, self.r1_gamma, self.eps = adv_weight, kd, r1_gamma, eps
+
+    def generator(self, fake_logits: list[torch.Tensor], v_student: torch.Tensor, target: torch.Tensor,
+                  sigma: torch.Tensor, v_teacher: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The student's loss: ``adv_weight * mean_h L_adv^G(D_h(x'_s)) + S(L_task, L_kd)``."""
+        task = task_loss(v_student, target)
+        logs = {"task": task.detach().mean()}
+        if self.kd:
+            if v_teacher is None:
+                raise SnapgenError("StepDistillLoss(kd=True) needs the teacher's velocity: pass v_teacher=")
+            kd = kd_loss(v_student, v_teacher)
+            sigma = torch.as_tensor(sigma, device=task.device).reshape(-1)
+            distill = timestep_aware_scaling(task, kd, lambda_t(sigma), self.eps)
+            logs["kd"] = kd.detach().mean()
+        else:
+            distill = task.mean()
+        adv = torch.stack([self.adversarial.generator(f.float()) for f in fake_logits]).mean()
+        logs |= {"S": distill.detach(), "adv_g": adv.detach()}
+        return self.adv_weight * adv + distill, logs
+
+    def discriminator(self, real_logits: list[torch.Tensor], fake_logits: list[torch.Tensor], names: list[str],
+                      real_perturbed: list[torch.Tensor] | None = None
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The heads' loss on real and (detached) fake inputs; ``real_perturbed``: the logits of
+        the perturbed real inputs for the approximate R1."""
+        losses, logs = [], {}
+        for name, real, fake in zip(names, real_logits, fake_logits, strict=True):
+            real, fake = real.float(), fake.float()
+            losses.append(self.adversarial.discriminator(real, fake))
+            sr, sf = real.detach().flatten(1).mean(1), fake.detach().flatten(1).mean(1)
+            logs |= {f"D_real/{name}": sr.mean(), f"D_fake/{name}": sf.mean(),
+                     f"acc/{name}": 0.5 * ((sr > 0).float().mean() + (sf < 0).float().mean())}
+        loss = torch.stack(losses).mean()
+        logs["adv_d"] = loss.detach()
+        if self.r1_gamma:
+            if real_perturbed is None:
+                raise SnapgenError("StepDistillLoss(r1_gamma > 0) needs the logits of perturbed reals")
+            r1 = torch.stack([(a.float() - b.float()).square().mean()
+                              for a, b in zip(real_logits, real_perturbed, strict=True)]).mean()
+            logs["r1"] = r1.detach()
+            loss = loss + self.r1_gamma * r1
         return loss, logs

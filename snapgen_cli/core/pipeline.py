@@ -63,13 +63,14 @@ class SnapGenPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->unet->decoder"
 
     def __init__(self, unet: SnapGenUNet | SD3Transformer2DModel, scheduler: SchedulerMixin, text_encoder: TextEncoderStack,
-                 decoder: TinyDecoder | AutoencoderKL, resolution: int = 1024, latent: dict | None = None):
+                 decoder: TinyDecoder | AutoencoderKL, resolution: int = 1024, latent: dict | None = None,
+                 sampler: dict | None = None):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler, text_encoder=text_encoder, decoder=decoder)
         latent = dict(latent or {})
         latent.setdefault("channels", unet.config.in_channels)
         latent.setdefault("downsample", 8)
-        self.register_to_config(resolution=int(resolution), latent=latent)
+        self.register_to_config(resolution=int(resolution), latent=latent, sampler=sampler)
         self.unet.eval()
         self.decoder.eval()
 
@@ -89,6 +90,17 @@ class SnapGenPipeline(DiffusionPipeline):
         return combine(feats, self.layout, device=self._execution_device)
 
     # -- sampling -------------------------------------------------------------------------
+
+    #: Sampling defaults of a pipeline that records none (the paper's 28 steps, CFG 4.5).
+    DEFAULT_STEPS, DEFAULT_GUIDANCE = 28, 4.5
+
+    @property
+    def sampler_defaults(self) -> tuple[int, float]:
+        """``(steps, guidance)`` the model was trained to sample with: what ``step-distill``
+        saved (``sampler`` in ``model_index.json``: e.g. 4 steps without CFG), else 28 and 4.5."""
+        s = self.config.get("sampler") or {}
+        return int(s.get("num_inference_steps", self.DEFAULT_STEPS)), float(s.get("guidance_scale",
+                                                                                  self.DEFAULT_GUIDANCE))
 
     @property
     def objective(self):
@@ -124,7 +136,8 @@ class SnapGenPipeline(DiffusionPipeline):
         return [Image.fromarray(a) for a in arr]
 
     @torch.no_grad()
-    def __call__(self, prompt: str | list[str], num_inference_steps: int = 28, guidance_scale: float = 4.5,
+    def __call__(self, prompt: str | list[str], num_inference_steps: int | None = None,
+                 guidance_scale: float | None = None,
                  generator: torch.Generator | list[torch.Generator] | None = None, size: int | None = None,
                  guidance: Guidance | None = None, encoders: list[str] | None = None, batch_size: int | None = None,
                  output_type: str = "pil", return_dict: bool = True):
@@ -135,7 +148,11 @@ class SnapGenPipeline(DiffusionPipeline):
         varied CFG of sup. H) overrides ``guidance_scale``; ``size`` is the image side in pixels
         (default: the training resolution); ``batch_size`` splits the prompts into UNet batches
         (default: one batch); ``output_type``: ``"pil"`` or ``"latent"`` (normalised latents).
+        ``num_inference_steps`` / ``guidance_scale``: default :attr:`sampler_defaults`.
         """
+        steps, scale = self.sampler_defaults
+        num_inference_steps = num_inference_steps or steps
+        guidance_scale = scale if guidance_scale is None else guidance_scale
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not isinstance(generator, list):  # one generator (or none): it seeds one generator per image
             seed = int(torch.randint(2**31, (), generator=generator))

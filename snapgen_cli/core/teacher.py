@@ -79,6 +79,10 @@ when memory does not fit (a larger batch, a smaller GPU):
 * sharding: FSDP of the teacher across the node's 8 GPUs (~2 GB each; the paper uses FSDP for
   step distillation) -- the trainer's business (accelerate's FSDP plugin), not this module's.
 
+Step distillation (sec. 3.4) uses the few-step teacher as the discriminator's frozen feature
+extractor: :func:`teacher_block_features` returns the image tokens after chosen blocks and
+stops the forward after the last of them.
+
 Decisions where the paper is silent:
 
 * **Which tensor is the last-layer feature.** The image stream of the last block (before
@@ -304,6 +308,50 @@ def teacher_forward(teacher: SD3Transformer2DModel, x_t: torch.Tensor, timestep:
     return velocity, tokens_to_map(captured[0], *grid).to(out_device, torch.float32)
 
 
+class _Enough(Exception):
+    """Raised by the hook of the last block a caller needs: the rest of the teacher is skipped."""
+
+
+def teacher_block_features(teacher: SD3Transformer2DModel, x_t: torch.Tensor, timestep: torch.Tensor | float,
+                           context: torch.Tensor, pooled: torch.Tensor, blocks: list[int], *,
+                           grad: bool = False) -> list[torch.Tensor]:
+    """The image tokens (B, H/p * W/p, inner_dim) after each block in ``blocks`` (indices into
+    ``transformer_blocks``), in that order, float32 on ``x_t``'s device. The teacher runs only
+    up to the last of them (sec. 3.4: the frozen teacher as the discriminator's feature
+    extractor; LADD); a hook on that block stops the forward, so diffusers' forward is not
+    copied. ``grad=True`` keeps autograd to the inputs (the generator's adversarial loss)."""
+    n = len(teacher.transformer_blocks)
+    index = sorted({b % n for b in blocks})
+    if not blocks or any(not -n <= b < n for b in blocks):
+        raise ConfigError(f"disc_blocks: expected indices of the teacher's {n} blocks, got {list(blocks)}")
+    out_device, b = x_t.device, x_t.shape[0]
+    dev, dtype = _inputs_device(teacher, out_device), teacher.dtype
+    captured: dict[int, torch.Tensor] = {}
+
+    def hook_for(i: int):
+        def hook(module, args, output):  # (encoder_hidden_states, hidden_states): the image stream is [1]
+            captured[i] = output[1]
+            if i == index[-1]:
+                raise _Enough
+
+        return hook
+
+    handles = [teacher.transformer_blocks[i].register_forward_hook(hook_for(i)) for i in index]
+    try:
+        with _grad_context(teacher, grad):
+            teacher(hidden_states=x_t.to(dev, dtype), timestep=_timesteps(timestep, b, dev),
+                    encoder_hidden_states=context.to(dev, dtype), pooled_projections=pooled.to(dev, dtype),
+                    return_dict=False)
+    except _Enough:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    if len(captured) != len(index):
+        raise RuntimeError(f"teacher blocks {index}: only {sorted(captured)} ran")
+    return [captured[b % n].to(out_device, torch.float32) for b in blocks]
+
+
 def teacher_head(teacher: SD3Transformer2DModel, features: torch.Tensor, timestep: torch.Tensor | float,
                  pooled: torch.Tensor, *, grad: bool = False) -> torch.Tensor:
     """The teacher's own head on a feature map (B, inner_dim, h, w): ``norm_out(., temb)`` ->
@@ -322,5 +370,6 @@ def teacher_head(teacher: SD3Transformer2DModel, features: torch.Tensor, timeste
 
 __all__ = [
     "PUBLISHED_PARAMS", "TEACHER_PRESETS", "build_teacher", "check_teacher", "count_teacher_params", "data_overrides",
-    "freeze", "load_teacher", "teacher_config", "teacher_forward", "teacher_head", "tokens_to_map",
+    "freeze", "load_teacher", "teacher_block_features", "teacher_config", "teacher_forward", "teacher_head",
+    "tokens_to_map",
 ]

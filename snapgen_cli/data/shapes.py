@@ -386,7 +386,8 @@ class ShapesClassDataset(ShapesBase):
 
 def write_folder(out_dir: str | os.PathLike[str], dataset: ShapesBase) -> Path:
     """Write ``dataset`` as an HF imagefolder: ``NNNNNN.png`` + ``metadata.jsonl`` lines
-    ``{"file_name", "text", "spec"[, "label"]}``.
+    ``{"file_name", "text", "spec"[, "label"]}``, and the captions in image order, one per line,
+    in ``prompts.txt`` (a ``--prompt-file`` for ``eval``'s FID against this folder).
 
     Atomic: everything is written to a temp dir beside ``out_dir``, then renamed into place.
     An existing non-empty ``out_dir`` is an error (nothing is overwritten).
@@ -404,6 +405,9 @@ def write_folder(out_dir: str | os.PathLike[str], dataset: ShapesBase) -> Path:
             render(spec, dataset.resolution).save(tmp / name)
             lines.append(json.dumps({"file_name": name, **dataset.record(i, spec)}, sort_keys=True))
         (tmp / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+        texts = [json.loads(line).get("text") for line in lines]
+        if all(isinstance(t, str) and t for t in texts):
+            (tmp / "prompts.txt").write_text("\n".join(texts) + "\n")
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)

@@ -95,6 +95,13 @@ def seeded(cfg: C, ctx: StageContext) -> C:
     return cfg
 
 
+def sampler_defaults(cfg: StageConfig, pipe) -> StageConfig:
+    """``cfg`` with ``steps`` / ``guidance`` left unset taken from the pipeline it samples
+    (``SnapGenPipeline.sampler_defaults``: what a step-distilled model was saved with)."""
+    steps, guidance = pipe.sampler_defaults
+    return cfg.model_copy(update={"steps": cfg.steps or steps, "guidance": cfg.guidance or guidance})
+
+
 def vae_config(path: str, subfolder: str | None, ctx: StageContext) -> dict | None:
     """An AutoencoderKL's config without its weights, for plans: from a local dir (or the HF
     cache), from the plan of the earlier stage that trains it, or the SD3 VAE's public config

@@ -29,13 +29,13 @@ from pydantic import Field
 
 from ..core.measure import count_params
 from ..core.teacher import PUBLISHED_PARAMS, build_teacher, count_teacher_params
-from ..train.distill import DistillConfig, DistillTask, teacher_location
+from ..train.distill import DistillConfig, DistillTask, TeacherConfig, teacher_location
 from .base import PlanItem, StageContext
 from .training import plan_training, run_training
 
 #: Hub ids whose config is a teacher preset: planned on the meta device without a download.
 HUB_PRESETS = {"stabilityai/stable-diffusion-3.5-large": "sd35-large",
-               "stabilityai/stable-diffusion-3.5-large-turbo": "sd35-large",
+               "stabilityai/stable-diffusion-3.5-large-turbo": "sd35-large",  # the same architecture
                "stabilityai/stable-diffusion-3.5-medium": "sd35-medium"}
 
 
@@ -46,9 +46,9 @@ class Config(DistillConfig):
     gradient_checkpointing: bool = Field(True, description="recompute the student's activations (sup. G)")
 
 
-def _teacher_item(cfg: Config, ctx: StageContext) -> PlanItem:
+def teacher_plan_item(cfg: TeacherConfig, ctx: StageContext, role: str = "frozen") -> PlanItem:
     """The teacher built on the meta device: from its local config, a known hub id's preset,
-    or the plan of the stage that trains it."""
+    or the plan of the stage that trains it (``provides`` its width as ``inner_dim``)."""
     from diffusers import SD3Transformer2DModel
 
     path, sub = teacher_location(cfg.teacher, cfg.teacher_subfolder)
@@ -62,11 +62,12 @@ def _teacher_item(cfg: Config, ctx: StageContext) -> PlanItem:
                  build_teacher(HUB_PRESETS[cfg.teacher]) if cfg.teacher in HUB_PRESETS else None)
     params = count_params(model) if model is not None else None
     paper = PUBLISHED_PARAMS.get(HUB_PRESETS.get(cfg.teacher, ""))
-    note = "frozen; " + ("config unknown until it exists" if model is None else
+    note = f"{role}; " + ("config unknown until it exists" if model is None else
                          f"{count_teacher_params(model) / 1e9:.3g}B with its positional table"
                          + (f" (published {paper / 1e9:.1f}B)" if paper else ""))
+    inner = {"inner_dim": model.config.num_attention_heads * model.config.attention_head_dim} if model else {}
     return PlanItem(model=f"teacher SD3Transformer2DModel {cfg.teacher}", params=params, inputs=[cfg.teacher],
-                    notes=note)
+                    notes=note, provides=inner)
 
 
 def plan(cfg: Config, ctx: StageContext) -> list[PlanItem]:
@@ -74,7 +75,7 @@ def plan(cfg: Config, ctx: StageContext) -> list[PlanItem]:
     terms = [k for k in ("kd", "featkd") if getattr(cfg, k)]
     student[0].notes += f"; loss: task{''.join(' + ' + k for k in terms)}" + (
         ", t-scaling (Eq. 8)" if cfg.t_scaling and terms else ", Eq. 6" if terms else "")
-    items = [*student, _teacher_item(cfg, ctx)]
+    items = [*student, teacher_plan_item(cfg, ctx)]
     if cfg.featkd:
         items.append(PlanItem(model="projector psi (2 convs)", outputs=[str(Path(ctx.out_dir) / "projector")],
                               notes="sized from the student's and the teacher's feature maps at run time"))

@@ -67,7 +67,7 @@ from ..data.images import save_png
 from ..data.shapes import EVAL_PROMPT_SEED
 from ..errors import ConfigError
 from ..files import atomic_write_json, atomic_write_text
-from .base import PlanItem, StageContext
+from .base import PlanItem, StageContext, sampler_defaults
 
 METRICS = ("alignment", "fid", "clip", "recon", "image_reward", "geneval", "dpg")
 PROMPT_SET_METRICS = ("fid", "clip", "image_reward")  # scored on the prompt set
@@ -115,8 +115,10 @@ class Config(StageConfig):
     image_reward: str = Field("ImageReward-v1.0", description="image_reward: ImageReward.pt path, or the hub "
                                                                "name (downloads)")
     image_reward_med_config: str | None = Field(None, description="image_reward: its med_config.json (offline)")
-    steps: int = Field(28, gt=0, description="sampling steps (paper: 28; 4/8 after step distillation)")
-    guidance: float = Field(4.5, gt=0, description="classifier-free guidance scale (1: no guidance)")
+    steps: int | None = Field(None, gt=0, description="sampling steps (default: the pipeline's: 28, or the 4/8 "
+                                                       "it was step-distilled for)")
+    guidance: float | None = Field(None, gt=0, description="classifier-free guidance scale, 1: none (default: the "
+                                                           "pipeline's: 4.5, or 1 after step distillation)")
     guidance_end: float | None = Field(None, gt=0, description="varied CFG: ramp the scale to this value (sup. H)")
     guidance_interval: tuple[int, int] | None = Field(None, description="guide only in sampling steps [start, end)")
     shift: float | None = Field(None, gt=0, description="flow time shift (default: the pipeline's, paper: 3)")
@@ -463,7 +465,7 @@ def plan(cfg: Config, ctx: StageContext) -> list[PlanItem]:
     ckpt = ctx.resolve_input(cfg.checkpoint)
     sets = [name for name, needed in _needs(cfg).items() if needed]
     items = [PlanItem(model=f"pipeline {ckpt}", inputs=[str(ckpt)], outputs=[str(ctx.out_dir / s) for s in sets],
-                      notes=f"{cfg.steps} steps, cfg {cfg.guidance}, seed {cfg.seed}")] if sets else []
+                      notes=f"{cfg.steps or 'default'} steps, cfg {cfg.guidance or 'default'}, seed {cfg.seed}")] if sets else []
     inputs = {"fid": cfg.reference, "clip": cfg.clip_model, "recon": cfg.recon_images,
               "image_reward": cfg.image_reward, "geneval": cfg.geneval_prompts, "dpg": cfg.dpg_prompts}
     items += [PlanItem(model=f"metric {m}", inputs=[str(inputs[m])] if inputs.get(m) else [],
@@ -481,6 +483,7 @@ def run(cfg: Config, ctx: StageContext) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     needs = _needs(cfg)
     pipe = _load_pipeline(ckpt, cfg) if any(needs.values()) else None
+    cfg = sampler_defaults(cfg, pipe) if pipe is not None else cfg
     size = (cfg.size or pipe.config.resolution) if pipe is not None else None
     builders = {SAMPLES_DIR: lambda: _prompt_set(cfg, out), ALIGNMENT_DIR: lambda: _alignment_set(cfg, out, size),
                 GENEVAL_DIR: lambda: _geneval_set(cfg, out), DPG_DIR: lambda: _dpg_set(cfg, out)}

@@ -17,15 +17,17 @@ from ..config import StageConfig
 from ..core.flow import Guidance
 from ..errors import ConfigError
 from ..files import atomic_write_text
-from .base import PlanItem, StageContext
+from .base import PlanItem, StageContext, sampler_defaults
 
 
 class Config(StageConfig):
     checkpoint: str | None = Field(None, description="pipeline dir (a training stage's output); default: previous stage")
     prompts: list[str] = Field(default_factory=list)
     prompt_file: str | None = Field(None, description="a text file, one prompt per line")
-    steps: int = Field(28, gt=0, description="sampling steps (paper: 28; 4/8 after step distillation)")
-    guidance: float = Field(4.5, gt=0, description="classifier-free guidance scale (1: no guidance)")
+    steps: int | None = Field(None, gt=0, description="sampling steps (default: the pipeline's: 28, or the 4/8 "
+                                                       "it was step-distilled for)")
+    guidance: float | None = Field(None, gt=0, description="classifier-free guidance scale, 1: none (default: the "
+                                                           "pipeline's: 4.5, or 1 after step distillation)")
     guidance_end: float | None = Field(None, gt=0, description="varied CFG: ramp the scale to this value (sup. H)")
     guidance_interval: tuple[int, int] | None = Field(None, description="guide only in sampling steps [start, end)")
     seed: int = Field(0, ge=0)
@@ -61,7 +63,8 @@ def plan(cfg: Config, ctx: StageContext) -> list[PlanItem]:
     ckpt = ctx.resolve_input(cfg.checkpoint)
     n = len(cfg.prompts) * cfg.images_per_prompt if not cfg.prompt_file else None
     return [PlanItem(model=f"pipeline {ckpt}", inputs=[str(ckpt)], outputs=[str(ctx.out_dir / "grid.png")],
-                     notes=f"{n if n is not None else '?'} images, {cfg.steps} steps, cfg {cfg.guidance}")]
+                     notes=f"{n if n is not None else '?'} images, {cfg.steps or 'default'} steps, "
+                           f"cfg {cfg.guidance or 'default'}")]
 
 
 def run(cfg: Config, ctx: StageContext) -> dict:
@@ -77,6 +80,7 @@ def run(cfg: Config, ctx: StageContext) -> dict:
     prompts = [p for p in read_prompts(cfg) for _ in range(cfg.images_per_prompt)]
     pipe = load_pipeline(ckpt, decoder=cfg.decoder, vae=cfg.vae, device=resolve_device(cfg.device))
     pipe.set_progress_bar_config(disable=False, file=ctx.console.file, leave=False)
+    cfg = sampler_defaults(cfg, pipe)
     guidance = Guidance(scale=cfg.guidance, scale_end=cfg.guidance_end, interval=cfg.guidance_interval)
     gens = [torch.Generator().manual_seed(cfg.seed + i) for i in range(len(prompts))]
     images = pipe(prompts, num_inference_steps=cfg.steps, guidance=guidance, generator=gens, size=cfg.size,

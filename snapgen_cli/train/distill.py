@@ -39,8 +39,8 @@ from .diffusion import DiffusionConfig, DiffusionTask, TextRole
 from .loop import StepContext
 
 
-class DistillConfig(DiffusionConfig):
-    """Settings of ``distill`` (every diffusion and loop setting, plus the teacher and the loss)."""
+class TeacherConfig(DiffusionConfig):
+    """Settings of a stage with a frozen SD3-family teacher (``distill``, ``step-distill``)."""
 
     teacher: str = Field("stabilityai/stable-diffusion-3.5-large", description="the teacher: an SD3/SD3.5 pipeline "
                          "or transformer dir, a hub id, or a `finetune --model sd3-*` output")
@@ -49,6 +49,11 @@ class DistillConfig(DiffusionConfig):
         "auto", description="the teacher's weights and compute: auto = bfloat16 on an accelerator, else float32")
     teacher_device: str | None = Field(None, description="run the teacher on its own device (e.g. cuda:1)")
     teacher_offload: bool = Field(False, description="keep the teacher in CPU RAM, streamed to the GPU per layer")
+
+
+class DistillConfig(TeacherConfig):
+    """Settings of ``distill`` (every diffusion and loop setting, plus the teacher and the loss)."""
+
     kd: bool = Field(True, description="output distillation, Eq. 4")
     featkd: bool = Field(True, description="feature distillation through the projector, Eq. 5")
     t_scaling: bool = Field(True, description="timestep-aware scaling, Eq. 7-8 (off: the linear Eq. 6)")
@@ -67,22 +72,49 @@ def teacher_location(path: str, subfolder: str | None) -> tuple[str, str | None]
     return path, subfolder
 
 
+class FrozenTeacher:
+    """The frozen teacher of a training task, fed its own precomputed text features (the
+    shards' ``teacher`` role): loaded, checked against the data, placed (module docstring)."""
+
+    def __init__(self, cfg: TeacherConfig, manifest: dict, data_dir: Path):
+        if cfg.objective != "flow":
+            raise ConfigError("objective: a teacher-guided stage needs the flow objective (the teacher predicts a "
+                              "velocity)")
+        self.manifest, self.text = manifest, TextRole(manifest, "teacher", data_dir)
+        dtype = cfg.teacher_dtype
+        if dtype == "auto":  # the loop trains on the accelerator when there is one (bf16: sec. 3.3's 8B teacher)
+            dtype = "bfloat16" if torch.accelerator.is_available() else "float32"
+        self.model = load_teacher(*teacher_location(cfg.teacher, cfg.teacher_subfolder), dtype=dtype,
+                                  device=cfg.teacher_device, offload=cfg.teacher_offload)
+        check_teacher(self.model, self.text.layout, manifest["latent"]["channels"])
+        self.own_device = cfg.teacher_device is not None or cfg.teacher_offload
+
+    def frozen(self) -> dict:
+        """For the loop's ``frozen()``: on the training device unless it has its own."""
+        return {} if self.own_device else {"teacher": self.model}
+
+    def module(self, ctx: StepContext):
+        return ctx.models.get("teacher", self.model)
+
+    def keep(self, keep: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The teacher's encoder keep flags from the student's (module docstring)."""
+        any_kept = torch.stack(list(keep.values())).any(0)
+        return {n: keep.get(n, any_kept) for n in self.text.layout.names}
+
+    def condition(self, stored: dict, keep: dict[str, torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context, pooled) of the teacher's own text, dropped where the student's is."""
+        context, pooled, _ = combine(self.text.features(stored, self.manifest), self.text.layout, self.keep(keep),
+                                     device=device)
+        return context, pooled
+
+
 class DistillTask(DiffusionTask):
     """Student (trainable) + projector (trainable) + teacher (frozen) on the diffusion task."""
 
     def __init__(self, cfg: DistillConfig, data_dir: Path, init_dir: Path | None, console=None):
-        if cfg.objective != "flow":
-            raise ConfigError("objective: distillation needs the flow objective (the teacher predicts a velocity)")
         super().__init__(cfg, data_dir, init_dir, console)
-        self.teacher_text = TextRole(self.manifest, "teacher", self.data_dir)
-        device = cfg.teacher_device
-        dtype = cfg.teacher_dtype
-        if dtype == "auto":  # the loop trains on the accelerator when there is one (bf16: sec. 3.3's 8B teacher)
-            dtype = "bfloat16" if torch.accelerator.is_available() else "float32"
-        self.teacher = load_teacher(*teacher_location(cfg.teacher, cfg.teacher_subfolder), dtype=dtype, device=device,
-                                    offload=cfg.teacher_offload)
-        check_teacher(self.teacher, self.teacher_text.layout, self.manifest["latent"]["channels"])
-        self.own_device = device is not None or cfg.teacher_offload
+        self.frozen_teacher = FrozenTeacher(cfg, self.manifest, self.data_dir)
+        self.teacher, self.teacher_text = self.frozen_teacher.model, self.frozen_teacher.text
         self.loss_fn = DistillLoss(kd=cfg.kd, featkd=cfg.featkd, t_scaling=cfg.t_scaling, lambda_kd=cfg.lambda_kd,
                                    lambda_featkd=cfg.lambda_featkd, t_bins=cfg.fig6_bins)
         self.projector = self._projector() if cfg.featkd else None
@@ -108,15 +140,10 @@ class DistillTask(DiffusionTask):
         return {"unet": self.unet, **({"projector": self.projector} if self.projector is not None else {})}
 
     def frozen(self):
-        return {} if self.own_device else {"teacher": self.teacher}
+        return self.frozen_teacher.frozen()
 
     def text_roles(self) -> list[TextRole]:
         return [self.text, self.teacher_text]
-
-    def teacher_keep(self, keep: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The teacher's encoder keep flags from the student's (module docstring)."""
-        any_kept = torch.stack(list(keep.values())).any(0)
-        return {n: keep.get(n, any_kept) for n in self.teacher_text.layout.names}
 
     def loss(self, phase, batch, ctx: StepContext):
         x0, t, xt, target = self.noised(batch, ctx)
@@ -128,10 +155,8 @@ class DistillTask(DiffusionTask):
         v_s, f_s = denoiser.denoise(ctx.models["unet"], xt, ts, cond, return_features=featkd)
         v_t = f_t = proj = None
         if self.cfg.kd or featkd:  # Tab. 3's first row trains on L_task alone: no teacher call
-            tctx, tpooled, _ = combine(self.teacher_text.features(stored, self.manifest), self.teacher_text.layout,
-                                       self.teacher_keep(keep), device=ctx.device)
-            teacher = ctx.models.get("teacher", self.teacher)
-            v_t, f_t = teacher_forward(teacher, xt, ts, tctx, tpooled, return_features=featkd)
+            tctx, tpooled = self.frozen_teacher.condition(stored, keep, ctx.device)
+            v_t, f_t = teacher_forward(self.frozen_teacher.module(ctx), xt, ts, tctx, tpooled, return_features=featkd)
         if featkd:
             proj = ctx.models["projector"](f_s, size=tuple(f_t.shape[-2:]))
         return self.loss_fn(v_s, target, t, v_t, proj, f_t)

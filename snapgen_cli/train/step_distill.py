@@ -1,0 +1,227 @@
+"""The adversarial step-distillation task (paper sec. 3.4, Eq. 9, Fig. 7) that ``step-distill`` trains.
+
+Following LADD (ref. [63]): the student ``G_theta`` (initialised from the distilled model)
+denoises ``x_t`` at a noise level ``t`` of the few-step schedule in one call; its prediction
+``x'_0 = x_t - t * v`` and the real ``x_0`` are both re-noised to a level ``s``
+(``x'_s ~ q(x_s | x'_0)``, ``x_s ~ q(x_s | x_0)``, Eq. 1, the same noise for both) and judged
+by ``D``: the frozen few-step teacher (SD3.5-Large-Turbo in the paper) as a feature extractor,
+run only up to the last block with a head (``core.teacher.teacher_block_features``), plus
+trainable heads (``core.discriminator.FeatureHeads``). The generator also gets the output
+distillation ``S(L_task, L_kd)`` with timestep-aware scaling, the turbo teacher's velocity
+at ``(x_t, t)`` as ``L_kd``'s target (``core.losses.StepDistillLoss``). Generator and
+discriminator update in turn on every micro-batch (the loop's two phases), each with its own
+AdamW (``lr_overrides = {discriminator = ...}`` for its own learning rate).
+
+Decisions where the paper is silent (each a setting):
+
+* **The student's noise levels** are the sigmas the few-step sampler visits: the shifted grid
+  of each count in ``student_steps`` (default 4 and 8: one model for both, Fig. 9), drawn
+  uniformly. The saved pipeline records the counts and samples with the first by default.
+* **The discriminator's noise level** ``s``: ``disc_noise = "logit-normal"`` draws
+  ``sigmoid(N(disc_logit_mean, disc_logit_std^2))``, LADD's choice (mean 1: mostly high noise,
+  where the teacher's features carry global structure); ``"next-step"`` is Eq. 9's notation
+  read literally: ``s`` is the next sigma of the student's schedule ("t - 1"; 0 after the last
+  step, a clean sample). The noise of the re-noising is shared by the real and fake sample.
+* **Text.** The student keeps the paper's per-encoder dropout (so any subset of encoders still
+  works after step distillation, sec. 4); the teacher's conditioning follows it as in
+  ``distill`` (``FrozenTeacher``); the heads see the prompt only through the teacher's features.
+* **Guidance.** The KD target is the turbo teacher's velocity without classifier-free guidance
+  (SD3.5-Large-Turbo samples with guidance 0 in diffusers, i.e. no CFG), so the distilled
+  student is saved to sample without CFG (``guidance = 1``), one UNet call per step.
+* **The discriminator phase reuses the generator phase's fakes** (detached, from the same
+  micro-batch); run alone (no generator phase before it) it computes them itself from the same
+  per-sample randomness, so its update does not depend on whether the generator stepped first.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import torch
+from pydantic import Field, field_validator
+
+from ..core import denoiser
+from ..core.discriminator import FeatureHeads
+from ..core.losses import ADV_LOSSES, StepDistillLoss
+from ..core.teacher import teacher_block_features, teacher_forward
+from ..core.text import sample_keep
+from ..errors import ConfigError, SnapgenError
+from .diffusion import DiffusionTask, TextRole
+from .distill import FrozenTeacher, TeacherConfig
+from .loop import StepContext
+
+
+class StepDistillConfig(TeacherConfig):
+    """Settings of ``step-distill`` (every diffusion and loop setting, the teacher, D and Eq. 9)."""
+
+    teacher: str = Field("stabilityai/stable-diffusion-3.5-large-turbo", description="the few-step teacher: KD "
+                         "target and the discriminator's feature extractor (an SD3/SD3.5 dir, hub id or a "
+                         "`finetune --model sd3-*` output)")
+    student_steps: list[int] = Field([4, 8], min_length=1, description="sampling step counts to distil for; the "
+                                     "student trains on their shifted sigma grids (the first is the saved default)")
+    guidance: float = Field(1.0, gt=0, description="guidance the saved pipeline samples with (1: no CFG, as the "
+                                                  "turbo teacher)")
+    disc_blocks: list[int] = Field([9, 18, 27, 37], min_length=1, description="teacher blocks with a head (indices "
+                                   "into transformer_blocks; the teacher runs up to the last of them)")
+    disc_hidden: int = Field(256, gt=0, description="width of each head's hidden layer")
+    disc_noise: Literal["logit-normal", "next-step"] = Field("logit-normal", description="the discriminator's "
+                                                             "noise level: LADD's logit-normal or the next grid sigma")
+    disc_logit_mean: float = Field(1.0, description="logit-normal mean of the discriminator's noise level (LADD: 1)")
+    disc_logit_std: float = Field(1.0, gt=0, description="logit-normal std of the discriminator's noise level")
+    adv_loss: str = Field("non-saturating", description=f"Eq. 9's GAN loss: {', '.join(ADV_LOSSES)} (log form: "
+                                                        "non-saturating)")
+    adv_weight: float = Field(1.0, ge=0, description="weight of the generator's adversarial term (Eq. 9: 1)")
+    kd: bool = Field(True, description="S(L_task, L_kd) with the turbo teacher (off: E[L_task])")
+    r1_gamma: float = Field(0.0, ge=0, description="approximate R1 penalty weight (0: off)")
+    r1_sigma: float = Field(0.01, gt=0, description="approximate R1: std of the perturbation of real inputs")
+
+    @field_validator("adv_loss")
+    @classmethod
+    def _known_loss(cls, v: str) -> str:
+        if v not in ADV_LOSSES:
+            raise ValueError(f"expected one of {', '.join(ADV_LOSSES)}")
+        return v
+
+    @field_validator("student_steps")
+    @classmethod
+    def _positive_steps(cls, v: list[int]) -> list[int]:
+        if any(n < 1 for n in v):
+            raise ValueError("expected positive step counts, e.g. [4, 8]")
+        return v
+
+
+def few_step_grid(objective, counts: list[int]) -> torch.Tensor:
+    """(K, 2) rows ``(sigma, next sigma)`` of every step of the samplers with ``counts`` steps
+    (``objective.scheduler(n).sigmas``: the shifted grid the sampler visits, ending at 0)."""
+    rows = []
+    for n in counts:
+        sig = objective.scheduler(n).sigmas.float().cpu()
+        rows += [(float(sig[i]), float(sig[i + 1])) for i in range(n)]
+    return torch.tensor(rows)
+
+
+class _Draw(NamedTuple):
+    """Everything random about one micro-batch, drawn in one fixed order from the per-sample
+    generators (so both phases, and a phase run alone, see the same)."""
+
+    x0: torch.Tensor
+    t: torch.Tensor
+    noise: torch.Tensor
+    x_t: torch.Tensor
+    cond: tuple
+    teacher_cond: tuple[torch.Tensor, torch.Tensor]
+    s: torch.Tensor
+    renoise: torch.Tensor
+
+
+class StepDistillTask(DiffusionTask):
+    """Student (generator, trainable) + heads (discriminator, trainable) + the frozen turbo teacher."""
+
+    def __init__(self, cfg: StepDistillConfig, data_dir: Path, init_dir: Path | None, console=None):
+        super().__init__(cfg, data_dir, init_dir, console)
+        self.frozen_teacher = FrozenTeacher(cfg, self.manifest, self.data_dir)
+        self.teacher, self.teacher_text = self.frozen_teacher.model, self.frozen_teacher.text
+        n = len(self.teacher.transformer_blocks)
+        if any(not -n <= b < n for b in cfg.disc_blocks):
+            raise ConfigError(f"disc_blocks: the teacher has {n} blocks (indices 0..{n - 1} or negative), got "
+                              f"{cfg.disc_blocks}")
+        self.blocks = [b % n for b in cfg.disc_blocks]
+        t = self.teacher.config
+        self.heads = FeatureHeads(t.num_attention_heads * t.attention_head_dim, tuple(self.blocks), cfg.disc_hidden)
+        self.loss_fn = StepDistillLoss(cfg.adv_loss, cfg.adv_weight, cfg.kd, cfg.r1_gamma)
+        self.grid = few_step_grid(self.objective, cfg.student_steps)
+        self.head_names = [f"h{b}" for b in self.blocks]
+        self._fake: tuple[tuple[int, int], _Draw, torch.Tensor] | None = None
+
+    # -- TrainTask ------------------------------------------------------------------------
+
+    def trainables(self):
+        return {"unet": self.unet, "discriminator": self.heads}
+
+    def phases(self):
+        return {"generator": ("unet",), "discriminator": ("discriminator",)}
+
+    def frozen(self):
+        return self.frozen_teacher.frozen()
+
+    def text_roles(self) -> list[TextRole]:
+        return [self.text, self.teacher_text]
+
+    # -- Eq. 9 -----------------------------------------------------------------------------
+
+    def draw(self, batch: dict, ctx: StepContext) -> _Draw:
+        gens, dev = ctx.generators, ctx.device
+        x0 = batch[self.key].to(dev, torch.float32)
+        row = self.grid[_randint(len(self.grid), gens)]
+        t = row[:, 0].to(dev)
+        noise = ctx.randn(*x0.shape[1:])
+        stored = self.text_features(batch, gens)
+        keep = sample_keep(self.layout.names, self.cfg.p_drop, gens)
+        cond = self.condition(batch, ctx, stored, keep)
+        teacher_cond = self.frozen_teacher.condition(stored, keep, dev)
+        c = self.cfg
+        s = (torch.sigmoid(_randn(gens) * c.disc_logit_std + c.disc_logit_mean) if c.disc_noise == "logit-normal"
+             else row[:, 1]).to(dev)
+        renoise = ctx.randn(*x0.shape[1:])
+        return _Draw(x0, t, noise, self.objective.noisy(x0, noise, t), cond, teacher_cond, s, renoise)
+
+    def judge(self, heads, x: torch.Tensor, s: torch.Tensor, teacher_cond, ctx: StepContext, grad: bool = False):
+        """The heads' logits on ``x`` (latents at noise level ``s``): D of Eq. 9."""
+        feats = teacher_block_features(self.frozen_teacher.module(ctx), x, self.objective.model_timestep(s),
+                                       *teacher_cond, self.blocks, grad=grad)
+        return heads(feats, s)
+
+    def loss(self, phase, batch, ctx: StepContext):
+        heads = ctx.accelerator.unwrap_model(ctx.models["discriminator"])
+        if phase == "generator":
+            d = self.draw(batch, ctx)
+            ts = self.objective.model_timestep(d.t)
+            v_s, _ = denoiser.denoise(ctx.models["unet"], d.x_t, ts, d.cond)
+            fake = self.objective.predict_x0(d.x_t, v_s, d.t)
+            logits = self.judge(heads, self.objective.noisy(fake, d.renoise, d.s), d.s, d.teacher_cond, ctx, grad=True)
+            v_t = None
+            if self.cfg.kd:
+                v_t, _ = teacher_forward(self.frozen_teacher.module(ctx), d.x_t, ts, *d.teacher_cond,
+                                         return_features=False)
+            self._fake = ((ctx.step, ctx.micro), d, fake.detach())
+            return self.loss_fn.generator(logits, v_s, self.objective.target(d.x0, d.noise, d.t), d.t, v_t)
+        if phase != "discriminator":
+            raise SnapgenError(f"step distillation has no phase {phase!r}")
+        if self._fake is not None and self._fake[0] == (ctx.step, ctx.micro):
+            _, d, fake = self._fake
+        else:  # run alone: the same draws and the student's prediction, without gradients
+            d = self.draw(batch, ctx)
+            with torch.no_grad():
+                unet = ctx.accelerator.unwrap_model(ctx.models["unet"])
+                v_s, _ = denoiser.denoise(unet, d.x_t, self.objective.model_timestep(d.t), d.cond)
+                fake = self.objective.predict_x0(d.x_t, v_s, d.t)
+        self._fake = None
+        b = len(d.x0)
+        real_s = self.objective.noisy(d.x0, d.renoise, d.s)
+        both = torch.cat([real_s, self.objective.noisy(fake, d.renoise, d.s)])
+        cond2 = tuple(torch.cat([c, c]) for c in d.teacher_cond)
+        logits = self.judge(ctx.models["discriminator"], both, torch.cat([d.s, d.s]), cond2, ctx)
+        real, fake_logits = [lg[:b] for lg in logits], [lg[b:] for lg in logits]
+        perturbed = None
+        if self.cfg.r1_gamma:
+            jitter = ctx.randn(*d.x0.shape[1:]) * self.cfg.r1_sigma
+            perturbed = self.judge(ctx.models["discriminator"], real_s + jitter, d.s, d.teacher_cond, ctx)
+        return self.loss_fn.discriminator(real, fake_logits, self.head_names, perturbed)
+
+    # -- the saved pipeline ----------------------------------------------------------------
+
+    def pipeline(self, unet):
+        pipe = super().pipeline(unet)
+        pipe.register_to_config(sampler={"num_inference_steps": int(self.cfg.student_steps[0]),
+                                         "distilled_steps": [int(n) for n in self.cfg.student_steps],
+                                         "guidance_scale": float(self.cfg.guidance)})
+        return pipe
+
+
+def _randint(high: int, gens: list[torch.Generator]) -> torch.Tensor:
+    return torch.cat([torch.randint(high, (1,), generator=g) for g in gens])
+
+
+def _randn(gens: list[torch.Generator]) -> torch.Tensor:
+    return torch.cat([torch.randn(1, generator=g) for g in gens])

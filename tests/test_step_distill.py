@@ -1,0 +1,208 @@
+"""``snapgen step-distill`` (sec. 3.4, Eq. 9) on tiny models: the kd fixture's DiT teacher as the
+few-step teacher and discriminator backbone, its tiny UNet student as the generator."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import set_seed
+from conftest import FAST
+from rich.console import Console
+
+from snapgen_cli.core.discriminator import FeatureHeads
+from snapgen_cli.core.losses import StepDistillLoss
+from snapgen_cli.core.pipeline import SnapGenPipeline
+from snapgen_cli.core.teacher import load_teacher, teacher_block_features, teacher_forward
+from snapgen_cli.stages import step_distill
+from snapgen_cli.stages.base import StageContext
+from snapgen_cli.stages.training import inputs
+from snapgen_cli.train.loop import StepContext, _Run, read_checkpoint, sample_generators
+from snapgen_cli.train.step_distill import StepDistillTask, few_step_grid
+
+
+def _cfg(root: Path, **kw) -> step_distill.Config:
+    base = dict(data=str(root / "pre"), init_from=str(root / "student"), teacher=str(root / "teacher"),
+                disc_blocks=[0, 1], disc_hidden=32, batch_size=4, grad_accum=1, lr=1e-3, gradient_checkpointing=False,
+                **FAST)
+    return step_distill.Config(**{**base, **kw})
+
+
+class _Harness:
+    """The task inside the loop's real set-up (optimizers, phase freezing) without its step loop."""
+
+    def __init__(self, root: Path, tmp: Path, **kw):
+        AcceleratorState._reset_state(reset_partial_state=False)
+        self.cfg = _cfg(root, seed=0, **kw)
+        set_seed(0)  # the heads' initial weights, as `seeded` sets them in a stage
+        self.task = StepDistillTask(self.cfg, *inputs(self.cfg, StageContext(out_dir=tmp)))
+        self.run = _Run(self.task, self.cfg, tmp, Accelerator(cpu=True), Console(quiet=True))
+        self.run._build()
+        ds = self.task.dataset()
+        self.batch = self.task.collate([ds[i] for i in range(self.cfg.batch_size)])
+
+    def ctx(self, step: int = 1) -> StepContext:
+        gens = sample_generators(self.cfg.seed, step, range(self.cfg.batch_size))
+        return StepContext(step, 0, {**self.run.models, **self.run.frozen}, gens, self.run.acc)
+
+    def backward(self, phase: str, step: int = 1, ctx: StepContext | None = None):
+        names = self.task.phases()[phase]
+        with self.run._only_trainable(names):
+            loss, logs = self.task.loss(phase, self.batch, ctx or self.ctx(step))
+            loss.backward()
+        return loss, logs
+
+    def update(self, phase: str) -> None:
+        for n in self.task.phases()[phase]:
+            self.run.optimizers[n].step()
+            self.run.optimizers[n].zero_grad(set_to_none=True)
+
+
+def _grads(module) -> list:
+    return [p.grad for p in module.parameters()]
+
+
+def test_gradients_stay_where_they_belong(kd, tmp_path):
+    h = _Harness(kd, tmp_path / "a")
+    h.backward("generator")
+    assert all(g is None for g in _grads(h.task.heads)), "the generator's loss left gradients in the heads"
+    assert all(g is None for g in _grads(h.task.teacher))
+    assert any(g is not None and g.abs().sum() > 0 for g in _grads(h.task.unet))
+    h.update("generator")
+    h.backward("discriminator")
+    assert all(g is None for g in _grads(h.task.unet)), "the discriminator's loss left gradients in the student"
+    assert all(g is None for g in _grads(h.task.teacher))
+    after_g = [g.clone() for g in _grads(h.task.heads)]
+    assert sum(g.abs().sum() for g in after_g) > 0
+
+    # the discriminator's update after a generator step equals a discriminator step alone
+    alone = _Harness(kd, tmp_path / "b")
+    alone.backward("discriminator")
+    for a, b in zip(after_g, _grads(alone.task.heads), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_the_discriminator_loss_starts_at_its_analytic_value(kd, tmp_path):
+    """Zero-initialised heads give logits 0: the log form of Eq. 9 is 2 ln 2, hinge is 2."""
+    for kind, value in (("non-saturating", 2 * math.log(2)), ("hinge", 2.0)):
+        h = _Harness(kd, tmp_path / kind, adv_loss=kind)
+        loss, logs = h.backward("discriminator")
+        assert loss.item() == pytest.approx(value, abs=1e-6)
+        assert logs["D_real/h0"] == 0 and logs["D_fake/h1"] == 0
+
+
+#: A direction with entries +-1 (a uniform offset would vanish in the heads' LayerNorm).
+_DIRECTION = torch.tensor([1.0, -1.0] * 8)[torch.randperm(16, generator=torch.Generator().manual_seed(0))]
+
+
+def _gaussians(shift: float, n: int, g: torch.Generator) -> tuple[list, list]:
+    real = [torch.randn(n, 6, 16, generator=g) + shift * _DIRECTION, torch.randn(n, 6, 16, generator=g)]
+    fake = [torch.randn(n, 6, 16, generator=g), torch.randn(n, 6, 16, generator=g)]
+    return real, fake
+
+
+@pytest.mark.parametrize("shift", [1.0, 0.0])
+def test_heads_separate_shifted_features_and_not_identical_ones(shift):
+    torch.manual_seed(0)
+    heads = FeatureHeads(16, (3, 7), hidden=32)
+    loss_fn = StepDistillLoss()
+    opt = torch.optim.Adam(heads.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(150):
+        real, fake = _gaussians(shift, 32, g)
+        s = torch.rand(32, generator=g)
+        loss, _ = loss_fn.discriminator(heads(real, s), heads(fake, s), ["a", "b"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    real, fake = _gaussians(shift, 512, g)
+    s = torch.rand(512, generator=g)
+    with torch.no_grad():
+        _, logs = loss_fn.discriminator(heads(real, s), heads(fake, s), ["a", "b"])
+    if shift:
+        assert logs["acc/a"] > 0.9, logs  # head a sees a shifted first feature map
+    else:
+        assert abs(logs["acc/a"] - 0.5) < 0.1 and abs(logs["acc/b"] - 0.5) < 0.1, logs
+
+
+def test_a_generator_step_raises_the_fixed_discriminators_score_of_fakes(kd, tmp_path):
+    h = _Harness(kd, tmp_path / "g", adv_weight=50.0, kd=False, lr=1e-4, lr_overrides={"discriminator": 3e-3},
+                 disc_logit_mean=-1.0)  # lower noise levels: real and fake differ more, D learns in few steps
+    for step in range(1, 41):  # teach D to tell this student's fakes from real latents
+        _, logs = h.backward("discriminator", step)
+        h.update("discriminator")
+    assert logs["adv_d"] < 2 * math.log(2) - 0.1  # D has learnt something
+
+    def fake_score() -> float:
+        h.task._fake = None  # score the student as it is now, not the generator phase's cached fakes
+        _, logs = h.task.loss("discriminator", h.batch, h.ctx(99))
+        return sum(float(v) for k, v in logs.items() if k.startswith("D_fake/"))
+
+    before = fake_score()
+    h.backward("generator", 99)
+    h.update("generator")
+    assert fake_score() > before + 1e-3
+
+
+def test_teacher_block_features_stop_after_the_last_head(kd):
+    teacher = load_teacher(str(kd / "teacher"), "unet")
+    calls = []
+    hooks = [b.register_forward_hook(lambda m, a, o, i=i: calls.append(i))
+             for i, b in enumerate(teacher.transformer_blocks)]
+    g = torch.Generator().manual_seed(0)
+    c = teacher.config
+    x = torch.randn(2, c.in_channels, 8, 8, generator=g)
+    ctx = torch.randn(2, 5, c.joint_attention_dim, generator=g)
+    pooled = torch.randn(2, c.pooled_projection_dim, generator=g)
+    feats = teacher_block_features(teacher, x, torch.tensor([300.0, 700.0]), ctx, pooled, [1, 0])
+    assert calls == [0, 1]  # block 2 never ran
+    for h in hooks:
+        h.remove()
+    _, full = teacher_forward(teacher, x, torch.tensor([300.0, 700.0]), ctx, pooled, layer=1)
+    torch.testing.assert_close(feats[0], full.flatten(2).transpose(1, 2))
+
+
+def test_step_distill_trains_checkpoints_change_and_the_pipeline_samples_few_steps(kd, tmp_path):
+    out = tmp_path / "sd"
+    summary = step_distill.run(_cfg(kd, steps=4, checkpoint_every=2, keep_checkpoints=None),
+                               StageContext(out_dir=out))
+    assert summary["trainables"].keys() == {"unet", "discriminator"}
+    rows = [json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines()]
+    assert {"generator/adv_g", "generator/S", "generator/kd", "discriminator/adv_d", "discriminator/acc/h0",
+            "discriminator/D_real/h1", "discriminator/D_fake/h1"} <= rows[-1].keys()
+    # checkpoints hold different weights (a known failure of public LADD reimplementations)
+    _, w2 = read_checkpoint(out / "checkpoints" / "step_000002")
+    _, w4 = read_checkpoint(out / "checkpoints" / "step_000004")
+    for name in ("unet", "discriminator"):
+        assert any(not torch.equal(w2[f"weights.{name}.safetensors"][k], w4[f"weights.{name}.safetensors"][k])
+                   for k in w2[f"weights.{name}.safetensors"])
+    init = SnapGenPipeline.from_pretrained(kd / "student").unet.state_dict()
+    pipe = SnapGenPipeline.from_pretrained(out)
+    assert any(not torch.equal(init[k], v) for k, v in pipe.unet.state_dict().items())
+    assert pipe.sampler_defaults == (4, 1.0)
+    assert pipe.config.sampler["distilled_steps"] == [4, 8]
+    assert FeatureHeads.from_pretrained(out / "discriminator").config.blocks == [0, 1]
+
+
+def test_the_student_trains_on_the_few_step_grid(kd, tmp_path):
+    h = _Harness(kd, tmp_path / "grid")
+    grid = few_step_grid(h.task.objective, [4, 8])
+    sched = h.task.objective.scheduler(4).sigmas
+    assert grid.shape == (12, 2) and torch.allclose(grid[:4, 0], sched[:4]) and grid[3, 1] == 0
+    draws = torch.cat([h.task.draw(h.batch, h.ctx(s)).t for s in range(1, 30)])
+    assert set(draws.tolist()) <= set(grid[:, 0].tolist()) and len(set(draws.tolist())) > 6
+
+
+def test_bad_disc_blocks_are_one_clear_error(kd, tmp_path, run_cli):
+    code, _, err = run_cli("step-distill", "--data", str(kd / "pre"), "--init-from", str(kd / "student"),
+                           "--teacher", str(kd / "teacher"), "--disc-blocks", "0", "--disc-blocks", "5",
+                           "--resolution", "32", "--steps", "1", "--tracker", "none", "--out", str(tmp_path / "bad"))
+    assert code == 2 and "disc_blocks" in err and "3 blocks" in err, err
+
+
+def test_step_distill_help_and_paper_plan(run_cli):
+    code, out, _ = run_cli("step-distill", "--help")
+    assert code == 0 and "--disc-blocks" in out and "--student-steps" in out and "--adv-loss" in out
