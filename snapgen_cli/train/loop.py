@@ -130,6 +130,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from safetensors.torch import load_file, save_file, save_model
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..config import StageConfig
@@ -172,6 +175,8 @@ class LoopConfig(StageConfig):
                                                                 "(default: 0 on CPU, else up to 4)")
     shuffle_window_shards: NonNegativeInt = Field(64, description="shards whose samples are shuffled together "
                                                                   "(after shuffling the shards); 0: all")
+    fsdp: bool = Field(False, description="shard each trainable, its gradients and optimizer state across the "
+                                          "processes (torch FSDP2) instead of DDP; no-op on one process")
 
     @field_validator("tracker")
     @classmethod
@@ -375,8 +380,9 @@ class _LoopState:
 
 def _adamw(params: list[torch.Tensor], **kwargs: Any) -> torch.optim.AdamW:
     """AdamW, fused (one kernel for all parameters) on CPU and CUDA: 3.5x faster than the
-    per-tensor loop torch picks by default on CPU. Other devices keep torch's default."""
-    fused = all(type(p) is torch.nn.Parameter and p.device.type in ("cpu", "cuda") for p in params)
+    per-tensor loop torch picks by default on CPU. Other devices keep torch's default. FSDP's
+    parameters are DTensors, which the fused kernel takes too."""
+    fused = all(type(p) in (torch.nn.Parameter, DTensor) and p.device.type in ("cpu", "cuda") for p in params)
     return torch.optim.AdamW(params, fused=fused or None, **kwargs)
 
 
@@ -429,12 +435,58 @@ def _unique_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
     stores each tensor once, and loading the first name fills the others."""
     seen, out = set(), {}
     for k, v in state.items():
-        key = (v.device, v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.stride())
-        if v.numel() and key in seen:
+        t = v.to_local() if isinstance(v, DTensor) else v  # this process's shard
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+        if t.numel() and key in seen:
             continue
         seen.add(key)
         out[k] = v
     return out
+
+
+def _full_tensors(tensors: Mapping[str, torch.Tensor], keep: bool) -> dict[str, torch.Tensor]:
+    """``tensors`` with each FSDP shard (DTensor) gathered into its full tensor on the CPU, one at a
+    time, kept only where ``keep`` (else ``{}``). A collective: every process calls it, with the same keys."""
+    out = {}
+    for k, v in tensors.items():
+        if isinstance(v, DTensor):
+            v = v.full_tensor().to("cpu", copy=True)  # a compact copy: uneven shards gather into padding
+        if keep:
+            out[k] = v
+    return out
+
+
+def _shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``full`` (a checkpoint's tensor) as this process's shard of ``like`` if that is a DTensor."""
+    if not isinstance(like, DTensor):
+        return full
+    return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+
+
+def _reshard(*modules: nn.Module) -> None:
+    """Register the sharded parameters of FSDP modules again: a root module keeps its gathered
+    ones after a forward that no backward follows, and would hide updates and ``requires_grad``."""
+    for m in modules:
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+@contextlib.contextmanager
+def _full_module(module: nn.Module, keep: bool) -> Iterator[nn.Module]:
+    """``module`` for saving: an FSDP one answers ``state_dict()`` with its full tensors (gathered by
+    every process, which all enter this; kept where ``keep``) and shows its own class, whose name
+    ``save_pretrained`` records. Other modules as they are."""
+    if not isinstance(module, FSDPModule):
+        yield module
+        return
+    full, cls = _full_tensors(module.state_dict(), keep), type(module)
+    handle = module._register_state_dict_hook(lambda *_: full)  # returning a dict replaces the state dict
+    module.__class__ = cls.__mro__[cls._orig_cls_mro_index]
+    try:
+        yield module
+    finally:
+        module.__class__ = cls
+        handle.remove()
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -586,6 +638,16 @@ class _Run:
             raise ConfigError(f"lr_overrides: unknown trainables {sorted(unknown)}; "
                               f"choose from {', '.join(trainables)}")
         self.lrs = {name: cfg.lr_overrides.get(name, cfg.lr) * scale for name in trainables}
+        for m in trainables.values():
+            m.train()
+        self.sharded = cfg.fsdp and acc.num_processes > 1
+        if self.sharded:
+            if cfg.mixed_precision == "fp16":
+                raise ConfigError("fsdp: fp16's loss scaler would skip steps per process on sharded gradients; "
+                                  "use mixed_precision='bf16' or 'no'")
+            mesh = init_device_mesh(acc.device.type, (acc.num_processes,))
+            for m in trainables.values():  # before the optimizers, which take the sharded parameters
+                fully_shard(m.to(acc.device), mesh=mesh)
         optimizers = {name: _adamw([p for p in m.parameters() if p.requires_grad], lr=self.lrs[name],
                                    betas=cfg.betas, weight_decay=cfg.weight_decay)
                       for name, m in trainables.items()}
@@ -595,14 +657,13 @@ class _Run:
                       for name, opt in optimizers.items()}
 
         names = list(trainables)
-        for m in trainables.values():
-            m.train()
-        prepared = acc.prepare(*trainables.values(), *optimizers.values(), *schedulers.values())
+        wrap = [] if self.sharded else list(trainables.values())  # accelerate would wrap them in DDP
+        prepared = acc.prepare(*wrap, *optimizers.values(), *schedulers.values())
         prepared = prepared if isinstance(prepared, tuple) else (prepared,)
-        k = len(names)
-        self.models = dict(zip(names, prepared[:k]))
-        self.optimizers = dict(zip(names, prepared[k:2 * k]))
-        self.schedulers = dict(zip(names, prepared[2 * k:]))
+        k, n = len(wrap), len(names)
+        self.models = dict(zip(names, prepared[:k])) if wrap else dict(trainables)
+        self.optimizers = dict(zip(names, prepared[k:k + n]))
+        self.schedulers = dict(zip(names, prepared[k + n:]))
         self.lr_used = {n: opt.param_groups[0]["lr"] for n, opt in self.optimizers.items()}  # logged per step
         # Read back from the optimizers: wrappers such as FSDP may have replaced the parameters.
         self.params = {n: [p for g in opt.param_groups for p in g["params"]] for n, opt in self.optimizers.items()}
@@ -610,7 +671,8 @@ class _Run:
 
         self.modules = {n: acc.unwrap_model(m) for n, m in self.models.items()}
         self.main_module = self.modules[self.main]
-        self.ema = EMAModel(self.main_module.parameters(), decay=cfg.ema_decay, foreach=True)
+        # DTensors have no _foreach_copy_ (EMA's copy_to / restore)
+        self.ema = EMAModel(self.main_module.parameters(), decay=cfg.ema_decay, foreach=not self.sharded)
 
     def _enable_checkpointing(self, trainables: dict[str, nn.Module]) -> None:
         if not self.cfg.gradient_checkpointing:
@@ -675,10 +737,11 @@ class _Run:
         return [names.get(id(p), str(i)) for i, p in enumerate(self.params[name])]
 
     def _checkpoint_state(self, step: int) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
-        """What the checkpoint of ``step`` holds: the manifest's JSON state and each file's tensors."""
-        files, optimizers = {}, {}
+        """What the checkpoint of ``step`` holds: the manifest's JSON state and each file's tensors, full
+        ones; every process calls it (FSDP shards are gathered), the tensors are the main process's."""
+        files, optimizers, keep = {}, {}, self.acc.is_main_process
         for n in self.models:
-            files[f"weights.{n}.safetensors"] = _unique_tensors(self.modules[n].state_dict())
+            files[f"weights.{n}.safetensors"] = _full_tensors(_unique_tensors(self.modules[n].state_dict()), keep)
             state = self.optimizers[n].state_dict()
             names = self._param_names(n)
             tensors, other = {}, {}
@@ -688,11 +751,11 @@ class _Run:
                         tensors[f"{names[i]}/{k}"] = v
                     else:
                         other.setdefault(names[i], {})[k] = v
-            files[f"optimizer.{n}.safetensors"] = tensors
+            files[f"optimizer.{n}.safetensors"] = _full_tensors(tensors, keep)
             optimizers[n] = {"params": [[k, list(p.shape)] for k, p in zip(names, self.params[n])],
                              "param_groups": state["param_groups"], "state": other}
         ema_names = [k for k, _ in self.main_module.named_parameters()]
-        files["ema.safetensors"] = dict(zip(ema_names, self.ema.shadow_params))
+        files["ema.safetensors"] = _full_tensors(dict(zip(ema_names, self.ema.shadow_params)), keep)
         ema = {k: v for k, v in self.ema.state_dict().items() if k != "shadow_params"}
         manifest = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "loop": {"step": step},
                     "trainables": list(self.models), "main": self.main, "optimizers": optimizers,
@@ -734,7 +797,9 @@ class _Run:
         same("EMA", {k: v.shape for k, v in ema.items()}, {k: p.shape for k, p in self.main_module.named_parameters()})
 
         for n, module in self.modules.items():
-            module.load_state_dict(files[f"weights.{n}.safetensors"], strict=False)  # shared names are filled too
+            live = module.state_dict()
+            module.load_state_dict({k: _shard_like(v, live[k]) for k, v in files[f"weights.{n}.safetensors"].items()},
+                                   strict=False)  # shared names are filled too
             opt, names = manifest["optimizers"][n], self._param_names(n)
             tensors = files[f"optimizer.{n}.safetensors"]
             live_groups = self.optimizers[n].param_groups
@@ -743,7 +808,8 @@ class _Run:
             state: dict[int, dict[str, Any]] = {}
             for key, v in tensors.items():
                 pname, _, field = key.rpartition("/")
-                state.setdefault(names.index(pname), {})[field] = v
+                p = self.params[n][i := names.index(pname)]
+                state.setdefault(i, {})[field] = _shard_like(v, p) if v.shape == p.shape else v  # not AdamW's step
             for pname, extra in opt["state"].items():
                 state.setdefault(names.index(pname), {}).update(extra)
             self.optimizers[n].load_state_dict({"state": state, "param_groups": groups})
@@ -751,7 +817,7 @@ class _Run:
         self.ema.load_state_dict(manifest["ema"])
         with torch.no_grad():
             for shadow, (k, _) in zip(self.ema.shadow_params, self.main_module.named_parameters()):
-                shadow.copy_(ema[k])
+                shadow.copy_(_shard_like(ema[k], shadow))
         if self.acc.scaler is not None and manifest["scaler"] is not None:
             self.acc.scaler.load_state_dict(manifest["scaler"])
         self.state.step = int(manifest["loop"]["step"])
@@ -820,6 +886,9 @@ class _Run:
             ctx = StepContext(step, micro, {**self.models, **self.frozen},
                               sample_generators(self.cfg.seed, step, sampler.slots(micro)), acc)
             with acc.accumulate(*self.models.values()):
+                if self.sharded:  # accumulate's no_sync is DDP's; FSDP keeps unsharded gradients until the last
+                    for m in self.models.values():
+                        m.set_requires_gradient_sync(acc.sync_gradients)
                 for phase, names in self.phases.items():
                     with self._only_trainable(names):
                         with acc.autocast():
@@ -841,6 +910,7 @@ class _Run:
         params = [p for n in names for p in self.params[n]]
         norm = self.acc.clip_grad_norm_(params, self.cfg.max_grad_norm or math.inf)
         norm = torch.as_tensor(norm).detach().float()
+        norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
         if self.cfg.mixed_precision != "fp16":  # fp16's loss scaler skips overflowing steps itself
             self._guard(step, {self._key(phase, "grad_norm"): norm})
         for n in names:
@@ -863,6 +933,7 @@ class _Run:
         try:
             yield
         finally:
+            _reshard(*self.models.values())
             for p in others:
                 p.requires_grad_(True)
 
@@ -892,14 +963,15 @@ class _Run:
             self.acc.log({**logs, **lrs}, step=step)
 
     def _sample_grid(self, step: int) -> None:
-        if not self.acc.is_main_process:
+        if not (self.sharded or self.acc.is_main_process):  # a sharded model's forward takes every process
             return
         model = self.main_module
         with ema_weights(self.ema, model), torch.no_grad():
             model.eval()
             image = self.task.sample_grid(model, step)
             model.train()
-        if image is not None:
+            _reshard(model)  # the raw weights go back into the sharded parameters
+        if image is not None and self.acc.is_main_process:
             (self.out_dir / "samples").mkdir(parents=True, exist_ok=True)
             image.save(self.out_dir / "samples" / f"{checkpoint_name(step)}.png")
 
@@ -910,10 +982,10 @@ class _Run:
         final = self.out_dir / CHECKPOINTS / checkpoint_name(step)
         tmp = final.with_name(final.name + ".tmp")
         acc.wait_for_everyone()
+        manifest, files = self._checkpoint_state(step)
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            manifest, files = self._checkpoint_state(step)
             manifest["files"] = {name: _write_file(tmp / name, lambda f, t=tensors: save_file(
                 {k: v.contiguous() for k, v in t.items()}, str(f))) for name, tensors in files.items()}
             data = (json.dumps(manifest, indent=1) + "\n").encode()
@@ -950,13 +1022,18 @@ class _Run:
             "losses": str(self.losses_path),
             "checkpoint": str(ckpts[-1]) if ckpts else None,
         }
-        if acc.is_main_process:
-            for name, model in self.models.items():
-                save_module(acc.unwrap_model(model), outputs[name])
-            with ema_weights(self.ema, self.main_module) as model:
-                save_module(model, outputs["model_ema"])
-            if self.cfg.sample_every and self.cfg.steps % self.cfg.sample_every:
-                self._sample_grid(self.cfg.steps)
+        main = acc.is_main_process
+        if main or self.sharded:  # sharded weights are gathered by every process
+            for name, module in self.modules.items():
+                with _full_module(module, main):
+                    if main:
+                        save_module(module, outputs[name])
+            with ema_weights(self.ema, self.main_module) as model, _full_module(model, main):
+                if main:
+                    save_module(model, outputs["model_ema"])
+        if self.cfg.sample_every and self.cfg.steps % self.cfg.sample_every:
+            self._sample_grid(self.cfg.steps)
+        if main:
             atomic_write_json(self.out_dir / "train_summary.json", summary)
         acc.wait_for_everyone()
         return summary
