@@ -148,12 +148,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--grad-accum", type=int, default=1)
     ap.add_argument("--checkpoint-every", type=int, default=5)
     ap.add_argument("--step-delay", type=float, default=0.0)
+    ap.add_argument("--sample-every", type=int, default=0)
     ap.add_argument("--resume", default=None)
     ap.add_argument("--fsdp", action="store_true")
     a = ap.parse_args(argv)
     cfg = LoopConfig(steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=1e-2, lr_reference_batch=4,
-                     checkpoint_every=a.checkpoint_every, keep_checkpoints=None, tracker="none",
-                     shuffle_window_shards=2, fsdp=a.fsdp)
+                     checkpoint_every=a.checkpoint_every, sample_every=a.sample_every, keep_checkpoints=None,
+                     tracker="none", shuffle_window_shards=2, fsdp=a.fsdp)
     names = ["flow", "gan"] if a.task == "both" else [a.task]
     for name in names:
         task = FlowTask(step_delay=a.step_delay) if name == "flow" else GanTask()

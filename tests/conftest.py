@@ -29,7 +29,12 @@ def run_cli(capsys):
 
 @pytest.fixture
 def accelerate_launch():
-    """argv prefix of a real 2-process CPU `accelerate launch` on a free port.
+    """argv prefix of a real 2-process CPU `accelerate launch` on a free port."""
+    return launch_argv()
+
+
+def launch_argv() -> list[str]:
+    """argv prefix of a real 2-process CPU `accelerate launch` on a free port (for module-scoped fixtures).
 
     CPU-only: `--multi_gpu` picks the torchrun launcher; `--cpu --num_processes 2` would start one process.
     """

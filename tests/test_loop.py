@@ -8,6 +8,7 @@ import math
 import os
 import pickle
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,8 @@ import numpy as np
 import pytest
 import torch
 from _loop_script import FlowTask, GanTask, ShardedTensors, ToyVelocity
-from conftest import kill_after
+from conftest import kill_after, launch_argv
+from PIL import Image
 from rich.console import Console
 from safetensors.torch import load_file
 
@@ -117,18 +119,117 @@ def test_resume_after_sigkill_repeats_the_uninterrupted_run(tmp_path):
     _assert_same_run(ref, killed, tol=1e-6)
 
 
-def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path, accelerate_launch):
-    """Flow task and the two-phase GAN task: 2 processes x batch 2 == 1 process x batch 4."""
-    one, two = tmp_path / "one", tmp_path / "two"
-    train(FlowTask(), _cfg(steps=6, batch_size=4), one / "flow")
-    train(GanTask(), _cfg(steps=6, batch_size=4), one / "gan")
-    res = subprocess.run([*accelerate_launch, str(SCRIPT), "--task", "both", "--out", str(two), "--steps", "6", "--batch-size", "2"],
+def _launch(out: Path, *args: str) -> list[dict]:
+    """Both toy tasks (into OUT/flow and OUT/gan) for 6 steps in 2 processes; their summaries."""
+    res = subprocess.run([*launch_argv(), str(SCRIPT), "--task", "both", "--out", str(out), "--steps", "6", *args],
                          env=_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     summaries = [json.loads(line) for line in res.stdout.strip().splitlines()]
     assert [(s["num_processes"], s["global_batch"]) for s in summaries] == [(2, 4), (2, 4)]
-    _assert_same_run(one / "flow", two / "flow", tol=1e-5)
-    _assert_same_run(one / "gan", two / "gan", tol=1e-5, outputs=("model", "model_ema", "discriminator"))
+    return summaries
+
+
+GAN_OUTPUTS = ("model", "model_ema", "discriminator")
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> Path:
+    """Both toy tasks, 6 steps of 1 process x batch 4 (flow with sample grids at steps 3 and 6), and
+    the GAN task with the batch in 2 accumulated micro-batches (``gan_accum``)."""
+    one = tmp_path_factory.mktemp("one")
+    train(FlowTask(), _cfg(steps=6, batch_size=4, sample_every=3), one / "flow")
+    train(GanTask(), _cfg(steps=6, batch_size=4), one / "gan")
+    train(GanTask(), _cfg(steps=6, batch_size=2, grad_accum=2), one / "gan_accum")
+    return one
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory) -> Path:
+    """The same global batch of 4 as :func:`one_process`: 2 processes x batch 2, DDP."""
+    out = tmp_path_factory.mktemp("ddp")
+    _launch(out, "--batch-size", "2")
+    return out
+
+
+def test_two_process_ddp_equals_one_process_with_the_same_global_batch(one_process, ddp_run):
+    """Flow task and the two-phase GAN task: 2 processes x batch 2 == 1 process x batch 4."""
+    _assert_same_run(one_process / "flow", ddp_run / "flow", tol=1e-5)
+    _assert_same_run(one_process / "gan", ddp_run / "gan", tol=1e-5, outputs=GAN_OUTPUTS)
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory) -> Path:
+    """The global batch of 4 sharded: 2 processes x batch 1 x 2 accumulated micro-batches, FSDP."""
+    out = tmp_path_factory.mktemp("fsdp")
+    summaries = _launch(out, "--fsdp", "--batch-size", "1", "--grad-accum", "2", "--sample-every", "3")
+    assert [s["fsdp"] for s in summaries] == [True, True]
+    return out
+
+
+def _same_checkpoint(a: Path, b: Path) -> None:
+    """Checkpoints ``a`` and ``b`` hold the same files, tensor names, shapes and dtypes and the same
+    manifest (up to the files' checksums)."""
+    assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
+    for f in a.glob("*.safetensors"):
+        ta, tb = load_file(f), load_file(b / f.name)
+        assert {k: (v.shape, v.dtype) for k, v in ta.items()} == {k: (v.shape, v.dtype) for k, v in tb.items()}, f.name
+    ma, mb = (json.loads((c / "checkpoint.json").read_text()) for c in (a, b))
+    assert {**ma, "files": None} == {**mb, "files": None}
+
+
+def test_two_process_fsdp_equals_ddp_and_one_process(tmp_path, one_process, ddp_run, fsdp_run):
+    """FSDP (sharded weights, gradients, AdamW state and EMA; gradient accumulation without a
+    reduce-scatter per micro-batch) computes what DDP and one process compute, and saves full
+    tensors: the same checkpoints, final and EMA models and sample grids."""
+    # FSDP vs DDP: the same 2-process data, the gradients reduced in another order (reduce-scatter of
+    # the 2 accumulated micro-batches vs all-reduce of one), and the EMA updated per tensor instead
+    # of torch._foreach: the runs differ by float32 rounding, ~1e-7 here; 1e-6 catches anything more.
+    _assert_same_run(ddp_run / "flow", fsdp_run / "flow", tol=1e-6)
+    # FSDP vs 1 process x batch 4: the DDP test's tolerance (the batch mean is summed in another
+    # order, and 6 AdamW steps at lr 1e-2 carry the rounding into the weights). The GAN's phases
+    # alternate per micro-batch, so its generator is updated before the discriminator's last
+    # micro-batch: accumulated, it equals 1 process accumulating the same way, not the whole batch.
+    _assert_same_run(one_process / "flow", fsdp_run / "flow", tol=1e-5)
+    _assert_same_run(one_process / "gan_accum", fsdp_run / "gan", tol=1e-5, outputs=GAN_OUTPUTS)
+    for task, ref in (("flow", "flow"), ("gan", "gan_accum")):
+        for step in ("step_000005", "step_000006"):
+            _same_checkpoint(one_process / ref / "checkpoints" / step, fsdp_run / task / "checkpoints" / step)
+    for sub in ("model", "model_ema"):  # saved as the plain model (FSDP's wrapper class is FSDPToyVelocity)
+        config = (fsdp_run / "flow" / sub / "config.json").read_text()
+        assert config == (one_process / "flow" / sub / "config.json").read_text()
+        ToyVelocity.from_pretrained(fsdp_run / "flow" / sub)
+    # Sample grids need every process for the sharded forward; the main one saves them (EMA weights).
+    for png in ("step_000003.png", "step_000006.png"):
+        a, b = (np.asarray(Image.open(r / "flow" / "samples" / png), dtype=np.int16) for r in (one_process, fsdp_run))
+        assert np.abs(a - b).max() <= 1, png  # uint8 pixels of weights equal to 1e-5
+    # With one process fsdp=true is a no-op: the plain run, to the bit.
+    train(FlowTask(), _cfg(steps=6, batch_size=4, sample_every=3, fsdp=True), tmp_path / "flow")
+    _assert_same_run(one_process / "flow", tmp_path / "flow", tol=0)
+
+
+def _resumable(run: Path, to: Path) -> Path:
+    """A copy of a 6-step ``run`` of both tasks as if killed after the checkpoint of step 5."""
+    for task in ("flow", "gan"):
+        shutil.copytree(run / task, to / task, ignore=shutil.ignore_patterns("model*", "discriminator", "samples",
+                                                                           "step_000006", "train_summary.json"))
+    return to
+
+
+def test_checkpoints_resume_across_fsdp_and_one_process(tmp_path, one_process, fsdp_run):
+    """A checkpoint holds full tensors whichever way it was written: FSDP's step 5 resumes in one
+    process, and one process's step 5 resumes sharded over 2, both to the uninterrupted run."""
+    sharded = _resumable(fsdp_run, tmp_path / "from_fsdp")  # written with 2 accumulated micro-batches
+    for task, cfg in (("flow", _cfg(steps=6, batch_size=4)), ("gan", _cfg(steps=6, batch_size=2, grad_accum=2))):
+        summary = train(FlowTask() if task == "flow" else GanTask(), cfg, sharded / task, resume="auto")
+        assert summary["resumed_from"] == str(sharded / task / "checkpoints" / "step_000005")
+    _assert_same_run(one_process / "flow", sharded / "flow", tol=1e-5)
+    _assert_same_run(one_process / "gan_accum", sharded / "gan", tol=1e-5, outputs=GAN_OUTPUTS)
+    plain = _resumable(one_process, tmp_path / "from_one")
+    summaries = _launch(plain, "--fsdp", "--batch-size", "2", "--resume", "auto")
+    assert [(s["fsdp"], s["resumed_from"]) for s in summaries] == [
+        (True, str(plain / t / "checkpoints" / "step_000005")) for t in ("flow", "gan")]
+    _assert_same_run(one_process / "flow", plain / "flow", tol=1e-5)
+    _assert_same_run(one_process / "gan", plain / "gan", tol=1e-5, outputs=GAN_OUTPUTS)
 
 
 def test_bf16_mixed_precision_runs_and_the_next_run_may_change_it(tmp_path):

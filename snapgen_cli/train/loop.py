@@ -1011,6 +1011,7 @@ class _Run:
             "steps": self.cfg.steps,
             "resumed_from": str(resumed_from) if resumed_from else None,
             "num_processes": acc.num_processes,
+            "fsdp": self.sharded,
             "global_batch": self.global_batch,
             "lr": self.lrs,
             "final_losses": last,
