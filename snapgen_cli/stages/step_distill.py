@@ -12,9 +12,9 @@ objective and every decision). The shards must hold the teacher's own text featu
 The paper's setting (sup. G): FSDP, gradient accumulation 4, an effective batch of 16 per GPU
 at 1024^2 (``batch_size = 4``, ``grad_accum = 4``), AdamW, lr 5e-5 at a global batch of 1024
 scaled with the batch, EMA 0.999; SD3.5-Large-Turbo as teacher and discriminator backbone.
-FSDP: ``accelerate launch --use_fsdp`` (accelerate's FSDP plugin, GPUs only) wraps the
-student and the heads like any trainable of the shared loop; this stage has been run and
-tested here with DDP on CPUs (``accelerate launch --multi_gpu``), not with FSDP.
+FSDP: ``--fsdp`` under ``accelerate launch --multi_gpu`` shards the student and the heads
+like any trainable of the shared loop (torch FSDP2; the loop's FSDP is tested on CPUs against
+DDP); this stage has been run and tested here with DDP on CPUs, not with FSDP.
 
 Writes the student's pipeline (``SnapGenPipeline.from_pretrained(out)``), which records the
 step counts it was distilled for and its guidance (``sampler`` in ``model_index.json``), so

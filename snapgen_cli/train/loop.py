@@ -5,7 +5,7 @@ AdamW (weight decay 0.01, betas (0.9, 0.999)) per trainable, a constant LR of 5e
 global batch of 1024 scaled linearly with the global batch, gradient accumulation and
 clipping, EMA (decay 0.999) of the main model, mixed precision, gradient checkpointing,
 atomic checkpoints with exact resume, per-step losses, trackers, sample grids and a NaN
-guard. It runs unchanged under ``accelerate launch`` (DDP, multi-node, FSDP configs).
+guard. It runs unchanged under ``accelerate launch`` (DDP, multi-node; FSDP with ``fsdp``).
 
 How stages plug in (no inheritance beyond the small :class:`TrainTask` base):
 
@@ -78,13 +78,11 @@ Decisions where the paper is silent:
   random draw comes from per-sample generators seeded by ``(seed, step, slot)`` and the data
   order is a function of ``(seed, epoch)`` (above), so the global RNG state does not affect
   what a resumed run computes (the SIGKILL test resumes to 1e-6 of the uninterrupted run).
-  Only the main process writes (under DDP every rank holds the same state); every process
-  reads. **FSDP** would need sharded state: every rank writing its own shard of the weights,
-  optimizer state and EMA (``SHARDED_STATE_DICT``; gathering full tensors on one rank is what
-  FSDP exists to avoid), the manifest recording the world size and shard layout, and loading
-  checking that layout; not implemented (a later issue).
+  Only the main process writes (under DDP every rank holds the same state, under FSDP the
+  ranks gather the full tensors for it, below); every process reads.
 * **EMA** is diffusers' ``EMAModel`` (its default warm-up: decay ``min(0.999, (1+n)/(10+n))``
-  at update ``n``), kept on every process and saved as ``model_ema`` apart from ``model``.
+  at update ``n``), kept on every process (its shard under FSDP) and saved as ``model_ema``
+  apart from ``model``.
 * **LR overrides** (``lr_overrides``, e.g. for a discriminator) are, like ``lr``, values at
   ``lr_reference_batch`` and are scaled the same way. ``max_grad_norm`` defaults to 1.0;
   ``lr_warmup_steps`` (default 0) adds a linear warm-up. ``lr_schedule`` is ``"constant"``
@@ -96,9 +94,23 @@ Decisions where the paper is silent:
   (checked before the optimizer step; not under fp16, whose loss scaler skips such steps)
   stops every process with a :class:`SnapgenError` naming the step and the term; nothing is
   saved, so the latest checkpoint is the last good state.
-* **Not covered here (CPU-only tests):** FSDP. The loop passes FSDP configs through
-  accelerate unchanged, but EMA, sample grids, checkpoints and the final ``save_pretrained``
-  use the unwrapped module of each process, which is only the full model under DDP.
+* **FSDP** (``fsdp=true``; a no-op on one process): instead of accelerate's DDP wrapper, each
+  trainable is sharded with torch's FSDP2 (``fully_shard``: parameters become DTensors, one FSDP
+  unit per trainable) over whatever process group accelerate set up (gloo on CPU, NCCL on GPU),
+  and its AdamW is built over the shards, so weights, gradients, optimizer state and the EMA
+  are 1/P per process. Accumulated gradients stay unsharded until the last micro-batch (as
+  DDP's ``no_sync``); the clipping norm is the global one; every phase ends with the modules
+  resharded, so ``requires_grad`` toggles and updates reach the next forward. Checkpoints,
+  ``model/`` and the EMA dir gather full tensors (every process takes part; the main process
+  keeps them on its CPU): the checkpoint format is the same, and a checkpoint resumes with or
+  without FSDP on any number of processes. Sample grids run the sharded forward on every
+  process. A trainable's forward gathers all of it (one unit: the saving is in gradients,
+  optimizer state and EMA, not in the peak of the weights). fp16 is refused (its loss scaler
+  is not shard-aware; use bf16). On GPUs: ``accelerate launch --multi_gpu --num_processes N
+  -m snapgen_cli <stage> ... --fsdp``. Tested on CPU only (gloo, 2 processes): losses,
+  weights, EMA, checkpoints and sample grids equal DDP's and one process's to float32
+  rounding (~1e-7), with and without gradient accumulation, and checkpoints resume across
+  FSDP and one process; NCCL is untested here.
 """
 
 from __future__ import annotations
@@ -197,9 +209,10 @@ class StepContext:
     """What :meth:`TrainTask.loss` gets besides the batch.
 
     ``step``: the optimizer step being computed (from 1); ``micro``: the micro-batch index
-    within it; ``models``: the trainables as prepared by accelerate (DDP-wrapped; call these
-    in ``loss``) plus the frozen models; ``generators``: one per sample of this process's
-    micro-batch, seeded by ``(seed, step, global slot)`` -- draw all randomness from them.
+    within it; ``models``: the trainables as prepared (DDP-wrapped, or FSDP-sharded with
+    ``fsdp``; call these, i.e. their ``forward``, in ``loss``) plus the frozen models;
+    ``generators``: one per sample of this process's micro-batch, seeded by ``(seed, step,
+    global slot)`` -- draw all randomness from them.
     """
 
     step: int
@@ -446,7 +459,7 @@ def _unique_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 def _full_tensors(tensors: Mapping[str, torch.Tensor], keep: bool) -> dict[str, torch.Tensor]:
     """``tensors`` with each FSDP shard (DTensor) gathered into its full tensor on the CPU, one at a
-    time, kept only where ``keep`` (else ``{}``). A collective: every process calls it, with the same keys."""
+    time, kept only where ``keep`` (else ``{}``). A collective: every process calls it, same keys."""
     out = {}
     for k, v in tensors.items():
         if isinstance(v, DTensor):
