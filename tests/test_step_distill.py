@@ -184,6 +184,16 @@ def test_step_distill_trains_checkpoints_change_and_the_pipeline_samples_few_ste
     assert any(not torch.equal(init[k], v) for k, v in pipe.unet.state_dict().items())
     assert pipe.sampler_defaults == (4, 1.0)
     assert pipe.config.sampler["distilled_steps"] == [4, 8]
+    # generate / eval without --steps / --guidance sample as the model was distilled; given ones win
+    from snapgen_cli.stages import generate
+    from snapgen_cli.stages.base import sampler_defaults
+
+    cfg = sampler_defaults(generate.Config(prompts=["a red circle"]), pipe)
+    assert (cfg.steps, cfg.guidance) == (4, 1.0)
+    cfg = sampler_defaults(generate.Config(prompts=["a red circle"], steps=8, guidance=2.0), pipe)
+    assert (cfg.steps, cfg.guidance) == (8, 2.0)
+    plain = sampler_defaults(generate.Config(prompts=["a red circle"]), SnapGenPipeline.from_pretrained(kd / "student"))
+    assert (plain.steps, plain.guidance) == (28, 4.5)
     assert FeatureHeads.from_pretrained(out / "discriminator").config.blocks == [0, 1]
 
 
