@@ -144,10 +144,11 @@ def test_write_folder_is_byte_deterministic_imagefolder(tmp_path: Path):
     b = write_folder(tmp_path / "b", ShapesDataset(12, 32, seed=5))
     c = write_folder(tmp_path / "c", ShapesDataset(12, 32, seed=6))
     names = sorted(p.name for p in a.iterdir())
-    assert names == [f"{i:06d}.png" for i in range(12)] + ["metadata.jsonl"]
+    assert names == [f"{i:06d}.png" for i in range(12)] + ["metadata.jsonl", "prompts.txt"]
     assert all((a / n).read_bytes() == (b / n).read_bytes() for n in names)
     assert (a / "metadata.jsonl").read_bytes() != (c / "metadata.jsonl").read_bytes()
     rows = [json.loads(line) for line in (a / "metadata.jsonl").read_text().splitlines()]
+    assert (a / "prompts.txt").read_text().splitlines() == [r["text"] for r in rows]  # eval's --prompt-file
     ds = ShapesDataset(12, 32, seed=5)
     for i, row in enumerate(rows):
         assert set(row) == {"file_name", "text", "spec"}
