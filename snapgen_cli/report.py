@@ -93,7 +93,6 @@ def write_run_report(run_dir: Path, name: str, results: list[dict], commands: di
         report["alignment"] = metrics["alignment"]
     rows = [_eval_row(r) for r in evals]
     if len(rows) > 1:  # e.g. the teacher, the student before and after (step) distillation
-        report["alignment_by_stage"] = [r for r in rows if r.get("overall") is not None]
         report["evaluations"] = rows
     kd = _find(results, "distill")
     if kd and (kd.get("summary") or {}).get("fig6"):

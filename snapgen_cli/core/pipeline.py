@@ -94,13 +94,18 @@ class SnapGenPipeline(DiffusionPipeline):
     #: Sampling defaults of a pipeline that records none (the paper's 28 steps, CFG 4.5).
     DEFAULT_STEPS, DEFAULT_GUIDANCE = 28, 4.5
 
+    def sampler_settings(self, steps: int | None = None, guidance: float | None = None) -> tuple[int, float]:
+        """``(steps, guidance)``: the given ones, else what the model was trained to sample with:
+        what ``step-distill`` saved (``sampler`` in ``model_index.json``: e.g. 4 steps without
+        CFG), else 28 and 4.5."""
+        s = self.config.get("sampler") or {}
+        return (int(s.get("num_inference_steps", self.DEFAULT_STEPS)) if steps is None else steps,
+                float(s.get("guidance_scale", self.DEFAULT_GUIDANCE)) if guidance is None else guidance)
+
     @property
     def sampler_defaults(self) -> tuple[int, float]:
-        """``(steps, guidance)`` the model was trained to sample with: what ``step-distill``
-        saved (``sampler`` in ``model_index.json``: e.g. 4 steps without CFG), else 28 and 4.5."""
-        s = self.config.get("sampler") or {}
-        return int(s.get("num_inference_steps", self.DEFAULT_STEPS)), float(s.get("guidance_scale",
-                                                                                  self.DEFAULT_GUIDANCE))
+        """``(steps, guidance)`` the model was trained to sample with (:meth:`sampler_settings`)."""
+        return self.sampler_settings()
 
     @property
     def objective(self):
@@ -150,9 +155,7 @@ class SnapGenPipeline(DiffusionPipeline):
         (default: one batch); ``output_type``: ``"pil"`` or ``"latent"`` (normalised latents).
         ``num_inference_steps`` / ``guidance_scale``: default :attr:`sampler_defaults`.
         """
-        steps, scale = self.sampler_defaults
-        num_inference_steps = num_inference_steps or steps
-        guidance_scale = scale if guidance_scale is None else guidance_scale
+        num_inference_steps, guidance_scale = self.sampler_settings(num_inference_steps, guidance_scale)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not isinstance(generator, list):  # one generator (or none): it seeds one generator per image
             seed = int(torch.randint(2**31, (), generator=generator))

@@ -312,6 +312,16 @@ class _Enough(Exception):
     """Raised by the hook of the last block a caller needs: the rest of the teacher is skipped."""
 
 
+def block_indices(teacher: SD3Transformer2DModel, blocks: list[int], option: str = "disc_blocks") -> list[int]:
+    """``blocks`` (indices into ``transformer_blocks``, negative from the end) as 0..n-1; one
+    ConfigError line naming ``option`` for an empty list or an index the teacher does not have."""
+    n = len(teacher.transformer_blocks)
+    if not blocks or any(not -n <= b < n for b in blocks):
+        raise ConfigError(f"{option}: the teacher has {n} blocks (indices 0..{n - 1} or negative), got "
+                          f"{list(blocks)}")
+    return [b % n for b in blocks]
+
+
 def teacher_block_features(teacher: SD3Transformer2DModel, x_t: torch.Tensor, timestep: torch.Tensor | float,
                            context: torch.Tensor, pooled: torch.Tensor, blocks: list[int], *,
                            grad: bool = False) -> list[torch.Tensor]:
@@ -321,9 +331,7 @@ def teacher_block_features(teacher: SD3Transformer2DModel, x_t: torch.Tensor, ti
     extractor; LADD); a hook on that block stops the forward, so diffusers' forward is not
     copied. ``grad=True`` keeps autograd to the inputs (the generator's adversarial loss)."""
     n = len(teacher.transformer_blocks)
-    index = sorted({b % n for b in blocks})
-    if not blocks or any(not -n <= b < n for b in blocks):
-        raise ConfigError(f"disc_blocks: expected indices of the teacher's {n} blocks, got {list(blocks)}")
+    index = sorted(set(block_indices(teacher, blocks)))
     out_device, b = x_t.device, x_t.shape[0]
     dev, dtype = _inputs_device(teacher, out_device), teacher.dtype
     captured: dict[int, torch.Tensor] = {}
@@ -369,7 +377,7 @@ def teacher_head(teacher: SD3Transformer2DModel, features: torch.Tensor, timeste
 
 
 __all__ = [
-    "PUBLISHED_PARAMS", "TEACHER_PRESETS", "build_teacher", "check_teacher", "count_teacher_params", "data_overrides",
+    "PUBLISHED_PARAMS", "TEACHER_PRESETS", "block_indices", "build_teacher", "check_teacher", "count_teacher_params", "data_overrides",
     "freeze", "load_teacher", "teacher_block_features", "teacher_config", "teacher_forward", "teacher_head",
     "tokens_to_map",
 ]

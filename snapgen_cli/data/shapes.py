@@ -398,14 +398,14 @@ def write_folder(out_dir: str | os.PathLike[str], dataset: ShapesBase) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        lines = []
+        records = []
         for i in range(len(dataset)):
             name = f"{i:06d}.png"
             spec = dataset.spec(i)
             render(spec, dataset.resolution).save(tmp / name)
-            lines.append(json.dumps({"file_name": name, **dataset.record(i, spec)}, sort_keys=True))
-        (tmp / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-        texts = [json.loads(line).get("text") for line in lines]
+            records.append({"file_name": name, **dataset.record(i, spec)})
+        (tmp / "metadata.jsonl").write_text("\n".join(json.dumps(r, sort_keys=True) for r in records) + "\n")
+        texts = [r.get("text") for r in records]
         if all(isinstance(t, str) and t for t in texts):
             (tmp / "prompts.txt").write_text("\n".join(texts) + "\n")
         if out.exists():

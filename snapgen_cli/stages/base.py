@@ -97,9 +97,9 @@ def seeded(cfg: C, ctx: StageContext) -> C:
 
 def sampler_defaults(cfg: StageConfig, pipe) -> StageConfig:
     """``cfg`` with ``steps`` / ``guidance`` left unset taken from the pipeline it samples
-    (``SnapGenPipeline.sampler_defaults``: what a step-distilled model was saved with)."""
-    steps, guidance = pipe.sampler_defaults
-    return cfg.model_copy(update={"steps": cfg.steps or steps, "guidance": cfg.guidance or guidance})
+    (``SnapGenPipeline.sampler_settings``: what a step-distilled model was saved with)."""
+    steps, guidance = pipe.sampler_settings(cfg.steps, cfg.guidance)
+    return cfg.model_copy(update={"steps": steps, "guidance": guidance})
 
 
 def vae_config(path: str, subfolder: str | None, ctx: StageContext) -> dict | None:

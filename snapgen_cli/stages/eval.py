@@ -464,8 +464,9 @@ def _checkpoint(cfg: Config, ctx: StageContext) -> Path:
 def plan(cfg: Config, ctx: StageContext) -> list[PlanItem]:
     ckpt = ctx.resolve_input(cfg.checkpoint)
     sets = [name for name, needed in _needs(cfg).items() if needed]
+    notes = f"{cfg.steps or 'default'} steps, cfg {cfg.guidance or 'default'}, seed {cfg.seed}"
     items = [PlanItem(model=f"pipeline {ckpt}", inputs=[str(ckpt)], outputs=[str(ctx.out_dir / s) for s in sets],
-                      notes=f"{cfg.steps or 'default'} steps, cfg {cfg.guidance or 'default'}, seed {cfg.seed}")] if sets else []
+                      notes=notes)] if sets else []
     inputs = {"fid": cfg.reference, "clip": cfg.clip_model, "recon": cfg.recon_images,
               "image_reward": cfg.image_reward, "geneval": cfg.geneval_prompts, "dpg": cfg.dpg_prompts}
     items += [PlanItem(model=f"metric {m}", inputs=[str(inputs[m])] if inputs.get(m) else [],

@@ -19,7 +19,7 @@ DDP); this stage has been run and tested here with DDP on CPUs, not with FSDP.
 Writes the student's pipeline (``SnapGenPipeline.from_pretrained(out)``), which records the
 step counts it was distilled for and its guidance (``sampler`` in ``model_index.json``), so
 ``snapgen generate`` / ``eval`` sample with 4 steps and no CFG unless told otherwise; the
-heads in ``discriminator/`` (the last checkpoint's weights); ``losses.jsonl`` with every term and
+heads in ``discriminator/`` (their final weights); ``losses.jsonl`` with every term and
 ``D_real`` / ``D_fake`` / ``acc`` per head.
 """
 

@@ -43,10 +43,11 @@ from pydantic import Field, field_validator
 
 from ..core import denoiser
 from ..core.discriminator import FeatureHeads
+from ..core.flow import RectifiedFlow
 from ..core.losses import ADV_LOSSES, StepDistillLoss
-from ..core.teacher import teacher_block_features, teacher_forward
+from ..core.teacher import block_indices, teacher_block_features, teacher_forward
 from ..core.text import sample_keep
-from ..errors import ConfigError, SnapgenError
+from ..errors import SnapgenError
 from .diffusion import DiffusionTask, TextRole
 from .distill import FrozenTeacher, TeacherConfig
 from .loop import StepContext
@@ -122,15 +123,13 @@ class StepDistillTask(DiffusionTask):
         super().__init__(cfg, data_dir, init_dir, console)
         self.frozen_teacher = FrozenTeacher(cfg, self.manifest, self.data_dir)
         self.teacher, self.teacher_text = self.frozen_teacher.model, self.frozen_teacher.text
-        n = len(self.teacher.transformer_blocks)
-        if any(not -n <= b < n for b in cfg.disc_blocks):
-            raise ConfigError(f"disc_blocks: the teacher has {n} blocks (indices 0..{n - 1} or negative), got "
-                              f"{cfg.disc_blocks}")
-        self.blocks = [b % n for b in cfg.disc_blocks]
+        self.blocks = block_indices(self.teacher, cfg.disc_blocks)  # checked before training starts
         t = self.teacher.config
         self.heads = FeatureHeads(t.num_attention_heads * t.attention_head_dim, tuple(self.blocks), cfg.disc_hidden)
         self.loss_fn = StepDistillLoss(cfg.adv_loss, cfg.adv_weight, cfg.kd, cfg.r1_gamma)
         self.grid = few_step_grid(self.objective, cfg.student_steps)
+        # D's noise level: the logit-normal sampler of the flow objective, unshifted
+        self.disc_sigma = RectifiedFlow(shift=1.0, logit_mean=cfg.disc_logit_mean, logit_std=cfg.disc_logit_std)
         self.head_names = [f"h{b}" for b in self.blocks]
         self._fake: tuple[tuple[int, int], _Draw, torch.Tensor] | None = None
 
@@ -160,11 +159,15 @@ class StepDistillTask(DiffusionTask):
         keep = sample_keep(self.layout.names, self.cfg.p_drop, gens)
         cond = self.condition(batch, ctx, stored, keep)
         teacher_cond = self.frozen_teacher.condition(stored, keep, dev)
-        c = self.cfg
-        s = (torch.sigmoid(_randn(gens) * c.disc_logit_std + c.disc_logit_mean) if c.disc_noise == "logit-normal"
+        s = (self.disc_sigma.sample_timesteps(len(x0), generator=gens) if self.cfg.disc_noise == "logit-normal"
              else row[:, 1]).to(dev)
         renoise = ctx.randn(*x0.shape[1:])
         return _Draw(x0, t, noise, self.objective.noisy(x0, noise, t), cond, teacher_cond, s, renoise)
+
+    def generate(self, unet, d: _Draw) -> tuple[torch.Tensor, torch.Tensor]:
+        """G of Eq. 9: the student's velocity at ``(x_t, t)`` and its prediction ``x'_0``."""
+        v_s, _ = denoiser.denoise(unet, d.x_t, self.objective.model_timestep(d.t), d.cond)
+        return v_s, self.objective.predict_x0(d.x_t, v_s, d.t)
 
     def judge(self, heads, x: torch.Tensor, s: torch.Tensor, teacher_cond, ctx: StepContext, grad: bool = False):
         """The heads' logits on ``x`` (latents at noise level ``s``): D of Eq. 9."""
@@ -176,14 +179,12 @@ class StepDistillTask(DiffusionTask):
         heads = ctx.accelerator.unwrap_model(ctx.models["discriminator"])
         if phase == "generator":
             d = self.draw(batch, ctx)
-            ts = self.objective.model_timestep(d.t)
-            v_s, _ = denoiser.denoise(ctx.models["unet"], d.x_t, ts, d.cond)
-            fake = self.objective.predict_x0(d.x_t, v_s, d.t)
+            v_s, fake = self.generate(ctx.models["unet"], d)
             logits = self.judge(heads, self.objective.noisy(fake, d.renoise, d.s), d.s, d.teacher_cond, ctx, grad=True)
             v_t = None
             if self.cfg.kd:
-                v_t, _ = teacher_forward(self.frozen_teacher.module(ctx), d.x_t, ts, *d.teacher_cond,
-                                         return_features=False)
+                v_t, _ = teacher_forward(self.frozen_teacher.module(ctx), d.x_t, self.objective.model_timestep(d.t),
+                                         *d.teacher_cond, return_features=False)
             self._fake = ((ctx.step, ctx.micro), d, fake.detach())
             return self.loss_fn.generator(logits, v_s, self.objective.target(d.x0, d.noise, d.t), d.t, v_t)
         if phase != "discriminator":
@@ -193,9 +194,7 @@ class StepDistillTask(DiffusionTask):
         else:  # run alone: the same draws and the student's prediction, without gradients
             d = self.draw(batch, ctx)
             with torch.no_grad():
-                unet = ctx.accelerator.unwrap_model(ctx.models["unet"])
-                v_s, _ = denoiser.denoise(unet, d.x_t, self.objective.model_timestep(d.t), d.cond)
-                fake = self.objective.predict_x0(d.x_t, v_s, d.t)
+                _, fake = self.generate(ctx.accelerator.unwrap_model(ctx.models["unet"]), d)
         self._fake = None
         b = len(d.x0)
         real_s = self.objective.noisy(d.x0, d.renoise, d.s)
@@ -222,6 +221,3 @@ class StepDistillTask(DiffusionTask):
 def _randint(high: int, gens: list[torch.Generator]) -> torch.Tensor:
     return torch.cat([torch.randint(high, (1,), generator=g) for g in gens])
 
-
-def _randn(gens: list[torch.Generator]) -> torch.Tensor:
-    return torch.cat([torch.randn(1, generator=g) for g in gens])
