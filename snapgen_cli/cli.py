@@ -257,8 +257,13 @@ def stage_command(kind: str, summary: str, positional: str | None = None, defaul
     result_file = getattr(module, "RESULT_FILE", None)
 
     def callback(out, overrides, dry_run, as_json, **flags):
-        from .stages.base import StageContext
+        from click.core import ParameterSource
 
+        from .stages.base import StageContext, run_stage
+
+        # only the flags given: the Config's own defaults fill the rest, and it knows which keys were set
+        source = click.get_current_context().get_parameter_source
+        flags = {k: v for k, v in flags.items() if k == "_positional" or source(k) is not ParameterSource.DEFAULT}
         if positional:
             flags[positional] = tuple(flags.pop("_positional")) + tuple(flags.get(positional) or ())
         cfg = _flags_to_config(module.Config, flags, overrides)
@@ -271,7 +276,7 @@ def stage_command(kind: str, summary: str, positional: str | None = None, defaul
                 console.print(r)
             emit(dict(stage=kind, plan=rows, config=cfg.model_dump(mode="json")), as_json, shown)
             return
-        result = module.run(cfg, ctx)
+        result = run_stage(module, cfg, ctx)
         emit(result, as_json, shown)
 
     cmd = click.command(kind, context_settings=CONTEXT, help=(module.__doc__ or summary).strip(), short_help=summary)(callback)
@@ -326,6 +331,9 @@ def os_error_message(exc: OSError) -> str:
 
 def main(argv=None) -> None:
     """Console entry point: maps errors to one clear line and the documented exit codes."""
+    from .cpu import prefer_passive_wait
+
+    prefer_passive_wait()  # before anything imports torch (cpu.py)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     try:

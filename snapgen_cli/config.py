@@ -5,7 +5,15 @@ from __future__ import annotations
 import types
 import typing
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+#: ``json_schema_extra`` of a setting that names another stage's output dir. In a recipe,
+#: ``"previous"`` becomes the previous stage's output dir (``"@stage"`` that stage's, as for every
+#: setting) before the stage sees its config, so the stage and its standalone command in the
+#: run report get the same paths. ``UNSET_IS_PREVIOUS``: an unset value also means the previous
+#: stage (``data``, ``checkpoint``); ``PREVIOUS_OR_PATH``: unset means none (``init_from``).
+PREVIOUS_OR_PATH = {"stage_input": "previous"}
+UNSET_IS_PREVIOUS = {"stage_input": "unset-is-previous"}
 
 
 def _optional(annotation) -> bool:
@@ -13,7 +21,7 @@ def _optional(annotation) -> bool:
 
 
 class StageConfig(BaseModel):
-    """Base of every stage's typed config: unknown keys are errors, values are validated.
+    """Base of every typed config: unknown keys are errors, values are validated.
 
     TOML has no null, so an optional setting is unset with the string ``"none"`` (or
     ``"null"``), in a recipe and on the command line alike (``--keep-checkpoints none``)."""
@@ -28,3 +36,17 @@ class StageConfig(BaseModel):
             data = {k: None if (isinstance(v, str) and v.strip().lower() in ("none", "null") and k in fields
                                 and _optional(fields[k].annotation)) else v for k, v in data.items()}
         return data
+
+
+class StageSettings(StageConfig):
+    """Base of every stage kind's ``Config``: the settings every stage has (one flag each, and a
+    key of every recipe stage). ``threads`` is a runtime setting: it never changes what a stage
+    computes beyond float rounding, so a finished stage is not redone for it (``RUNTIME_KEYS``)."""
+
+    threads: int | None = Field(None, ge=1, description="CPU threads of torch (default: $OMP_NUM_THREADS, else the "
+                                                        "cores this process may use: affinity mask and cgroup quota, "
+                                                        "divided among the processes of `accelerate launch`)")
+
+
+#: Stage settings that change how a stage runs, not what it writes.
+RUNTIME_KEYS = frozenset({"threads"})

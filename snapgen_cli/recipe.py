@@ -34,9 +34,10 @@ from typing import Any
 import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .config import PREVIOUS_OR_PATH, RUNTIME_KEYS, UNSET_IS_PREVIOUS
 from .errors import ConfigError
 from .files import atomic_write_json
-from .stages.base import PlanItem, StageContext
+from .stages.base import PlanItem, StageContext, run_stage
 
 #: Stage kinds and the modules that implement them (imported lazily).
 STAGE_KINDS: dict[str, str] = {
@@ -70,6 +71,7 @@ class RunSection(BaseModel):
     out_dir: str = "runs/run"
     seed: int = Field(0, ge=0)
     description: str = ""
+    threads: int | None = Field(None, ge=1, description="CPU threads of every stage that sets none (cpu.py)")
 
 
 @dataclass
@@ -246,6 +248,12 @@ def parse_recipe(data: dict, path: Path | None = None) -> Recipe:
             if ref.split("/")[0] not in seen - {name}:
                 raise ConfigError(f"{where}.{key}: {'@' + ref!r} does not name an earlier stage")
         cfg = validate_config(stage_module(kind).Config, body, where)
+        if "init_from" in type(cfg).model_fields and "model" in type(cfg).model_fields:
+            from .stages.training import refuse_model_with_init
+
+            first = i == 0 and inp is None  # "previous" names no stage
+            init = None if cfg.init_from in (None, "") or (cfg.init_from == "previous" and first) else cfg.init_from
+            refuse_model_with_init(cfg, init, f"{where}.")
         stages.append(Stage(i, name, kind, inp, cfg))
     return Recipe(path, run, stages)
 
@@ -270,6 +278,27 @@ def resolve_refs(cfg, run_dir: Path):
 
     update = {k: fix(getattr(cfg, k)) for k in type(cfg).model_fields if k != "input"}
     return cfg.model_copy(update={k: v for k, v in update.items() if v != getattr(cfg, k)})
+
+
+def resolve_stage(recipe: Recipe, stage: Stage, ctx: StageContext):
+    """The config a recipe stage runs with, everything the recipe decides made explicit: ``"@stage"``
+    values (:func:`resolve_refs`), ``"previous"`` (and an unset ``data`` / ``checkpoint``) as the
+    previous stage's output dir (``config.PREVIOUS_OR_PATH``), an unset ``seed`` as the run's seed,
+    an unset ``threads`` as ``[run] threads``. The stage runs this config and the run report prints
+    it as the standalone command, so the command does what the recipe stage did."""
+    cfg = resolve_refs(stage.config, ctx.run_dir)
+    update = {}
+    for name, field in type(cfg).model_fields.items():
+        marker, value = field.json_schema_extra, getattr(cfg, name)
+        if marker not in (PREVIOUS_OR_PATH, UNSET_IS_PREVIOUS) or ctx.previous is None:
+            continue
+        if value == "previous" or (value is None and marker == UNSET_IS_PREVIOUS):
+            update[name] = str(ctx.previous)
+    if "seed" in type(cfg).model_fields and cfg.seed is None:
+        update["seed"] = recipe.run.seed
+    if cfg.threads is None and recipe.run.threads is not None:
+        update["threads"] = recipe.run.threads
+    return cfg.model_copy(update=update) if update else cfg
 
 
 def load_recipe(path: Path, overrides: tuple[str, ...] = ()) -> Recipe:
@@ -317,7 +346,7 @@ def plan_recipe(recipe: Recipe, run_dir: Path, stages: list[Stage], console) -> 
         ctx = _context(recipe, st, run_dir, True, console)
         ctx.planned = planned
         provides = {}
-        for item in st.module.plan(resolve_refs(st.config, run_dir), ctx):
+        for item in st.module.plan(resolve_stage(recipe, st, ctx), ctx):
             provides |= item.provides
             rows.append(dict(stage=st.name, kind=st.kind, **{k: v for k, v in item.__dict__.items() if k != "provides"}))
         planned[str(ctx.out_dir)] = provides
@@ -347,7 +376,7 @@ def check_done_stages(stages: list[Stage], run_dir: Path) -> None:
         if not marker.is_file():
             continue
         recorded = json.loads(marker.read_text()).get("config", {})
-        changed = _changed_keys(recorded, st.config.model_dump(mode="json"))
+        changed = [k for k in _changed_keys(recorded, st.config.model_dump(mode="json")) if k not in RUNTIME_KEYS]
         if changed:
             k = changed[0]
             raise ConfigError(f"stage {st.name!r} ran with other settings ({', '.join(changed)}; {k}: "
@@ -374,14 +403,16 @@ def run_recipe(recipe: Recipe, run_dir: Path, stages: list[Stage], console, fres
         console.rule(f"[bold][{n}/{len(stages)}] {st.name}[/bold] ({st.kind})")
         ctx.out_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        summary = st.module.run(resolve_refs(st.config, run_dir), ctx)
+        summary = run_stage(st.module, resolve_stage(recipe, st, ctx), ctx)
         record = dict(summary=summary, wall_s=round(time.perf_counter() - t0, 3), kind=st.kind,
                       config=st.config.model_dump(mode="json"))
         atomic_write_json(marker, record)
         results.append({**record, "stage": st.name, "skipped": False})
     from .report import standalone_command, write_run_report
 
-    commands = {st.name: standalone_command(st.kind, resolve_refs(st.config, run_dir), run_dir / st.name) for st in stages}
+    contexts = {st.name: _context(recipe, st, run_dir, False, console) for st in stages}
+    commands = {st.name: standalone_command(st.kind, resolve_stage(recipe, st, contexts[st.name]), run_dir / st.name)
+                for st in stages}
     report = write_run_report(run_dir, recipe.run.name, results, commands)
     console.print(f"[bold]report:[/bold] {run_dir / 'report.md'} (total {report['total_wall_s']:.1f} s)")
     return results

@@ -1,9 +1,15 @@
 """The run report of ``snapgen run``: ``report.json`` + ``report.md`` in the run directory.
 
 ``report.md`` shows what a newcomer wants to see after a run: the sample grid, the
-alignment scores per category with the chance level, the decoder's reconstruction PSNR,
-the wall time of every stage, and the exact standalone command that reproduces each stage
-(``snapgen <stage> --out ... --key value``, the values the recipe resolved).
+alignment scores per category with the chance level, every metric of every eval stage next
+to its reference (the chance level of alignment; the reference set of FID / KID and its size;
+the images and decoder of a reconstruction), the decoders' reconstruction PSNR, the wall time
+of every stage, and the exact standalone command that reproduces each stage
+(``snapgen <stage> --out ... --key value``: the config the stage ran with, see
+``recipe.resolve_stage``, so the command does what the recipe stage did).
+
+``report.json["evaluations"]`` holds one row per eval stage: its headline figures and, under
+``metrics``, everything its ``eval_report.json`` holds.
 """
 
 from __future__ import annotations
@@ -14,7 +20,9 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from .eval.report import flatten
 from .files import atomic_write_json, atomic_write_text
+
 
 def _toml_value(v: Any) -> str:
     """A TOML literal for the simple values recipes hold (str, numbers, bools, lists, tables)."""
@@ -32,16 +40,24 @@ def _toml_value(v: Any) -> str:
 
 
 def standalone_command(kind: str, cfg, out_dir: Path) -> str:
-    """The standalone command that runs this stage with this config (non-default values only)."""
+    """The standalone command that runs this stage with this config: every value that differs from
+    the default, an unset one as ``none`` (``--init-from none``) and an emptied list as ``--set key=[]``."""
+    from .cli import _click_type
+
     parts = ["snapgen", kind, "--out", str(out_dir)]
     plain = cfg.model_dump(mode="json", exclude_none=True)  # nested models (e.g. encoder specs) as TOML tables
     for name, field in type(cfg).model_fields.items():
         value = getattr(cfg, name)
         default = field.get_default(call_default_factory=True)
-        if value == default or value is None:
+        if value == default:
             continue
         flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
+        _, multiple, nargs, _ = _click_type(field.annotation)
+        if value is None:  # a default the recipe unset
+            parts += [flag, "none"] if not multiple and nargs == 1 else ["--set", f"{name}=none"]
+        elif isinstance(value, list) and not value:
+            parts += ["--set", f"{name}=[]"]
+        elif isinstance(value, bool):
             parts.append(flag if value else f"--no-{name.replace('_', '-')}")
         elif isinstance(value, list) and all(isinstance(x, (str, int, float)) for x in value):
             for x in value:
@@ -67,7 +83,8 @@ def _fmt(v: Any, digits: int = 3) -> str:
 
 
 def _eval_row(r: dict) -> dict:
-    """One eval stage's headline figures: sampler settings, alignment, FID / KID."""
+    """One eval stage's headline figures (sampler settings, alignment, FID / KID and the FID
+    reference set with its size) and, under ``metrics``, every metric it wrote."""
     summary = r["summary"]
     m, sampler = summary["metrics"], (summary.get("meta") or {}).get("sampler") or {}
     al, fid = m.get("alignment") or {}, m.get("fid") or {}
@@ -75,7 +92,48 @@ def _eval_row(r: dict) -> dict:
     return dict(stage=r["stage"], checkpoint=(summary.get("meta") or {}).get("checkpoint"),
                 steps=sampler.get("steps"), guidance=sampler.get("guidance"), overall=al.get("overall"),
                 chance=al.get("chance"), fid=fid.get("fid"), kid=kid.get("mean") if isinstance(kid, dict) else kid,
-                fid_reference=fid.get("n_reference"))
+                fid_reference=fid.get("n_reference"), fid_reference_set=fid.get("reference"), metrics=m)
+
+
+def _rel(path: Any, run_dir: Path) -> str:
+    p = Path(str(path))
+    return str(p.relative_to(run_dir)) if p.is_relative_to(run_dir) else str(p)
+
+
+def _metric_cells(metrics: dict, run_dir: Path) -> dict[str, str]:
+    """Every metric of one eval stage as ``{row label: cell}``, each next to its reference: alignment
+    with its counts and chance level (overall and per category), FID / KID with the reference set
+    and its size and the generated set, a reconstruction with its images and decoder; any other
+    metric (CLIP score, ImageReward, GenEval, DPG-Bench, ...) as its flattened keys."""
+    cells, rest = {}, {k: dict(v) if isinstance(v, dict) else v for k, v in metrics.items()}
+    if isinstance(al := rest.pop("alignment", None), dict):
+        chance = al.get("chance_categories") or {}
+        cells["alignment"] = (f"{_fmt(al.get('overall'))} ({al.get('correct')}/{al.get('total')}; "
+                              f"chance {_fmt(al.get('chance'))})")
+        for cat, v in (al.get("categories") or {}).items():
+            cells[f"alignment: {cat}"] = (f"{_fmt(v.get('accuracy'))} ({v.get('correct')}/{v.get('total')}"
+                                          + (f"; chance {_fmt(chance[cat])})" if cat in chance else ")"))
+    if isinstance(fid := rest.get("fid"), dict):
+        for key, label, digits in (("fid", "FID", 2), ("kid", "KID", 4)):
+            if isinstance(fid.get(key), (int, float)):
+                cells[label] = _fmt(float(fid.pop(key)), digits)
+        ref, n_ref = fid.pop("reference", None), fid.pop("n_reference", None)
+        if ref is not None or n_ref is not None:
+            size = f"{n_ref} images" if n_ref is not None else "saved statistics"
+            cells["FID / KID reference"] = f"{_rel(ref, run_dir) if ref is not None else '?'} ({size})"
+        if "n_generated" in fid:
+            cells["FID / KID generated"] = f"{fid.pop('n_generated')} images ({fid.pop('set', '?')})"
+    if isinstance(rec := rest.get("recon"), dict):
+        for key, label, digits in (("psnr", "recon PSNR (dB)", 2), ("ssim", "recon SSIM", 3),
+                                   ("lpips", "recon LPIPS", 3)):
+            if key in rec:
+                cells[label] = _fmt(rec.pop(key), digits)
+        if "images" in rec or "n_images" in rec:
+            where = _rel(rec.pop("images"), run_dir) if "images" in rec else "?"
+            cells["recon images"] = f"{where} ({rec.pop('n_images', '?')} images, {rec.pop('decoder', '?')} decoder)"
+    for name, value in flatten(rest):
+        cells[name] = _fmt(value)
+    return cells
 
 
 def write_run_report(run_dir: Path, name: str, results: list[dict], commands: dict[str, str]) -> dict:
@@ -91,14 +149,13 @@ def write_run_report(run_dir: Path, name: str, results: list[dict], commands: di
     metrics = ev["summary"]["metrics"] if ev else {}
     if "alignment" in metrics:
         report["alignment"] = metrics["alignment"]
-    rows = [_eval_row(r) for r in evals]
-    if len(rows) > 1:  # e.g. the teacher, the student before and after (step) distillation
-        report["evaluations"] = rows
+    if evals:  # e.g. the teacher, the student before and after (step) distillation
+        report["evaluations"] = [_eval_row(r) for r in evals]
     kd = _find(results, "distill")
     if kd and (kd.get("summary") or {}).get("fig6"):
         report["fig6"] = kd["summary"]["fig6"]
-    recon = next((r["summary"]["metrics"]["recon"] for r in reversed(evals) if "recon" in r["summary"]["metrics"]),
-                 None)
+    recon = next(({**r["summary"]["metrics"]["recon"], "stage": r["stage"]} for r in reversed(evals)
+                  if "recon" in r["summary"]["metrics"]), None)
     decoders = [r for r in results if r.get("kind") == "train-decoder"]
     report["decoder"] = {r["stage"]: (r.get("summary") or {}).get("eval") for r in decoders}
     if recon:
@@ -109,6 +166,35 @@ def write_run_report(run_dir: Path, name: str, results: list[dict], commands: di
     atomic_write_json(run_dir / "report.json", report)
     atomic_write_text(run_dir / "report.md", _markdown(report, run_dir))
     return report
+
+
+#: What a train-decoder stage's ``eval.json`` entries measured.
+DECODER_LABELS = {"autoencoder": "AutoencoderKL (its own decoder)", "tiny_decoder": "tiny decoder",
+                  "vae_decoder": "the frozen VAE's decoder"}
+
+
+def _decoder_rows(dec: dict):
+    """``(stage, metrics, decoder, images)`` per reconstruction: every decoder a train-decoder stage
+    evaluated, and the pipeline's decoder as the eval stage that ran ``recon`` measured it."""
+    for stage, v in dec.items():
+        if stage == "pipeline_recon":
+            yield v.get("stage", "eval"), v, f"{v.get('decoder', '?')} (the pipeline's)", v.get("images")
+            continue
+        for key, m in v.items():
+            if isinstance(m, dict) and "psnr" in m:
+                yield stage, m, DECODER_LABELS.get(key, key), v.get("images")
+
+
+def _metrics_matrix(rows: list[dict], run_dir: Path) -> list[str]:
+    """Every metric of every eval stage: one row per metric, one column per stage."""
+    cells = {e["stage"]: _metric_cells(e.get("metrics") or {}, run_dir) for e in rows}
+    labels = list(dict.fromkeys(label for c in cells.values() for label in c))
+    if not labels:
+        return []
+    lines = ["## Every metric of every evaluation", "", "| metric | " + " | ".join(cells) + " |",
+             "| --- |" + " --- |" * len(cells)]
+    lines += [f"| {label} | " + " | ".join(c.get(label, "-") for c in cells.values()) + " |" for label in labels]
+    return lines + [""]
 
 
 def _markdown(report: dict, run_dir: Path) -> str:
@@ -137,21 +223,24 @@ def _markdown(report: dict, run_dir: Path) -> str:
             cells = [_fmt(e.get(k)) if e.get(k) is not None else "-" for k in ("overall", "chance", "fid", "kid")]
             lines.append(f"| {e['stage']} | {ckpt} | {e.get('steps') or '-'} | {e.get('guidance') or '-'} | "
                          + " | ".join(cells) + " |")
-        n_ref = {e.get("fid_reference") for e in rows if e.get("fid") is not None}
-        if n_ref:
-            lines.append(f"\nFID / KID against the held-out reference images ({', '.join(map(str, n_ref))} images).")
+        refs = sorted({(_rel(e["fid_reference_set"], run_dir) if e.get("fid_reference_set") else "?",
+                        str(e.get("fid_reference") or "?")) for e in rows if e.get("fid") is not None})
+        if refs:
+            lines.append("\nFID / KID against " + "; ".join(f"`{ref}` ({n} images)" for ref, n in refs) + ".")
         lines.append("")
+        lines += _metrics_matrix(rows, run_dir)
     if "fig6" in report:
         rel = Path(report["fig6"])
         rel = rel.relative_to(run_dir) if rel.is_relative_to(run_dir) else rel
         lines += ["## Distillation: loss magnitude per t bin (Fig. 6)", "", f"![fig 6]({rel})", ""]
     dec = {k: v for k, v in report.get("decoder", {}).items() if v}
     if dec:
-        lines += ["## Decoder reconstruction", "", "| stage | PSNR (dB) | SSIM |", "| --- | --- | --- |"]
-        for stage, v in dec.items():
-            for label, m in (v.items() if isinstance(v, dict) and "psnr" not in v else [("", v)]):
-                if isinstance(m, dict) and "psnr" in m:
-                    lines.append(f"| {stage}{' ' + label if label else ''} | {_fmt(m['psnr'], 2)} | {_fmt(m.get('ssim'))} |")
+        lines += ["## Decoder reconstruction", "", "| stage | decoder | images | PSNR (dB) | SSIM | LPIPS |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for stage, m, label, where in _decoder_rows(dec):
+            lpips = _fmt(m["lpips"]) if "lpips" in m else "-"
+            lines.append(f"| {stage} | {label} | {_rel(where, run_dir) if where else '-'} ({m.get('n_images', '?')}) | "
+                         f"{_fmt(m['psnr'], 2)} | {_fmt(m.get('ssim'))} | {lpips} |")
         lines.append("")
     lines += ["## Stages", "", "| # | stage | kind | wall time (s) | |", "| --- | --- | --- | --- | --- |"]
     for i, s in enumerate(report["stages"], 1):

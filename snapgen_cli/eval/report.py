@@ -118,16 +118,16 @@ def contact_sheet(images: Sequence[Image.Image], prompts: Sequence[str], *, cols
 
 def write_report(out_dir: str | Path, metrics: Mapping[str, Any], *,
                  samples: Sequence[tuple[Image.Image, str]] = (), meta: Mapping[str, Any] | None = None,
-                 console: Console | None = None, title: str = "snapgen eval") -> dict[str, Path]:
-    """Write ``eval_report.json`` (+ ``contact_sheet.png`` of ``samples``) to ``out_dir`` and print
-    the metrics table to stderr; returns the written paths."""
+                 console: Console | None = None, title: str = "snapgen eval", sheet_cols: int = 4) -> dict[str, Path]:
+    """Write ``eval_report.json`` (+ ``contact_sheet.png`` of ``samples``, ``sheet_cols`` wide) to
+    ``out_dir`` and print the metrics table to stderr; returns the written paths."""
     out_dir = Path(out_dir)
     paths = {"report": out_dir / REPORT_FILE}
     report: dict[str, Any] = {"metrics": jsonable(metrics), "meta": jsonable(meta or {})}
     if samples:
         paths["contact_sheet"] = out_dir / CONTACT_SHEET_FILE
         out_dir.mkdir(parents=True, exist_ok=True)
-        contact_sheet([im for im, _ in samples], [p for _, p in samples]).save(paths["contact_sheet"])
+        contact_sheet([im for im, _ in samples], [p for _, p in samples], cols=sheet_cols).save(paths["contact_sheet"])
         report["contact_sheet"] = CONTACT_SHEET_FILE
     atomic_write_json(paths["report"], report)
     (console or Console(file=sys.stderr)).print(metrics_table(metrics, title))

@@ -2,7 +2,7 @@
 
 A stage module exposes:
 
-* ``Config`` -- a :class:`~snapgen_cli.config.StageConfig` (pydantic, unknown keys rejected) holding every
+* ``Config`` -- a :class:`~snapgen_cli.config.StageSettings` (pydantic, unknown keys rejected) holding every
   setting of the stage, with the paper's values as defaults where the paper gives them;
 * ``plan(cfg, ctx) -> list[PlanItem]`` -- what the stage would build and read/write, built
   on the meta device (no weights, no data touched); used by ``snapgen run --dry-run``. What
@@ -28,6 +28,7 @@ from typing import TypeVar
 from rich.console import Console
 
 from ..config import StageConfig
+from ..cpu import stage_threads
 from ..files import model_location
 
 C = TypeVar("C", bound=StageConfig)
@@ -81,6 +82,12 @@ class PlanItem:
     notes: str = ""
     #: What later stages' plans need from this stage's output (see the module docstring).
     provides: dict = field(default_factory=dict)
+
+
+def run_stage(module, cfg, ctx: StageContext) -> dict:
+    """``module.run(cfg, ctx)`` with the stage's CPU threads (``cfg.threads``, see ``cpu.py``)."""
+    with stage_threads(cfg.threads):
+        return module.run(cfg, ctx)
 
 
 def seeded(cfg: C, ctx: StageContext) -> C:

@@ -22,7 +22,7 @@ import torch
 from pydantic import Field, field_validator
 from rich.table import Table
 
-from ..config import StageConfig
+from ..config import StageSettings
 from ..core import baselines
 from ..core.decoder import PAPER_DECODER, TinyDecoder, build_decoder
 from ..core.measure import count_macs, count_params, measure_latency, resolve_device
@@ -43,7 +43,7 @@ CLIP_TOKENS, GEMMA_TOKENS = 77, 256
 PAPER_DECODERS = {"snapgen-decoder": PAPER_DECODER, "sd3-decoder": dict(params=49.55e6, macs=4970e9)}
 
 
-class Config(StageConfig):
+class Config(StageSettings):
     model: Target = Field(
         "unet", description="what to measure; sd3-decoder and sdxl-unet are the paper's baselines (public configs, "
         "random weights)")

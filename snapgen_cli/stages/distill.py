@@ -27,6 +27,7 @@ import torch
 from accelerate import PartialState
 from pydantic import Field
 
+from ..config import PREVIOUS_OR_PATH
 from ..core.measure import count_params
 from ..core.teacher import PUBLISHED_PARAMS, build_teacher, count_teacher_params
 from ..train.distill import DistillConfig, DistillTask, TeacherConfig, teacher_location
@@ -40,7 +41,8 @@ HUB_PRESETS = {"stabilityai/stable-diffusion-3.5-large": "sd35-large",
 
 
 class Config(DistillConfig):
-    init_from: str | None = Field("previous", description='the fine-tuned student ("previous": the previous stage)')
+    init_from: str | None = Field("previous", description='the fine-tuned student ("previous": the previous stage)',
+                                  json_schema_extra=PREVIOUS_OR_PATH)
     resolution: int = Field(1024, gt=0, description="which precomputed latents to train on (latents.<res>)")
     batch_size: int = Field(32, gt=0, description="samples per process per micro-batch (sup. G: 32 at 1024^2 with KD)")
     gradient_checkpointing: bool = Field(True, description="recompute the student's activations (sup. G)")

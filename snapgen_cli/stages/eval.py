@@ -61,7 +61,7 @@ import torch
 from PIL import Image
 from pydantic import Field, field_validator, model_validator
 
-from ..config import StageConfig
+from ..config import UNSET_IS_PREVIOUS, StageSettings
 from ..core.flow import Guidance
 from ..data.images import save_png
 from ..data.shapes import EVAL_PROMPT_SEED
@@ -75,9 +75,9 @@ GENERATION_FILE = "generation.json"
 SAMPLES_DIR, ALIGNMENT_DIR, GENEVAL_DIR, DPG_DIR, DPG_TILES_DIR = "samples", "alignment", "geneval", "dpg", "dpg_tiles"
 
 
-class Config(StageConfig):
+class Config(StageSettings):
     checkpoint: str | None = Field(None, description="pipeline dir (a training stage's output); "
-                                                      "default: previous stage")
+                                                      "default: previous stage", json_schema_extra=UNSET_IS_PREVIOUS)
     decoder: str | None = Field(None, description="tiny decoder dir (overrides the pipeline's)")
     vae: str | None = Field(None, description="AutoencoderKL dir or hub id (overrides the pipeline's; also the "
                                                "encoder of the recon metric)")
@@ -395,7 +395,7 @@ def reconstruct(cfg: Config, ckpt: Path, pipe=None) -> dict:
             z = vae.encode(x).latent_dist.mode()
             rec = latents_to_images(decoder, normalize_latents(vae, z))
         metrics.update((x.float() + 1) / 2, rec)
-    return metrics.compute() | {"decoder": type(decoder).__name__}
+    return metrics.compute() | {"decoder": type(decoder).__name__, "images": str(cfg.recon_images)}
 
 
 def _metric(name: str, cfg: Config, sets: dict[str, ImageSet], ckpt: Path, out: Path, pipe, size: int) -> dict:
@@ -411,7 +411,8 @@ def _metric(name: str, cfg: Config, sets: dict[str, ImageSet], ckpt: Path, out: 
                 "chance_categories": {k: v["accuracy"] for k, v in chance["categories"].items()}}
     if name == "fid":
         return metrics.fid_kid(scored.folder, cfg.reference, inception=cfg.inception, kid=cfg.kid,
-                               batch_size=cfg.batch_size, device=device, seed=cfg.seed) | {"set": scored.name}
+                               batch_size=cfg.batch_size, device=device, seed=cfg.seed) | {
+            "set": scored.name, "reference": str(cfg.reference)}
     if name == "clip":
         score = metrics.clip_score(ImageFiles(scored.paths), scored.prompts, cfg.clip_model,
                                    batch_size=cfg.batch_size, device=device)
@@ -506,11 +507,26 @@ def run(cfg: Config, ctx: StageContext) -> dict:
             "sets": {n: {"dir": str(s.folder), "images": s.total, "generated": generated[n]} for n, s in sets.items()},
             "generated": sum(generated.values()),
             "skipped": sum(s.total - generated[n] for n, s in sets.items())}
-    paths = write_report(out, results, samples=_sheet(sets, cfg.sheet_size), meta=meta, console=ctx.console)
+    shown, cols = _sheet(sets, cfg.sheet_size)
+    meta["contact_sheet_images"] = [str(p.relative_to(out)) if p.is_relative_to(out) else str(p) for p, _ in shown]
+    paths = write_report(out, results, samples=[(_load(p), t) for p, t in shown], meta=meta, console=ctx.console,
+                         sheet_cols=cols)
     return {**json.loads(paths["report"].read_text()), **{k: str(v) for k, v in paths.items()}}
 
 
-def _sheet(sets: dict[str, ImageSet], n: int) -> list[tuple[Image.Image, str]]:
-    """Up to ``n`` (image, prompt) pairs of the first image set (DPG: its grids)."""
+def _sheet(sets: dict[str, ImageSet], n: int) -> tuple[list[tuple[Path, str]], int]:
+    """The contact sheet's ``(file, prompt)`` pairs and its columns: a sample across the prompts of the
+    first image set (DPG: its grids), never only the first prompt's images.
+
+    Decision: the first ``min(prompts, n)`` prompts, each with the same number of its images, as many
+    as fit in ``n`` cells (at most all it has); one row per prompt when that is more than one image,
+    else rows of 4 (e.g. the alignment suite: one image for each of 16 prompts)."""
     first = next(iter(sets.values()), None)
-    return [(_load(p), t) for p, t in first.outputs[:n]] if first else []
+    if first is None or n == 0:
+        return [], 4
+    by_prompt: dict[str, list[tuple[Path, str]]] = {}
+    for path, prompt in first.outputs:
+        by_prompt.setdefault(prompt, []).append((path, prompt))
+    groups = list(by_prompt.values())[:n]
+    per = min(max(len(g) for g in groups), n // len(groups))
+    return [pair for g in groups for pair in g[:per]], (per if per > 1 else 4)

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from ..config import PREVIOUS_OR_PATH
 from ..train.diffusion import DiffusionConfig
 from .base import PlanItem, StageContext
 from .training import plan_training, run_training
 
 
 class Config(DiffusionConfig):
-    init_from: str | None = Field("previous", description='checkpoint/stage dir to start from ("previous": the previous stage)')
+    init_from: str | None = Field("previous", description='checkpoint/stage dir to start from ("previous": the '
+                                                          'previous stage)', json_schema_extra=PREVIOUS_OR_PATH)
 
 
 def plan(cfg: Config, ctx: StageContext) -> list[PlanItem]:

@@ -3,7 +3,8 @@
 Uses the tiny decoder when the pipeline (or ``--decoder``) names one, otherwise the
 autoencoder's own decoder. Image ``i`` uses seed ``seed + i``: the same seed gives the same
 image whatever the batch size. Writes ``<out>/<i:05d>.png``, ``<out>/prompts.jsonl`` (one line
-per image: file, prompt, seed) and ``<out>/grid.png``.
+per image: file, prompt, seed) and ``<out>/grid.png``: one row per prompt with its
+``images_per_prompt`` images (one image per prompt: up to 8 prompts a row).
 """
 
 from __future__ import annotations
@@ -13,15 +14,16 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
-from ..config import StageConfig
+from ..config import UNSET_IS_PREVIOUS, StageSettings
 from ..core.flow import Guidance
 from ..errors import ConfigError
 from ..files import atomic_write_text
 from .base import PlanItem, StageContext, sampler_defaults
 
 
-class Config(StageConfig):
-    checkpoint: str | None = Field(None, description="pipeline dir (a training stage's output); default: previous stage")
+class Config(StageSettings):
+    checkpoint: str | None = Field(None, description="pipeline dir (a training stage's output); default: previous "
+                                                      "stage", json_schema_extra=UNSET_IS_PREVIOUS)
     prompts: list[str] = Field(default_factory=list)
     prompt_file: str | None = Field(None, description="a text file, one prompt per line")
     steps: int | None = Field(None, gt=0, description="sampling steps (default: the pipeline's: 28, or the 4/8 "
@@ -93,6 +95,7 @@ def run(cfg: Config, ctx: StageContext) -> dict:
     atomic_write_text(out / "prompts.jsonl", "".join(json.dumps(x) + "\n" for x in lines))
     result = {"out_dir": str(out), "images": len(images), "files": [x["file"] for x in lines]}
     if cfg.grid:
-        save_png(images, out / "grid.png", cols=min(len(images), 4 * cfg.images_per_prompt if cfg.images_per_prompt > 1 else 8))
+        cols = cfg.images_per_prompt if cfg.images_per_prompt > 1 else min(len(images), 8)  # a row per prompt
+        save_png(images, out / "grid.png", cols=cols)
         result["grid"] = str(out / "grid.png")
     return result

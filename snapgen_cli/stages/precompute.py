@@ -51,7 +51,7 @@ from pydantic import Field, field_validator
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
-from ..config import StageConfig
+from ..config import RUNTIME_KEYS, StageSettings
 from ..core.latents import downsampling_factor, latent_scale_shift, normalize_latents
 from ..core.measure import count_params, resolve_device
 from ..core.text import EncoderSpec, TextEncoderStack, parse_specs, spec_set
@@ -66,10 +66,10 @@ SD3_VAE = "stabilityai/stable-diffusion-3-medium-diffusers"
 RUN_CONFIG = "precompute.json"
 SKIPPED_FILE = "skipped.jsonl"
 # Settings that do not change the output; a resumed run may use other values.
-_RUNTIME_ONLY = {"batch_size", "num_workers", "device", "streaming"}
+_RUNTIME_ONLY = {"batch_size", "num_workers", "device", "streaming", *RUNTIME_KEYS}
 
 
-class Config(StageConfig):
+class Config(StageSettings):
     """Every setting of ``snapgen precompute`` (one flag each)."""
 
     source: str = Field(description="image folder, save_to_disk folder, WebDataset tar(s) or hub dataset name")

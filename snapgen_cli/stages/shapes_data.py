@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from ..config import StageConfig
+from ..config import StageSettings
 from ..data.shapes import CLASSES_SEED_OFFSET, HOLDOUT_SEED_OFFSET, ShapesClassDataset, ShapesDataset, write_folder
 from .base import PlanItem, StageContext
 
@@ -27,7 +27,7 @@ from .base import PlanItem, StageContext
 SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
 
 
-class Config(StageConfig):
+class Config(StageSettings):
     resolution: int = Field(64, ge=32, description="image size in pixels")
     n_captioned: int = Field(2000, gt=0, description="captioned (text-to-image) images")
     n_classes: int = Field(600, gt=0, description="class-conditional images (pretrain)")

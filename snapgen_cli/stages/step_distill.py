@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from ..config import PREVIOUS_OR_PATH
 from ..core.discriminator import FeatureHeads
 from ..train.step_distill import StepDistillConfig, StepDistillTask
 from .base import PlanItem, StageContext
@@ -36,7 +37,7 @@ from .training import plan_training, run_training
 
 class Config(StepDistillConfig):
     init_from: str | None = Field("previous", description='the distilled (or fine-tuned) student ("previous": '
-                                                          'the previous stage)')
+                                                          'the previous stage)', json_schema_extra=PREVIOUS_OR_PATH)
     resolution: int = Field(1024, gt=0, description="which precomputed latents to train on (latents.<res>)")
     batch_size: int = Field(4, gt=0, description="samples per process per micro-batch (sup. G: 4 x grad_accum 4)")
     grad_accum: int = Field(4, gt=0, description="micro-batches per optimizer step (sup. G: 4)")

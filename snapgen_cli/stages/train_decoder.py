@@ -49,6 +49,8 @@ import torch
 from accelerate import PartialState
 from pydantic import Field, PositiveFloat, field_validator
 
+from ..config import PREVIOUS_OR_PATH
+
 from ..core.baselines import SD3_VAE_HUB
 from ..core.decoder import TinyDecoder, build_decoder
 from ..core.losses import ADV_LOSSES, LPIPS_NETS, DecoderLoss
@@ -80,7 +82,8 @@ class Config(LoopConfig):
     image_column: str = "image"
     patch_size: int = Field(256, gt=0, description="random square patches (paper: 256)")
     resize: int | None = Field(None, gt=0, description="resize the shorter side to this before cropping (default: native)")
-    vae: str = Field(SD3_VAE, description='the frozen encoder: hub id, AutoencoderKL dir, "previous" or "@stage"')
+    vae: str = Field(SD3_VAE, description='the frozen encoder: hub id, AutoencoderKL dir, "previous" or "@stage"',
+                     json_schema_extra=PREVIOUS_OR_PATH)
     vae_subfolder: str | None = SD3_VAE_SUBFOLDER
     latent: Literal["mean", "sample"] = Field("mean", description="posterior mean (as precompute stores) or a sample")
     decoder: str = Field("snapgen-decoder", description="tiny decoder preset (mode=decoder)")

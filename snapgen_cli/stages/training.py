@@ -27,11 +27,25 @@ from ..train.loop import train
 from .base import PlanItem, StageContext, seeded
 
 
+def refuse_model_with_init(cfg: DiffusionConfig, init: str | Path | None, where: str = "") -> None:
+    """Decision (issue 16 item 3): ``model`` / ``model_overrides`` set together with a checkpoint to
+    start from is an error (exit 2) naming both keys, never a silently ignored key. A checkpoint
+    carries its own architecture (its ``config.json``), so the keys could only be ignored or
+    contradict it; refusing also catches a recipe stage copied from a from-scratch one. Only keys
+    the user gave count (a recipe key, a flag): the defaults never clash."""
+    given = [k for k in ("model", "model_overrides") if k in cfg.model_fields_set]
+    if init is not None and given:
+        raise ConfigError(f"{where}{given[0]}: set together with init_from ({init}), whose checkpoint fixes the "
+                          f"architecture, so {' and '.join(given)} would be ignored; remove {' and '.join(given)}, "
+                          f'or set init_from = "none" to build {cfg.model!r} from scratch')
+
+
 def inputs(cfg: DiffusionConfig, ctx: StageContext) -> tuple[Path, Path | None]:
     data = ctx.resolve_input(cfg.data)
     if data is None:
         raise ConfigError("data: no precompute output given (set `data`, or put a precompute stage before this one)")
     init = ctx.resolve_input(cfg.init_from) if cfg.init_from not in (None, "", "none") else None
+    refuse_model_with_init(cfg, init)
     return data, init
 
 
@@ -73,7 +87,7 @@ def plan_training(cfg: DiffusionConfig, ctx: StageContext) -> list[PlanItem]:
             params = count_params(denoiser.build(config))
     else:
         note += "; the latent channels are known once the autoencoder exists"
-    what = f"unet:{cfg.model}" if init is None else f"unet from {init} (its architecture; `model` unused)"
+    what = f"unet:{cfg.model}" if init is None else f"unet from {init} (its saved architecture)"
     return [PlanItem(model=what, params=params, inputs=[str(data)] + ([str(init)] if init else []),
                      outputs=[str(ctx.out_dir / "model_index.json"), str(ctx.out_dir / "unet")], notes=note,
                      provides={"unet_config": config} if config else {})]

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
+from ..config import PREVIOUS_OR_PATH, UNSET_IS_PREVIOUS
 from ..core import denoiser
 from ..core.decoder import TinyDecoder
 from ..core.flow import make_objective
@@ -27,7 +28,14 @@ from ..core.losses import task_loss
 from ..core.pipeline import SnapGenPipeline, load_autoencoder
 from ..core.text import TextEncoderStack, TextLayout, combine, parse_specs, sample_keep
 from ..data.images import image_grid
-from ..data.shards import ClassText, ShardDataset, encoder_features, encoder_names, encoder_specs, read_manifest
+from ..data.shards import (
+    ClassText,
+    ShardDataset,
+    encoder_features,
+    encoder_names,
+    encoder_specs,
+    read_manifest,
+)
 from ..errors import ConfigError
 from ..files import find_model_dir
 from .loop import LoopConfig, StepContext, TrainTask
@@ -36,12 +44,14 @@ from .loop import LoopConfig, StepContext, TrainTask
 class DiffusionConfig(LoopConfig):
     """Settings shared by ``pretrain`` and ``finetune`` (plus every loop setting)."""
 
-    data: str | None = Field(None, description="precompute output dir (default: the previous stage's output)")
+    data: str | None = Field(None, description="precompute output dir (default: the previous stage's output)",
+                             json_schema_extra=UNSET_IS_PREVIOUS)
     resolution: int = Field(256, gt=0, description="which precomputed latents to train on (latents.<res>)")
     model: str = Field("snapgen-t2i", description="UNet preset (or an SD3 DiT preset: sd3-tiny, sd35-medium, sd35-large) "
                                                   "when not initialising from a checkpoint")
     model_overrides: dict[str, Any] = Field(default_factory=dict, description="UNet config keys to override")
-    init_from: str | None = Field(None, description='checkpoint/stage dir to start from; "previous" for the previous stage')
+    init_from: str | None = Field(None, description='checkpoint/stage dir to start from; "previous" for the previous stage',
+                                  json_schema_extra=PREVIOUS_OR_PATH)
     init_weights: Literal["ema", "raw"] = "ema"
     objective: Literal["flow", "ddpm"] = "flow"
     shift: float = Field(3.0, gt=0, description="SD3 time shift (flow), training and inference")

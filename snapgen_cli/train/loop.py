@@ -147,7 +147,8 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..config import StageConfig
+from ..config import StageSettings
+from ..cpu import describe_threads
 from ..data.shards import sha256_file
 from ..errors import ConfigError, SnapgenError
 from ..files import _UMASK, atomic_write_json
@@ -155,7 +156,7 @@ from ..files import _UMASK, atomic_write_json
 CHECKPOINTS = "checkpoints"
 
 
-class LoopConfig(StageConfig):
+class LoopConfig(StageSettings):
     """Settings of the shared training loop; defaults are the paper's (sec. 4, sup. G)."""
 
     steps: PositiveInt = 1000
@@ -868,6 +869,8 @@ class _Run:
                             num_workers=_workers(cfg, acc.device), pin_memory=acc.device.type == "cuda")
         batches = _batches(loader)
         t0, last = time.perf_counter(), {}
+        if acc.is_main_process and acc.device.type == "cpu":
+            self.console.print(f"[dim]{describe_threads()}[/dim]")
         with self._progress() as progress:
             bar = progress.add_task("train", total=cfg.steps, completed=start, info="")
             for step in range(start + 1, cfg.steps + 1):
@@ -1029,6 +1032,7 @@ class _Run:
             "lr": self.lrs,
             "final_losses": last,
             "samples_per_s": rate,
+            "threads": torch.get_num_threads(),  # torch's CPU threads while training (cpu.py)
             "wall_s": wall,
             "model": str(outputs[self.main]),
             "model_ema": str(outputs["model_ema"]),

@@ -1,0 +1,270 @@
+"""Issue 16 items 2, 3, 4, 6 and 8 on one shrunk run of the demo recipe (every stage runs, for a
+step or two, on a few images): the report's standalone commands plan what the recipe planned,
+``model`` + ``init_from`` is refused, the report shows every metric the eval stages wrote next to
+its reference, ``--threads`` and its default, the generate grid and the eval contact sheet.
+
+FID runs with a tiny TorchScript feature net passed as ``--inception PATH`` (the user-facing way
+to bring one's own Inception): the real Inception costs ~20 s per eval on this CPU, and the
+report only has to carry the figures the eval stage wrote.
+"""
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from snapgen_cli.cli import main
+from snapgen_cli.core import denoiser
+
+FID_EVALS = ("eval", "eval-4step-before", "eval-8step-before", "eval-4step", "eval-8step")
+SHRINK = [
+    "data.n_captioned=48", "data.n_classes=24", "data.n_holdout=6",
+    *[f"{s}.{k}" for s in ("autoencoder", "decoder") for k in ("steps=2", "batch_size=4")],
+    "autoencoder.latent_stats_batches=1", "decoder.adv_start_step=1",
+    *[f"{s}.{k}" for s in ("pretrain", "finetune-32", "finetune-64", "teacher", "distill", "step-distill")
+      for k in ("steps=2", "batch_size=4")],
+    *[f"{s}.{k}" for s in ("eval-finetune", "eval-teacher", *FID_EVALS) for k in ("alignment_n=6", "steps=1")],
+    "generate.steps=1",
+]
+
+
+def _cli(*args) -> tuple[int, str, str]:
+    """The console entry point in-process: (exit code, stdout, stderr); usable in module fixtures."""
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exc:
+        main([str(a) for a in args])
+    return exc.value.code, out.getvalue(), err.getvalue()
+
+
+def _sets(inception: Path) -> list[str]:
+    args = []
+    for s in SHRINK + [f'{e}.inception="{inception}"' for e in FID_EVALS]:
+        args += ["--set", f"stages.{s}"]
+    return args
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> tuple[Path, list[str]]:
+    """The demo recipe, shrunk, run to the end: (run dir, the --set arguments it ran with)."""
+    root = tmp_path_factory.mktemp("ux")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 13, stride=13), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten())
+    torch.jit.save(torch.jit.script(net), root / "features.pt")
+    sets = _sets(root / "features.pt")
+    code, _, err = _cli("run", "--out", root / "demo", *sets)
+    assert code == 0, err[-3000:]
+    return root / "demo", sets
+
+
+def _rows(plan: list[dict]) -> list[tuple]:
+    return [(r["model"], r["params"], r["inputs"], r["outputs"], r["notes"]) for r in plan]
+
+
+# ----------------------------------------------------------------------------- item 2
+
+
+def test_printed_standalone_commands_plan_what_the_recipe_planned(demo):
+    run, sets = demo
+    report = json.loads((run / "report.json").read_text())
+    code, out, err = _cli("run", "--out", run, *sets, "--dry-run", "--json")
+    assert code == 0, err
+    recipe_plan = json.loads(out)["plan"]
+    assert [s["stage"] for s in report["stages"]] == list(dict.fromkeys(r["stage"] for r in recipe_plan))
+    for s in report["stages"]:
+        argv = shlex.split(s["command"])
+        assert argv[:4] == ["snapgen", s["kind"], "--out", str(run / s["stage"])]
+        code, out, err = _cli(*argv[1:], "--dry-run", "--json")
+        assert code == 0, (s["command"], err)
+        want = _rows([r for r in recipe_plan if r["stage"] == s["stage"]])
+        assert _rows(json.loads(out)["plan"]) == want, s["command"]
+
+    # the fine-tune that says init_from = "previous" continues the trained UNet: the tiny preset
+    # (2.6M), not the default model (snapgen-t2i, 374.8M) that a command without --init-from plans
+    ft = next(s for s in report["stages"] if s["stage"] == "finetune-64")
+    argv = shlex.split(ft["command"])
+    assert argv[argv.index("--init-from") + 1] == str(run / "finetune-32")
+    assert argv[argv.index("--seed") + 1] == "0"
+    trained = sum(p.numel() for p in denoiser.load(run / "finetune-64" / "unet").parameters())
+    planned = [r for r in recipe_plan if r["stage"] == "finetune-64"][0]
+    assert planned["params"] == trained
+    i = argv.index("--init-from")
+    code, out, err = _cli(*argv[1:i], *argv[i + 2:], "--dry-run", "--json")  # negative control: the old command
+    assert code == 0, err
+    assert json.loads(out)["plan"][0]["params"] > 100 * trained
+    # "init_from = none" is printed as such (the teacher is built from its preset)
+    teacher = shlex.split(next(s["command"] for s in report["stages"] if s["stage"] == "teacher"))
+    assert teacher[teacher.index("--init-from") + 1] == "none" and "sd3-tiny" in teacher
+
+
+# ----------------------------------------------------------------------------- item 3
+
+
+def test_model_with_init_from_is_refused_naming_both_keys(demo):
+    run, sets = demo
+    code, _, err = _cli("run", "--out", run, *sets, "--set", 'stages.finetune-64.model="tiny"', "--dry-run")
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: stages[7].model: set together with init_from") and 'init_from = "none"' in err
+    flags = ("finetune", "--out", run / "x", "--data", run / "precompute", "--resolution", "32", "--dry-run", "--json")
+    code, _, err = _cli(*flags, "--init-from", run / "finetune-32", "--set", "model_overrides={layers_per_block=1}")
+    assert code == 2 and err.startswith("error: model_overrides: set together with init_from"), err
+    code, out, err = _cli(*flags, "--init-from", "none", "--model", "tiny")  # from scratch: model is used
+    assert code == 0 and json.loads(out)["plan"][0]["model"] == "unet:tiny", err
+    code, out, err = _cli(*flags, "--init-from", run / "finetune-32")  # no model given: the checkpoint's
+    assert code == 0 and "its saved architecture" in json.loads(out)["plan"][0]["model"], err
+
+
+# ----------------------------------------------------------------------------- items 4, 8 (report)
+
+
+def test_report_shows_every_metric_the_eval_stages_wrote_with_its_reference(demo):
+    run, _ = demo
+    report = json.loads((run / "report.json").read_text())
+    md = (run / "report.md").read_text()
+    rows = {e["stage"]: e for e in report["evaluations"]}
+    assert list(rows) == ["eval-finetune", "eval-teacher", *FID_EVALS]
+    for stage, row in rows.items():
+        written = json.loads((run / stage / "eval_report.json").read_text())["metrics"]
+        assert row["metrics"] == written  # everything the eval stage wrote, unchanged
+    ev = rows["eval"]
+    assert set(ev["metrics"]) == {"alignment", "fid", "recon"}
+    fid = ev["metrics"]["fid"]
+    assert (ev["fid"], ev["kid"]) == (fid["fid"], fid["kid"]) and fid["fid"] > 0
+    assert ev["fid_reference_set"] == str(run / "data" / "holdout") and ev["fid_reference"] == 6
+
+    section = md.split("## Every metric of every evaluation")[1].split("\n## ")[0]
+    table = {line.split(" | ")[0].strip("| "): [c.strip() for c in line.strip("| \n").split(" | ")[1:]]
+             for line in section.strip().splitlines()[2:]}
+    stages = [c.strip() for c in section.strip().splitlines()[0].strip("| ").split(" | ")[1:]]
+    assert stages == list(rows)
+    col = stages.index("eval")
+    assert table["FID"][col] == f"{fid['fid']:.2f}" and table["KID"][col] == f"{fid['kid']:.4f}"
+    assert table["FID / KID reference"][col] == "data/holdout (6 images)"
+    assert table["FID / KID generated"][col] == "6 images (samples)"
+    recon = ev["metrics"]["recon"]
+    assert table["recon PSNR (dB)"][col] == f"{recon['psnr']:.2f}"
+    assert table["recon images"][col] == "data/holdout (6 images, TinyDecoder decoder)"
+    al = ev["metrics"]["alignment"]
+    assert table["alignment"][col] == f"{al['overall']:.3f} ({al['correct']}/6; chance {al['chance']:.3f})"
+    assert table["FID"][stages.index("eval-teacher")] == "-"  # alignment only there
+    assert "FID / KID against `data/holdout` (6 images)." in md
+    # the decoder table names the decoder in its own column (it read "autoencoder autoencoder")
+    assert "autoencoder autoencoder" not in md
+    assert "| autoencoder | AutoencoderKL (its own decoder) | data/holdout (6) |" in md
+    assert "| decoder | tiny decoder | data/holdout (6) |" in md and "| eval | TinyDecoder (the pipeline's) |" in md
+
+
+def test_single_eval_report_still_shows_fid(demo, tmp_path):
+    """One eval stage (a user's recipe): FID / KID were left out of the report before."""
+    from snapgen_cli.report import write_run_report
+
+    run, _ = demo
+    record = json.loads((run / "eval" / ".snapgen-done.json").read_text())
+    report = write_run_report(tmp_path, "one", [{**record, "stage": "eval"}], {})
+    assert report["evaluations"][0]["fid"] == record["summary"]["metrics"]["fid"]["fid"]
+    assert "| FID |" in (tmp_path / "report.md").read_text()
+
+
+# ----------------------------------------------------------------------------- item 8
+
+
+def test_generate_grid_has_one_row_per_prompt(demo, tmp_path):
+    run, _ = demo
+    prompts = ["a photo of a red circle", "a photo of two squares", "a photo of a blue triangle"]
+    code, out, err = _cli("generate", *prompts, "--checkpoint", run / "distill", "--images-per-prompt", 4,
+                          "--steps", 1, "--out", tmp_path / "g", "--json")
+    assert code == 0, err
+    w, h = Image.open(tmp_path / "g" / "00000.png").size
+    assert Image.open(tmp_path / "g" / "grid.png").size == (4 * w, 3 * h)
+
+
+def test_eval_contact_sheet_samples_every_prompt(demo, tmp_path):
+    run, _ = demo
+    prompts = [f"a photo of {c}" for c in ("a red circle", "two squares", "a blue triangle")]
+    code, out, err = _cli("eval", "--checkpoint", run / "distill", "--metrics", "fid", "--reference",
+                          run / "data" / "holdout", "--inception", run.parent / "features.pt", "--steps", 1,
+                          *[a for p in prompts for a in ("--prompts", p)], "--images-per-prompt", 8,
+                          "--out", tmp_path / "e", "--json")
+    assert code == 0, err
+    shown = json.loads(out)["meta"]["contact_sheet_images"]
+    by_file = {json.loads(line)["file"]: json.loads(line)["prompt"]
+               for line in (tmp_path / "e" / "samples" / "prompts.jsonl").read_text().splitlines()}
+    # 16 cells: 3 prompts x 5 images, one row each (it showed the first 16 images: 8 + 8 of two prompts)
+    assert [by_file[Path(f).name] for f in shown] == [p for p in prompts for _ in range(5)]
+    sheet = Image.open(tmp_path / "e" / "contact_sheet.png")
+    assert sheet.width == 5 * (256 + 8) + 8
+
+
+# ----------------------------------------------------------------------------- item 6
+
+
+def test_threads_flag_sets_the_stage_threads_and_restores_the_callers(demo, tmp_path):
+    """The training loop records torch's thread count while it trains (its summary)."""
+    run, _ = demo
+    torch.set_num_threads(2)  # the caller's count, which --threads must override and restore
+    code, out, err = _cli("pretrain", "--data", run / "precompute-classes", "--model", "tiny", "--resolution", 32,
+                          "--steps", 1, "--batch-size", 2, "--tracker", "none", "--json", "--threads", 1,
+                          "--out", tmp_path / "t")
+    assert code == 0, err
+    assert json.loads(out)["threads"] == 1 and "threads: 1 (--threads); OMP_WAIT_POLICY" in err
+    assert torch.get_num_threads() == 2
+
+
+def test_default_threads_follow_the_affinity_mask_and_passive_waiting(demo, tmp_path):
+    run, _ = demo
+    if not shutil.which("taskset") or not hasattr(os, "sched_getaffinity"):
+        pytest.skip("needs taskset and affinity masks")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "LOCAL_WORLD_SIZE")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    cpu = sorted(os.sched_getaffinity(0))[0]
+    proc = subprocess.run(["taskset", "-c", str(cpu), sys.executable, "-m", "snapgen_cli", "pretrain", "--data",
+                           str(run / "precompute-classes"), "--model", "tiny", "--resolution", "32", "--steps", "1",
+                           "--batch-size", "2", "--tracker", "none", "--out", str(tmp_path / "t"), "--json"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["threads"] == 1
+    assert "threads: 1 (1 core available); OMP_WAIT_POLICY PASSIVE" in proc.stderr
+
+
+def test_default_threads_divide_the_cores_and_honour_quotas(tmp_path, monkeypatch):
+    from snapgen_cli import cpu
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    cores = len(os.sched_getaffinity(0))
+    none = tmp_path / "none"  # no cgroup files: the affinity mask decides
+    none.mkdir()
+    assert cpu.default_threads(none) == (cores, f"{cores} core{'s' if cores > 1 else ''} available")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert cpu.default_threads(none)[0] == max(1, cores // 2)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert cpu.default_threads(none) == (3, "$OMP_NUM_THREADS")
+    v2, v1 = tmp_path / "v2", tmp_path / "v1"
+    v2.mkdir()
+    (v1 / "cpu").mkdir(parents=True)
+    (v2 / "cpu.max").write_text("150000 100000\n")
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cpu.cgroup_cpu_limit(v2) == 1.5 and cpu.cgroup_cpu_limit(v1) == 1.0
+    assert cpu.available_cpus(v2) == 1 and cpu.available_cpus(v1) == 1  # rounded down
+    (v2 / "cpu.max").write_text("max 100000\n")
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cpu.cgroup_cpu_limit(v2) is None and cpu.cgroup_cpu_limit(v1) is None
