@@ -268,3 +268,14 @@ def test_default_threads_divide_the_cores_and_honour_quotas(tmp_path, monkeypatc
     (v2 / "cpu.max").write_text("max 100000\n")
     (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
     assert cpu.cgroup_cpu_limit(v2) is None and cpu.cgroup_cpu_limit(v1) is None
+
+
+def test_run_threads_reach_every_stage_and_its_printed_command(tmp_path):
+    from snapgen_cli.recipe import DEMO_RECIPE, _context, load_recipe, resolve_stage
+    from snapgen_cli.report import standalone_command
+
+    rec = load_recipe(DEMO_RECIPE, ("run.threads=2", "stages.eval.threads=1"))
+    cfgs = {st.name: resolve_stage(rec, st, _context(rec, st, tmp_path, True, None)) for st in rec.stages}
+    assert {n: c.threads for n, c in cfgs.items()} == {n: 1 if n == "eval" else 2 for n in cfgs}
+    assert "--threads 2" in standalone_command("pretrain", cfgs["pretrain"], tmp_path / "pretrain")
+    assert load_recipe(DEMO_RECIPE).run.threads is None

@@ -5,7 +5,8 @@ the given sampler settings, one PNG per image, written atomically and never redo
 (or a resumed one) only generates what is missing. Image i of a prompt set uses seed
 seed + i; sample j of a GenEval / DPG-Bench prompt uses seed + j. The results go to
 <out>/eval_report.json (also printed with --json), a table on stderr and
-<out>/contact_sheet.png (samples with their prompts).
+<out>/contact_sheet.png (samples with their prompts, across the prompts: one row per prompt
+when it has several images; the files are listed in the report's meta.contact_sheet_images).
 
 \b
 Metrics (--metrics, repeatable or comma-separated) and what each needs:
