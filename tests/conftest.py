@@ -13,6 +13,17 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a test module (``pytestmark = pytest.mark.usefixtures("one_thread")``): tiny
+    models run fastest on one; two spin-waiting threads on a busy 2-core machine make a 4x4 conv ~300x
+    slower and a tiny UNet's training step ~30x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def run_cli(capsys):
     """Run the console entry point in-process; return (exit code, stdout, stderr)."""

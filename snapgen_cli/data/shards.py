@@ -472,8 +472,8 @@ class ClassText:
         manifest = read_manifest(root)
         classes = manifest.get("classes")
         if not classes:
-            raise ConfigError(f"{root / MANIFEST}: no class names; precompute a source with a ClassLabel "
-                              "--label-column")
+            raise ConfigError(f"{root / MANIFEST}: no class names; precompute with --label-column (a ClassLabel, "
+                              "class folders or string labels; integer labels with --class-names)")
         self.names: list[list[str]] = classes["names"]
         self.template: str = classes["template"]
         self.tensors, _ = read_tensors(root / classes["file"], classes["sha256"], rebuild_hint=_rebuild_hint(root))

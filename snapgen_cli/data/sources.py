@@ -15,12 +15,28 @@ Decisions where the paper is silent:
 * **Captions** are stripped of surrounding whitespace. A caption that is missing for a sample
   (no side file, a null cell) becomes ``None`` and the stage stores it as ``""`` (a valid
   unconditional sample) and counts it; a list of captions (COCO style) keeps the first.
-* **Class labels** (ImageNet style, sup. H): the names of a ``ClassLabel`` feature are
-  split on ``", "`` into synonyms; training picks one at random for "a photo of <name>".
+* **Class labels** (ImageNet style, sup. H: "a photo of <class name>", a random synonym each
+  time) come, for a ``label_column``, from the first of:
+
+  1. ``class_names`` (``--class-names FILE``): a JSON list whose entry ``i`` names class id
+     ``i``, or a JSON object from a label string (a class folder's name, a string label, a
+     ``ClassLabel`` name) to its names; an entry is one name, comma-separated synonyms
+     (``"tench, Tinca tinca"``, ImageNet's style) or a list of synonyms;
+  2. a hub / ``save_to_disk`` dataset's ``ClassLabel`` names;
+  3. a folder's string labels: the ``label_column`` of ``metadata.jsonl`` / ``metadata.csv``
+     holding names, or, when the metadata has no such column, class folders
+     (``<class name>/<image>``). Both follow ``datasets``' ``imagefolder`` / ``ClassLabel``:
+     the label of an image in a class folder is its parent folder's name, and class ids are
+     the distinct names sorted, so ids match ``load_dataset("imagefolder", data_dir=...)``.
+
+  Names are split on commas into synonyms. Integer labels with no names (a folder's numeric
+  ``label`` column, an ``int`` dataset column, WebDataset ``cls``) are an error that says to
+  pass ``--class-names``; so is a labelled image with no label, or a label with no name.
 """
 
 from __future__ import annotations
 
+import csv
 import itertools
 import json
 from abc import ABC, abstractmethod
@@ -50,8 +66,40 @@ class Sample:
 
 
 def split_synonyms(names: list[str]) -> list[list[str]]:
-    """ImageNet-style class names ("tench, Tinca tinca") -> synonym lists."""
-    return [[s.strip() for s in name.split(", ") if s.strip()] for name in names]
+    """ImageNet-style class names ("tench, Tinca tinca") -> synonym lists (split on commas)."""
+    return [[s.strip() for s in name.split(",") if s.strip()] for name in names]
+
+
+ClassNames = list[list[str]] | dict[str, list[str]]
+
+
+def read_class_names(path: str | Path) -> ClassNames:
+    """``--class-names FILE``: a JSON list (entry ``i`` names class id ``i``) or object (label
+    string -> names); each entry a name, comma-separated synonyms or a list of synonyms."""
+    where = f"class_names: {path}"
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: no such file; pass --class-names a JSON file (a list with one entry per "
+                          'class id, e.g. ["tench, Tinca tinca", "goldfish"])') from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{where}: cannot read it ({e})") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{where}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    if not isinstance(data, (list, dict)) or not data:
+        raise ConfigError(f"{where}: expected a non-empty JSON list (entry i names class id i) or object "
+                          f"(label -> names), got {type(data).__name__ if data else 'an empty one'}")
+    items = data.items() if isinstance(data, dict) else enumerate(data)
+    names = {}
+    for key, entry in items:
+        parts = entry if isinstance(entry, list) else [entry]
+        synonyms = [s for group in split_synonyms(parts) for s in group] if all(isinstance(e, str) for e in parts) \
+            else []
+        if not synonyms:
+            raise ConfigError(f"{where}: entry {key!r} is {json.dumps(entry)}; expected a non-empty name, "
+                              "comma-separated synonyms or a list of names")
+        names[key] = synonyms
+    return list(names.values()) if isinstance(data, list) else names
 
 
 def clean_caption(value: Any) -> str | None:
@@ -68,7 +116,34 @@ class Source(ABC):
     def __init__(self, *, max_samples: int | None = None):
         self.max_samples = max_samples
         self.has_captions = True
+        #: Synonyms of each class id, when the labels have names.
         self.label_names: list[list[str]] | None = None
+        #: The label string of each class id where labels are strings (folders, ClassLabel names).
+        self.label_keys: list[str] | None = None
+        #: Where the names come from: "ClassLabel", "folders", "labels" or the --class-names file.
+        self.names_from: str | None = None
+        #: The largest integer label, where it is known before reading the samples.
+        self.max_label: int | None = None
+
+    def use_class_names(self, names: ClassNames, path: str) -> None:
+        """Name the classes from a ``--class-names`` file (it wins over names the source has)."""
+        where = f"class_names: {path}"
+        if isinstance(names, dict):
+            if self.label_keys is None:
+                raise ConfigError(f"{where}: a JSON object maps label strings to names, but this source's labels "
+                                  "are integers; give a JSON list (entry i names class id i)")
+            if missing := [k for k in self.label_keys if k not in names]:
+                raise ConfigError(f"{where}: no entry for label {missing[0]!r} ({len(missing)} of "
+                                  f"{len(self.label_keys)} labels missing)")
+            names = [names[k] for k in self.label_keys]
+        elif self.label_keys is not None and len(names) != len(self.label_keys):
+            raise ConfigError(f"{where}: lists {len(names)} classes, the source has {len(self.label_keys)} "
+                              f"({', '.join(map(repr, self.label_keys[:3]))}, ... in class-id order); give one entry "
+                              "per class in that order, or a JSON object label -> names")
+        elif self.max_label is not None and self.max_label >= len(names):
+            raise ConfigError(f"{where}: lists {len(names)} classes, but the source has label {self.max_label}; "
+                              "give one entry per class id (0, 1, ...)")
+        self.label_names, self.names_from = names, str(path)
 
     @property
     def num_samples(self) -> int | None:
@@ -87,7 +162,8 @@ class Source(ABC):
         return self._iter(start, stop)
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "num_samples": self.num_samples, "has_captions": self.has_captions}
+        return {"kind": self.kind, "num_samples": self.num_samples, "has_captions": self.has_captions,
+                "class_names": self.names_from}
 
     @abstractmethod
     def _length(self) -> int | None: ...
@@ -121,7 +197,8 @@ class HFSource(Source):
         if features is not None and isinstance(features.get(image_column), datasets.Image):
             ds = ds.cast_column(image_column, datasets.Image(decode=False))
         if label_column and features is not None and isinstance(features[label_column], datasets.ClassLabel):
-            self.label_names = split_synonyms(features[label_column].names)
+            self.label_keys = list(features[label_column].names)
+            self.label_names, self.names_from = split_synonyms(self.label_keys), "ClassLabel"
         self.ds, self.image_column = ds, image_column
         self.caption_column, self.label_column = caption_column, label_column
         self.has_captions = caption_column is not None
@@ -154,7 +231,8 @@ class HFSource(Source):
         for index, row in zip(itertools.count(start) if stop is None else range(start, stop), rows):
             yield Sample(index=index, key=str(index), image=_as_image_src(row.get(self.image_column)),
                          caption=clean_caption(row.get(self.caption_column)) if self.caption_column else None,
-                         label=None if self.label_column is None else int(row[self.label_column]))
+                         label=None if self.label_column is None or row[self.label_column] is None
+                         else int(row[self.label_column]))
 
     def describe(self) -> dict:
         return {**super().describe(), "path": self.path, "split": self.split, "streaming": self.streaming,
@@ -173,11 +251,13 @@ def _as_image_src(value: Any) -> bytes | Path | Image.Image | None:
 
 
 class FolderSource(Source):
-    """Images under a folder (recursive, sorted by relative path) with captions from a
-    ``metadata.jsonl`` (``file_name`` + the caption column, HF ``imagefolder`` layout) or
-    from a ``.txt`` file next to each image (same stem)."""
+    """Images under a folder (recursive, sorted by relative path) with captions and labels from
+    a ``metadata.jsonl`` or ``metadata.csv`` (``file_name`` + columns, HF ``imagefolder``
+    layout), captions also from a ``.txt`` file next to each image (same stem), and labels also
+    from class folders (``<class name>/<image>``, see the module docstring)."""
 
     kind = "folder"
+    METADATA = ("metadata.jsonl", "metadata.csv")
 
     def __init__(self, path: str | Path, *, caption_column: str | None = "text", label_column: str | None = None,
                  max_samples: int | None = None):
@@ -190,12 +270,22 @@ class FolderSource(Source):
         self.caption_column, self.label_column = caption_column, label_column
         self.metadata = self._read_metadata()
         self.has_captions = caption_column is not None
+        self.labels = self._labels() if label_column else None
 
     def _read_metadata(self) -> dict[str, dict]:
-        meta = self.root / "metadata.jsonl"
-        if not meta.exists():
+        found = [self.root / m for m in self.METADATA if (self.root / m).exists()]
+        if len(found) > 1:
+            raise ConfigError(f"source: {self.root} holds both {' and '.join(f.name for f in found)}; keep one")
+        if not found:
             return {}
-        rows = {}
+        meta, rows = found[0], {}
+        if meta.suffix == ".csv":
+            with meta.open(newline="") as f:
+                reader = csv.DictReader(f)
+                if "file_name" not in (reader.fieldnames or ()):
+                    raise ConfigError(f"{meta}: expected a header row with a 'file_name' column, got "
+                                      f"{reader.fieldnames}")
+                return {Path(row["file_name"]).as_posix(): row for row in reader}
         for n, line in enumerate(meta.read_text().splitlines(), 1):
             if not line.strip():
                 continue
@@ -205,6 +295,35 @@ class FolderSource(Source):
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise ConfigError(f"{meta}:{n}: expected a JSON object with a 'file_name' key ({e})") from None
         return rows
+
+    def _labels(self) -> list[int]:
+        """Each file's class id, from the metadata's label column or else from class folders;
+        string labels name the classes (ids: the names sorted, as ``ClassLabel``)."""
+        col = self.label_column
+        rels = [p.relative_to(self.root) for p in self.files]
+        if any(col in row for row in self.metadata.values()):
+            where = f"{self.root / next(m for m in self.METADATA if (self.root / m).exists())}"
+            raw = [_label_value(self.metadata.get(r.as_posix(), {}).get(col)) for r in rels]
+            if (i := next((i for i, v in enumerate(raw) if v is None), None)) is not None:
+                raise ConfigError(f"label_column {col!r}: {where} gives no label for {rels[i].as_posix()}; "
+                                  "label every image (or remove it)")
+            self.names_from = "labels"
+        else:
+            depths = {len(r.parts) for r in rels}
+            if not rels or min(depths) < 2 or len(depths) > 1:
+                raise ConfigError(f"label_column {col!r}: {self.root} has no metadata.jsonl/csv with a {col!r} "
+                                  "column, and its images are not all in class folders at one depth "
+                                  "(<class name>/<image>); give either, or drop --label-column")
+            raw, self.names_from = [r.parts[-2] for r in rels], "folders"
+        if all(isinstance(v, int) for v in raw):
+            self.max_label, self.names_from = max(raw, default=None), None
+            return raw
+        if not all(isinstance(v, str) for v in raw):
+            raise ConfigError(f"label_column {col!r}: mixes integer and string labels; use one kind")
+        self.label_keys = sorted(set(raw))
+        self.label_names = split_synonyms(self.label_keys)
+        index = {k: i for i, k in enumerate(self.label_keys)}
+        return [index[v] for v in raw]
 
     def _length(self) -> int:
         return len(self.files)
@@ -219,12 +338,24 @@ class FolderSource(Source):
                 side = path.with_suffix(".txt")
                 caption = (clean_caption(row.get(self.caption_column)) if self.caption_column in row
                            else side.read_text(errors="replace").strip() if side.exists() else None)
-            label = row.get(self.label_column) if self.label_column else None
             yield Sample(index=index, key=rel.rsplit(".", 1)[0], image=path, caption=caption,
-                         label=None if label is None else int(label))
+                         label=None if self.labels is None else self.labels[index])
 
     def describe(self) -> dict:
-        return {**super().describe(), "path": str(self.root), "caption_column": self.caption_column}
+        return {**super().describe(), "path": str(self.root), "caption_column": self.caption_column,
+                "label_column": self.label_column}
+
+
+def _label_value(value: Any) -> int | str | None:
+    """A metadata cell as a label: an integer (``3``, ``"3"``, ``3.0``), a class name, or ``None``."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, int):
+        return value
+    text = str(value).strip()
+    return int(text) if text.lstrip("-").isdigit() else (text or None)
 
 
 class WebDatasetSource(Source):
@@ -283,14 +414,24 @@ def detect_kind(path: str) -> str:
 
 def open_source(path: str, *, kind: str = "auto", split: str = "train", image_column: str = "image",
                 caption_column: str | None = "text", label_column: str | None = None, streaming: bool = False,
-                max_samples: int | None = None) -> Source:
-    """Build the source named by ``path`` (see :func:`detect_kind`)."""
+                max_samples: int | None = None, class_names: str | None = None) -> Source:
+    """Build the source named by ``path`` (see :func:`detect_kind`); ``class_names``: a
+    ``--class-names`` file naming its labels' classes."""
     if kind not in SOURCE_KINDS:
         raise ConfigError(f"source_kind: expected one of {', '.join(SOURCE_KINDS)}, got {kind!r}")
+    if class_names is not None and label_column is None:
+        raise ConfigError("class_names: names the classes of a --label-column; pass --label-column too")
+    names = read_class_names(class_names) if class_names is not None else None
     kind = detect_kind(path) if kind == "auto" else kind
     if kind == "hf":
-        return HFSource(path, split=split, image_column=image_column, caption_column=caption_column,
-                        label_column=label_column, streaming=streaming, max_samples=max_samples)
-    if kind == "folder":
-        return FolderSource(path, caption_column=caption_column, label_column=label_column, max_samples=max_samples)
-    return WebDatasetSource(path, caption_column=caption_column, label_column=label_column, max_samples=max_samples)
+        source = HFSource(path, split=split, image_column=image_column, caption_column=caption_column,
+                          label_column=label_column, streaming=streaming, max_samples=max_samples)
+    elif kind == "folder":
+        source = FolderSource(path, caption_column=caption_column, label_column=label_column,
+                              max_samples=max_samples)
+    else:
+        source = WebDatasetSource(path, caption_column=caption_column, label_column=label_column,
+                                  max_samples=max_samples)
+    if names is not None:
+        source.use_class_names(names, class_names)
+    return source

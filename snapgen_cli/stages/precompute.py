@@ -21,7 +21,11 @@ Decisions where the paper is silent:
   caption longer than an encoder's ``max_length`` is truncated by its tokenizer and counted.
   Class-conditional sources (ImageNet, sup. H) get ``class_text.safetensors``: the features
   of ``class_template.format(synonym)`` for every synonym of every class, so training can
-  pick a random synonym each step; their per-sample shards hold no text.
+  pick a random synonym each step; their per-sample shards hold no text. Class names come
+  from ``class_names`` (``--class-names FILE``), a ``ClassLabel``, string labels or class
+  folders (``data.sources``); a ``label_column`` whose labels have no names, a label outside
+  the names, or text encoders with neither captions nor labels to encode are errors (exit 2)
+  before anything is written: a run never ends with no text when text was asked for.
 * **Resume**: shard ``i`` always holds source indices ``[i*shard_size, (i+1)*shard_size)``; a
   shard is done when its record file exists and its checksum matches. A re-run skips done
   shards, redoes the rest, and writes ``manifest.json`` at the end; a resumed run's shard files
@@ -77,8 +81,12 @@ class Config(StageSettings):
     split: str = "train"
     image_column: str = "image"
     caption_column: str | None = "text"
-    label_column: str | None = None
-    class_template: str = "a photo of {}"
+    label_column: str | None = Field(None, description="class labels (class-conditional pretraining, sup. H): a "
+                                                        "column, or any name for class folders <class>/<image>")
+    class_names: str | None = Field(None, description="JSON file naming the label column's classes: a list (entry "
+                                                       "i: class id i) or object (label -> names); an entry is a "
+                                                       "name or comma-separated synonyms")
+    class_template: str = Field("a photo of {}", description="class text; {} is a random synonym each time")
     streaming: bool = False
     resolutions: list[int] = Field(default_factory=lambda: [256])
     crop: Literal["center", "random"] = "center"
@@ -105,6 +113,13 @@ class Config(StageSettings):
     def _none_word(cls, v):
         """``--caption-column none`` (flags cannot spell null): no captions, e.g. for ImageNet."""
         return None if isinstance(v, str) and v.strip().lower() in ("", "none") else v
+
+    @field_validator("class_template")
+    @classmethod
+    def _one_slot(cls, v: str) -> str:
+        if v.count("{}") != 1 or v.replace("{}", "").count("{") or v.replace("{}", "").count("}"):
+            raise ValueError(f"expected a text with one {{}} for the class name, e.g. 'a photo of {{}}', got {v!r}")
+        return v
 
     @field_validator("resolutions")
     @classmethod
@@ -200,10 +215,10 @@ def plan(cfg: Config, ctx: StageContext) -> list[PlanItem]:
 class _ShardEncoder:
     """Turns one shard's samples into its tensors: images -> latents, captions -> text features."""
 
-    def __init__(self, cfg: Config, vae, text: _Texts | None, *, has_captions: bool, has_labels: bool, seed: int,
-                 device: torch.device):
+    def __init__(self, cfg: Config, vae, text: _Texts | None, *, has_captions: bool, num_classes: int | None,
+                 seed: int, device: torch.device):
         self.cfg, self.vae, self.text, self.seed, self.device = cfg, vae, text, seed, device
-        self.has_captions, self.has_labels = has_captions, has_labels
+        self.has_captions, self.has_labels, self.num_classes = has_captions, num_classes is not None, num_classes
         self.dtype = shards.DTYPES[cfg.dtype]
         self.min_side = max(cfg.resolutions) if cfg.min_side is None else cfg.min_side
         self.scale, self.shift = latent_scale_shift(vae)
@@ -255,6 +270,14 @@ class _ShardEncoder:
         index = torch.tensor([row[c] for c in captions], dtype=torch.long)
         return {k: torch.cat(v)[index] for k, v in feats.items()}
 
+    def _check_labels(self, samples: list[Sample]) -> None:
+        """Every kept sample has a label among the named classes (a streamed source is checked here)."""
+        n = self.num_classes
+        if bad := next((s for s in samples if s.label is None or not 0 <= s.label < n), None):
+            raise ConfigError(f"label_column {self.cfg.label_column!r}: sample {bad.key!r} (index {bad.index}) has "
+                              f"label {bad.label}, but {n} classes are named (ids 0-{n - 1}); label every sample "
+                              "and name every class (--class-names)")
+
     def encode_shard(self, samples: list[Sample]) -> tuple[dict[str, torch.Tensor], list[Sample], ImageStats, dict]:
         """(tensors, kept samples, image stats, caption stats) of one shard."""
         stats, kept, views = ImageStats(), [], []
@@ -267,6 +290,7 @@ class _ShardEncoder:
         out = {"index": torch.tensor([s.index for s in kept], dtype=torch.int64),
                "original_size": torch.tensor(sizes, dtype=torch.int32).reshape(-1, 2)}
         if self.has_labels:
+            self._check_labels(kept)
             out["label"] = torch.tensor([-1 if s.label is None else s.label for s in kept], dtype=torch.int64)
         for r in self.cfg.resolutions:
             out[f"latents.{r}"] = self._latents_at(r, kept, views)
@@ -318,9 +342,9 @@ def _pending(source: Source, size: int, out: Path, rank: int, world: int):
             yield sid, list(group)
 
 
-def _class_text(enc: _ShardEncoder, names: list[list[str]], template: str, out: Path) -> dict:
+def _class_text(enc: _ShardEncoder, names: list[list[str]], names_from: str, template: str, out: Path) -> dict:
     """Text features of ``template.format(synonym)`` for every class synonym (sup. H)."""
-    classes: dict = {"names": names, "template": template, "file": None, "sha256": None}
+    classes: dict = {"names": names, "names_from": names_from, "template": template, "file": None, "sha256": None}
     if enc.text is None:
         return classes
     owner = [c for c, syns in enumerate(names) for _ in syns]
@@ -385,7 +409,8 @@ def _write_manifest(cfg: Config, out: Path, source: Source, enc: _ShardEncoder, 
         "skipped": shards.sum_counts(records, "skipped"), "skipped_list": _write_skipped(out, records),
         "converted": shards.sum_counts(records, "converted"),
         "captions": shards.sum_counts(records, "captions"),
-        "classes": _class_text(enc, source.label_names, cfg.class_template, out) if source.label_names else None,
+        "classes": (_class_text(enc, source.label_names, source.names_from, cfg.class_template, out)
+                    if source.label_names else None),
         "shards": [{k: r[k] for k in ("id", "file", "start", "stop", "num_samples", "sha256", "bytes")}
                    for r in records],
         "config": cfg.model_dump(mode="json"),
@@ -394,8 +419,24 @@ def _write_manifest(cfg: Config, out: Path, source: Source, enc: _ShardEncoder, 
 
 
 class _Rate(ProgressColumn):
+    """Samples per second since the start (rich's ``task.speed`` keeps only the last 30 s of
+    updates and needs two of them: with shards slower than that it showed 0.0)."""
+
     def render(self, task) -> Text:
-        return Text(f"{task.speed or 0:.1f} samples/s")
+        if not task.completed or not task.elapsed:
+            return Text("- samples/s")
+        return Text(f"{task.completed / task.elapsed:.1f} samples/s")
+
+
+def _check_text(cfg: Config, source: Source, wants_text: bool) -> None:
+    """Refuse a labelled source without class names, and text encoders with nothing to encode."""
+    if cfg.label_column is not None and source.label_names is None:
+        raise ConfigError(f"label_column {cfg.label_column!r}: the labels of {cfg.source} are integers with no class "
+                          "names; pass --class-names FILE, a JSON list whose entry i names class id i (a name or "
+                          'comma-separated synonyms, e.g. ["tench, Tinca tinca", "goldfish"])')
+    if wants_text and not source.has_captions and cfg.label_column is None:
+        raise ConfigError("encoders: text encoders are set but the source gives no text (--caption-column none and "
+                          "no --label-column); pass a caption column, a label column, or --encoders none")
 
 
 def run(cfg: Config, ctx: StageContext) -> dict:
@@ -404,19 +445,21 @@ def run(cfg: Config, ctx: StageContext) -> dict:
     # CPU-only processes started by `accelerate launch --multi_gpu` (torchrun) need cpu=True to form a group.
     state = PartialState(cpu=cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()))
     out = Path(ctx.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     seed = ctx.seed if cfg.seed is None else cfg.seed
     source = open_source(cfg.source, kind=cfg.source_kind, split=cfg.split, image_column=cfg.image_column,
                          caption_column=cfg.caption_column, label_column=cfg.label_column, streaming=cfg.streaming,
-                         max_samples=cfg.max_samples)
+                         max_samples=cfg.max_samples, class_names=cfg.class_names)
     student, teacher, teacher_names = _specs(cfg)
+    _check_text(cfg, source, bool(student or teacher))
+    out.mkdir(parents=True, exist_ok=True)
     _check_run_config(cfg, seed, out, state)
 
     device = state.device if cfg.device == "auto" else resolve_device(cfg.device)
     vae = load_vae(cfg).to(device).eval().requires_grad_(False)
     needs_text = bool(student or teacher) and (source.has_captions or source.label_names is not None)
     enc = _ShardEncoder(cfg, vae, _Texts(student, teacher, device) if needs_text else None,
-                        has_captions=source.has_captions, has_labels=cfg.label_column is not None,
+                        has_captions=source.has_captions,
+                        num_classes=None if cfg.label_column is None else len(source.label_names),
                         seed=seed, device=device)
     with Progress(TextColumn("precompute"), BarColumn(), MofNCompleteColumn(), _Rate(), TimeElapsedColumn(),
                   console=ctx.console, disable=not state.is_main_process) as bar:
@@ -429,7 +472,9 @@ def run(cfg: Config, ctx: StageContext) -> dict:
         _write_manifest(cfg, out, source, enc, student, teacher, teacher_names)
     state.wait_for_everyone()
     m = shards.read_manifest(out)
+    classes = m["classes"] and {"num_classes": len(m["classes"]["names"]), "names_from": m["classes"].get("names_from"),
+                                "num_prompts": m["classes"].get("num_prompts", 0)}
     return {"out_dir": str(out), **{k: m[k] for k in ("num_samples", "num_shards", "source_samples", "bytes_per_sample",
                                                         "bytes", "skipped",
                                                         "converted", "captions")},
-            "seconds": round(time.perf_counter() - t0, 2)}
+            "classes": classes, "seconds": round(time.perf_counter() - t0, 2)}
