@@ -147,7 +147,9 @@ def test_class_folders_number_classes_as_datasets_imagefolder(tmp_path):
 
 def test_label_column_with_class_names_file(tmp_path, vae):
     """Integer labels in metadata.jsonl + a JSON list of synonym strings -> class text of every synonym;
-    string labels in metadata.csv name the classes themselves."""
+    string labels (metadata.csv, a dataset's string column) name the classes themselves."""
+    import datasets
+
     root = tmp_path / "labelled"
     root.mkdir()
     rows = [{"file_name": f"{i}.png", "label": i % 2} for i in range(4)]
@@ -171,6 +173,13 @@ def test_label_column_with_class_names_file(tmp_path, vae):
     (csv_root / "metadata.csv").write_text("file_name,label\n0.png,owl\n1.png,bat\n2.png,owl\n")
     src = open_source(str(csv_root), caption_column=None, label_column="label")
     assert src.label_names == [["bat"], ["owl"]] and [s.label for s in src.iter_range()] == [1, 0, 1]
+    # a dataset's string column: the ids datasets' class_encode_column gives it
+    ds = datasets.Dataset.from_dict({"image": [_image("circle", "red")] * 3, "label": ["owl", "bat", "owl"]})
+    ds.save_to_disk(str(tmp_path / "strings"))
+    src = open_source(str(tmp_path / "strings"), caption_column=None, label_column="label")
+    encoded = ds.class_encode_column("label")
+    assert src.label_names == [[n] for n in encoded.features["label"].names]
+    assert [s.label for s in src.iter_range()] == encoded["label"] == [1, 0, 1]
 
 
 def test_labels_without_names_and_text_without_source_are_exit_2(tmp_path, vae, run_cli):
@@ -192,9 +201,10 @@ def test_labels_without_names_and_text_without_source_are_exit_2(tmp_path, vae, 
         code, _, err = run_cli(*base, "--source", source, "--label-column", "label", "--encoders", "minilm",
                                "--out", out)
         assert code == 2 and not out.exists()
-        assert err.strip() == (f"error: label_column 'label': the labels of {source} are integers with no class names; "
-                               "pass --class-names FILE, a JSON list whose entry i names class id i (a name or "
-                               'comma-separated synonyms, e.g. ["tench, Tinca tinca", "goldfish"])')
+        assert err.strip().splitlines()[-1] == (  # (the lines above it: datasets' save_to_disk progress)
+            f"error: label_column 'label': the labels of {source} are integers with no class names; pass "
+            "--class-names FILE, a JSON list whose entry i names class id i (a name or comma-separated synonyms, "
+            'e.g. ["tench, Tinca tinca", "goldfish"])')
     code, _, err = run_cli(*base, "--source", root, "--encoders", "minilm", "--out", tmp_path / "o2")
     assert code == 2 and "encoders: text encoders are set but the source gives no text" in err
     (tmp_path / "two.json").write_text('["a", "b"]')
@@ -213,6 +223,13 @@ def test_labels_without_names_and_text_without_source_are_exit_2(tmp_path, vae, 
         pc.run(pc.Config(source=str(hf), label_column="label", caption_column="none",
                          class_names=str(tmp_path / "one.json"), vae=str(vae), vae_subfolder="none", encoders="none",
                          resolutions=[32]), StageContext(out_dir=tmp_path / "o6"))
+    # named classes but --encoders none: latents and labels only, and pretraining says what is missing
+    (tmp_path / "three.json").write_text('["a", "b", "c"]')
+    code, _, err = run_cli(*base, "--source", root, "--label-column", "label", "--class-names",
+                           tmp_path / "three.json", "--encoders", "none", "--out", tmp_path / "o7")
+    assert code == 0, err
+    with pytest.raises(ConfigError, match="class names but no class text features .*--encoders none"):
+        ClassText(tmp_path / "o7")
     mixed = _tree(tmp_path / "mixed", ["a", "b"], per_class=1)
     _image("circle", "red").save(mixed / "loose.png")
     with pytest.raises(ConfigError, match="not all in class folders at one depth"):

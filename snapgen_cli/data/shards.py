@@ -474,6 +474,9 @@ class ClassText:
         if not classes:
             raise ConfigError(f"{root / MANIFEST}: no class names; precompute with --label-column (a ClassLabel, "
                               "class folders or string labels; integer labels with --class-names)")
+        if not classes.get("file"):
+            raise ConfigError(f"{root / MANIFEST}: class names but no class text features (precompute ran with "
+                              "--encoders none); precompute again with text encoders")
         self.names: list[list[str]] = classes["names"]
         self.template: str = classes["template"]
         self.tensors, _ = read_tensors(root / classes["file"], classes["sha256"], rebuild_hint=_rebuild_hint(root))

@@ -23,11 +23,12 @@ Decisions where the paper is silent:
      ``ClassLabel`` name) to its names; an entry is one name, comma-separated synonyms
      (``"tench, Tinca tinca"``, ImageNet's style) or a list of synonyms;
   2. a hub / ``save_to_disk`` dataset's ``ClassLabel`` names;
-  3. a folder's string labels: the ``label_column`` of ``metadata.jsonl`` / ``metadata.csv``
-     holding names, or, when the metadata has no such column, class folders
-     (``<class name>/<image>``). Both follow ``datasets``' ``imagefolder`` / ``ClassLabel``:
-     the label of an image in a class folder is its parent folder's name, and class ids are
-     the distinct names sorted, so ids match ``load_dataset("imagefolder", data_dir=...)``.
+  3. string labels: a dataset's string column, the ``label_column`` of a folder's
+     ``metadata.jsonl`` / ``metadata.csv``, or, when the metadata has no such column, class
+     folders (``<class name>/<image>``). All follow ``datasets``' ``ClassLabel`` /
+     ``imagefolder``: the label of an image in a class folder is its parent folder's name, and
+     class ids are the distinct strings sorted, so ids match ``class_encode_column`` and
+     ``load_dataset("imagefolder", data_dir=...)``.
 
   Names are split on commas into synonyms. Integer labels with no names (a folder's numeric
   ``label`` column, an ``int`` dataset column, WebDataset ``cls``) are an error that says to
@@ -196,9 +197,19 @@ class HFSource(Source):
                                   f"pass --{option.replace('_', '-')} with one of them")
         if features is not None and isinstance(features.get(image_column), datasets.Image):
             ds = ds.cast_column(image_column, datasets.Image(decode=False))
-        if label_column and features is not None and isinstance(features[label_column], datasets.ClassLabel):
-            self.label_keys = list(features[label_column].names)
+        kind = features[label_column] if label_column and features is not None else None
+        self._label_ids: dict[str, int] | None = None
+        if isinstance(kind, datasets.ClassLabel):
+            self.label_keys = list(kind.names)
             self.label_names, self.names_from = split_synonyms(self.label_keys), "ClassLabel"
+        elif isinstance(kind, datasets.Value) and kind.dtype in ("string", "large_string"):
+            if streaming:
+                raise ConfigError(f"label_column {label_column!r}: string labels of a streamed dataset; read it "
+                                  "map-style (--no-streaming), or cast the column to a ClassLabel")
+            # ClassLabel's rule (Dataset.class_encode_column): ids are the distinct strings sorted
+            self.label_keys = sorted(v for v in ds.unique(label_column) if v is not None)
+            self.label_names, self.names_from = split_synonyms(self.label_keys), "labels"
+            self._label_ids = {k: i for i, k in enumerate(self.label_keys)}
         self.ds, self.image_column = ds, image_column
         self.caption_column, self.label_column = caption_column, label_column
         self.has_captions = caption_column is not None
@@ -231,8 +242,13 @@ class HFSource(Source):
         for index, row in zip(itertools.count(start) if stop is None else range(start, stop), rows):
             yield Sample(index=index, key=str(index), image=_as_image_src(row.get(self.image_column)),
                          caption=clean_caption(row.get(self.caption_column)) if self.caption_column else None,
-                         label=None if self.label_column is None or row[self.label_column] is None
-                         else int(row[self.label_column]))
+                         label=self._label(row))
+
+    def _label(self, row: dict) -> int | None:
+        value = None if self.label_column is None else row[self.label_column]
+        if value is None:
+            return None
+        return self._label_ids[value] if self._label_ids is not None else int(value)
 
     def describe(self) -> dict:
         return {**super().describe(), "path": self.path, "split": self.split, "streaming": self.streaming,
