@@ -1,0 +1,1 @@
+"""Export of a saved SnapGen pipeline to deployable artefacts (ONNX, Core ML) with a parity gate."""
