@@ -304,6 +304,7 @@ LazyGroup.lazy = {
     "step-distill": Subcommand("Adversarial step distillation to 4/8 steps with a few-step DiT teacher (Eq. 9)."),
     "generate": Subcommand("Prompts -> PNGs from a trained pipeline dir.", positional="prompts"),
     "eval": Subcommand("Generate with fixed seeds and score: alignment, FID, CLIP, PSNR, GenEval, DPG-Bench."),
+    "export": Subcommand("A pipeline -> ONNX and Core ML artefacts with a parity gate and export.json."),
     "bench-device": Subcommand("Parameters, MACs (= FLOPs/2, the paper's convention), latency and peak memory.",
                                default_out="runs/bench-device"),
 }

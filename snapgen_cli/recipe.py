@@ -51,6 +51,7 @@ STAGE_KINDS: dict[str, str] = {
     "bench-device": "snapgen_cli.stages.bench_device",
     "shapes-data": "snapgen_cli.stages.shapes_data",
     "eval": "snapgen_cli.stages.eval",
+    "export": "snapgen_cli.stages.export",
 }
 
 DONE_MARKER = ".snapgen-done.json"

@@ -136,9 +136,7 @@ class SnapGenPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> list[Image.Image]:
-        images = latents_to_images(self.decoder, latents.to(self.decoder.device))
-        arr = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        return [Image.fromarray(a) for a in arr]
+        return images_to_pil(latents_to_images(self.decoder, latents.to(self.decoder.device)))
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], num_inference_steps: int | None = None,
@@ -172,6 +170,12 @@ class SnapGenPipeline(DiffusionPipeline):
             images += [z.cpu()] if output_type == "latent" else self.decode_latents(z)
         out = torch.cat(images) if output_type == "latent" else images
         return ImagePipelineOutput(images=out) if return_dict else (out,)
+
+
+def images_to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """Images (B, 3, H, W) in [0, 1] -> 8-bit PIL images (rounded to the nearest level)."""
+    arr = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arr]
 
 
 def pipeline_config(path: str | Path) -> dict:

@@ -441,6 +441,13 @@ def _model_class(kind: str):
     return getattr(transformers, name[kind])
 
 
+def tokenize(tokenizer, spec: EncoderSpec, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` (B, ``max_length``) int64 of ``captions``: padded on the right
+    to ``spec.max_length`` and truncated, as every encoder of the stack (and an exported one) reads them."""
+    tok = tokenizer(captions, padding="max_length", max_length=spec.max_length, truncation=True, return_tensors="pt")
+    return tok.input_ids, tok.attention_mask
+
+
 class _Encoder(nn.Module):
     """One frozen encoder + its tokenizer, reading features as its spec says."""
 
@@ -469,11 +476,16 @@ class _Encoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        s = self.spec
-        tok = self.tokenizer(captions, padding="max_length", max_length=s.max_length, truncation=True,
-                             return_tensors="pt")
         device = next(self.model.parameters()).device
-        ids, attn = tok.input_ids.to(device), tok.attention_mask.to(device)
+        ids, attn = tokenize(self.tokenizer, self.spec, captions)
+        return self.features(ids.to(device), attn.to(device))
+
+    def features(self, ids: torch.Tensor, attn: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{name}.tokens``, ``{name}.mask`` and ``{name}.pooled`` (where the spec has one) of
+        token ids and the tokenizer's attention mask (:func:`tokenize`); also what ``snapgen
+        export`` converts, so an exported encoder computes exactly this."""
+        s = self.spec
+        device = ids.device
         kwargs = {"attention_mask": attn} if s.padding == "mask" else {}
         if s.kind == "gemma":
             kwargs["use_cache"] = False

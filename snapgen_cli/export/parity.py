@@ -37,3 +37,23 @@ def psnr(reference, output) -> float:
     if peak == 0.0:
         return -math.inf
     return 20.0 * math.log10(peak / rmse)
+
+
+def worst(figures: dict[str, float]) -> float:
+    """The lowest PSNR of several outputs (``nan`` if any is ``nan``: a broken output never passes)."""
+    values = list(figures.values())
+    return math.nan if any(math.isnan(v) for v in values) else min(values)
+
+
+def gate(model: str, fmt: str, precision: str, figures: dict[str, float], threshold_db: float, where: str = "") -> None:
+    """Raise a runtime failure (exit 1) unless every output's PSNR reaches ``threshold_db``: one line
+    naming the model, the format and precision, the measured dB and the threshold."""
+    from ..errors import SnapgenError
+
+    low = worst(figures)
+    if low >= threshold_db:
+        return
+    name = min(figures, key=lambda k: -math.inf if math.isnan(figures[k]) else figures[k])
+    raise SnapgenError(f"parity gate: {model} ({fmt} {precision}{', ' + where if where else ''}) output {name!r} is "
+                       f"{low:.1f} dB against PyTorch, below the {threshold_db:g} dB threshold; the export does not "
+                       "compute what the model computes (nothing was written)")

@@ -1,16 +1,21 @@
-"""``snapgen generate``: prompts -> PNGs from a trained pipeline directory.
+"""``snapgen generate``: prompts -> PNGs from a trained pipeline directory, or from an export.
 
 Uses the tiny decoder when the pipeline (or ``--decoder``) names one, otherwise the
-autoencoder's own decoder. Image ``i`` uses seed ``seed + i``: the same seed gives the same
-image whatever the batch size. Writes ``<out>/<i:05d>.png``, ``<out>/prompts.jsonl`` (one line
-per image: file, prompt, seed) and ``<out>/grid.png``: one row per prompt with its
-``images_per_prompt`` images (one image per prompt: up to 8 prompts a row).
+autoencoder's own decoder. ``--backend onnxruntime --checkpoint EXPORT_DIR`` runs the whole
+pipeline (text encoders, the sampler loop with CFG, the UNet, the tiny decoder) from the ONNX
+artefacts of ``snapgen export`` on ONNX Runtime (``export/runtime.py``): the same sampler code,
+so the same seed gives the same image as the PyTorch pipeline within the export's parity.
+Image ``i`` uses seed ``seed + i``: the same seed gives the same image whatever the batch size.
+Writes ``<out>/<i:05d>.png``, ``<out>/prompts.jsonl`` (one line per image: file, prompt, seed)
+and ``<out>/grid.png``: one row per prompt with its ``images_per_prompt`` images (one image per
+prompt: up to 8 prompts a row).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -41,6 +46,9 @@ class Config(StageSettings):
     vae: str | None = Field(None, description="AutoencoderKL dir or hub id (overrides the pipeline's)")
     device: str = "cpu"
     grid: bool = True
+    backend: Literal["pytorch", "onnxruntime"] = Field(
+        "pytorch", description="pytorch: a pipeline dir; onnxruntime: a `snapgen export` dir (its ONNX models)")
+    onnx_precision: Literal["fp32", "fp16"] = Field("fp32", description="onnxruntime backend: which ONNX variant")
 
     @model_validator(mode="after")
     def _some_prompts(self):
@@ -80,7 +88,15 @@ def run(cfg: Config, ctx: StageContext) -> dict:
     if ckpt is None:
         raise ConfigError("checkpoint: give the pipeline dir to generate from (--checkpoint)")
     prompts = [p for p in read_prompts(cfg) for _ in range(cfg.images_per_prompt)]
-    pipe = load_pipeline(ckpt, decoder=cfg.decoder, vae=cfg.vae, device=resolve_device(cfg.device))
+    if cfg.backend == "onnxruntime":
+        from ..export.runtime import OnnxRuntimePipeline
+
+        if cfg.decoder or cfg.vae:
+            raise ConfigError("--decoder/--vae: the onnxruntime backend decodes with the exported decoder; "
+                              "export the pipeline with the decoder you want instead")
+        pipe = OnnxRuntimePipeline.from_export(ckpt, precision=cfg.onnx_precision, device=cfg.device)
+    else:
+        pipe = load_pipeline(ckpt, decoder=cfg.decoder, vae=cfg.vae, device=resolve_device(cfg.device))
     pipe.set_progress_bar_config(disable=False, file=ctx.console.file, leave=False)
     cfg = sampler_defaults(cfg, pipe)
     guidance = Guidance(scale=cfg.guidance, scale_end=cfg.guidance_end, interval=cfg.guidance_interval)
