@@ -160,6 +160,9 @@ def write_run_report(run_dir: Path, name: str, results: list[dict], commands: di
     report["decoder"] = {r["stage"]: (r.get("summary") or {}).get("eval") for r in decoders}
     if recon:
         report["decoder"]["pipeline_recon"] = recon
+    exports = {r["stage"]: r["summary"] for r in results if r.get("kind") == "export" and r.get("summary")}
+    if exports:  # artefacts, their sizes and the parity gate's figures (issue 15)
+        report["export"] = exports
     gen = _find(results, "generate")
     if gen and gen.get("summary", {}).get("grid"):
         report["sample_grid"] = gen["summary"]["grid"]
@@ -242,6 +245,18 @@ def _markdown(report: dict, run_dir: Path) -> str:
             lines.append(f"| {stage} | {label} | {_rel(where, run_dir) if where else '-'} ({m.get('n_images', '?')}) | "
                          f"{_fmt(m['psnr'], 2)} | {_fmt(m.get('ssim'))} | {lpips} |")
         lines.append("")
+    if report.get("export"):
+        lines += ["## Exported models", "", "| stage | model | format | precision | size (MiB) | parity (dB, min) | "
+                  "gate (dB) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        for stage, summary in report["export"].items():
+            for a in summary.get("artefacts", []):
+                bits = f" palettized {a['palettize_bits']}-bit" if a.get("palettize_bits") else ""
+                db = a["parity_min_db"]
+                lines.append(f"| {stage} | {a['model']} | {a['format']} | {a['precision']}{bits} | "
+                             f"{a['size_bytes'] / 2**20:.2f} | {_fmt(db, 1) if not isinstance(db, str) else db} | "
+                             f"{_fmt(a['threshold_db'], 0)} |")
+        lines.append("\nParity: PSNR of each exported model against PyTorch on fixed seeded inputs (Apple's formula); "
+                     "`export.json` in the stage's folder has every figure, shape and file.\n")
     lines += ["## Stages", "", "| # | stage | kind | wall time (s) | |", "| --- | --- | --- | --- | --- |"]
     for i, s in enumerate(report["stages"], 1):
         lines.append(f"| {i} | {s['stage']} | {s['kind']} | {_fmt(s['wall_s'] or 0.0, 1)} | {'skipped (done)' if s['skipped'] else ''} |")

@@ -9,6 +9,14 @@ in one run are compared). ``ablation_ladder`` prints every Fig. 2 step with
 parameters and MACs at a 128x128 latent and its change against the previous step,
 next to the change sec. 3.1 states.
 
+``export_dir`` benchmarks the artefacts of ``snapgen export`` instead (issue 15): the latency of
+one UNet step (the UNet at the sampler's batch: doubled under CFG) and of one decode on ONNX
+Runtime (each ONNX precision) side by side with the PyTorch models they were exported from,
+in the same run, at the export's resolution and batch; and every artefact's file size next to
+the size the paper's parameter counts imply at that precision (379M UNet, 1.38M decoder:
+``params x bits / 8``), with the paper's iPhone 16 Pro Max latencies (UNet 274 ms per step,
+decoder 119 ms; sec. 3.2, "Discussion of Total On-Device Latency") for reference.
+
 The result goes to ``bench.json`` in the output dir (``snapgen bench-device`` prints its
 path, or the result itself with ``--json``); the table goes to stderr.
 """
@@ -16,6 +24,7 @@ path, or the result itself with ``--json``); the table goes to stderr.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Literal
 
 import torch
@@ -62,6 +71,9 @@ class Config(StageSettings):
     compare: list[Target] = Field(
         default_factory=list, description="also measure this target in the same run and report ratios (repeatable)")
     ablation_ladder: bool = Field(False, description="params/MACs of each Fig. 2 step at a 128x128 latent vs. the paper")
+    export_dir: str | None = Field(
+        None, description="a `snapgen export` dir: its ONNX models on ONNX Runtime vs the PyTorch models (per UNet "
+        "step, per decode) at the export's resolution and batch, and its file sizes vs the paper's")
 
     @field_validator("resolution")
     @classmethod
@@ -198,8 +210,108 @@ def _ratios(main: dict, other: dict) -> dict:
     return out
 
 
+#: The paper's on-device latencies (iPhone 16 Pro Max, 1024^2; sec. 3.2, "Discussion of Total On-Device Latency").
+PAPER_DEVICE_MS = {"unet": 274.0, "decoder": 119.0}
+#: The paper's parameter counts of the exported models (for the implied file sizes).
+PAPER_EXPORT_PARAMS = {"unet": PAPER_PARAMS["snapgen-t2i"], "decoder": PAPER_DECODER["params"]}
+
+
+def _bits(a: dict) -> int:
+    return int(a["palettize_bits"] or {"fp32": 32, "fp16": 16}[a["precision"]])
+
+
+def bench_export(cfg: Config, console) -> dict:
+    """ONNX Runtime vs PyTorch latency of an export's UNet step and decode, and its sizes (module doc)."""
+    from pathlib import Path
+
+    from ..core.pipeline import load_pipeline
+    from ..export import onnx as ox
+    from ..export.runtime import read_manifest
+    from ..export.wrappers import decoder_exportable, unet_exportable
+
+    root = Path(cfg.export_dir)
+    m = read_manifest(root)
+    res, batch = int(m["pipeline"]["resolution"]), int(m["pipeline"]["batch"])
+    threads = torch.get_num_threads()
+    source = Path(m["source"]["checkpoint"])
+    pipe = load_pipeline(source) if (source / "model_index.json").is_file() else None
+    modules = {"unet": lambda: unet_exportable(pipe, res).module, "decoder": lambda: decoder_exportable(pipe).module}
+    rows = []
+    for model in ("unet", "decoder"):
+        onnx = [a for a in m["artefacts"] if a["model"] == model and a["format"] == "onnx"]
+        if not onnx:
+            continue
+        inputs = recorded_inputs(onnx[0])
+        base = dict(model=model, resolution=res, batch=inputs[next(iter(inputs))].shape[0],
+                    paper_device_ms=PAPER_DEVICE_MS[model])
+        if pipe is not None:
+            console.print(f"[dim]timing {model} on PyTorch ({cfg.device}) ...[/dim]")
+            dev = resolve_device(cfg.device)
+            module, on_dev = modules[model]().to(dev), [v.to(dev) for v in inputs.values()]
+            rows.append(dict(base, runtime="pytorch", precision="fp32", device=str(dev), threads=threads,
+                             **measure_latency(partial(module, *on_dev), dev, cfg.runs, cfg.warmup)))
+        for a in onnx:
+            console.print(f"[dim]timing {model} on ONNX Runtime ({a['precision']}) ...[/dim]")
+            sess = ox.session(root / a["path"], cfg.device, threads=threads)
+            rows.append(dict(base, runtime="onnxruntime", precision=a["precision"], device=cfg.device, threads=threads,
+                             path=a["path"], **measure_latency(partial(ox.run, sess, inputs), torch.device("cpu"),
+                                                               cfg.runs, cfg.warmup)))
+    sizes = []
+    for a in m["artefacts"]:
+        row = dict(model=a["model"], format=a["format"], precision=a["precision"], palettize_bits=a["palettize_bits"],
+                   bits=_bits(a), size_bytes=a["size_bytes"], params=a.get("params"), path=a["path"])
+        if a.get("params"):
+            row["bytes_per_param"] = a["size_bytes"] / a["params"]
+        if a["model"] in PAPER_EXPORT_PARAMS:
+            row["paper_params"] = PAPER_EXPORT_PARAMS[a["model"]]
+            row["paper_implied_bytes"] = PAPER_EXPORT_PARAMS[a["model"]] * row["bits"] / 8
+        sizes.append(row)
+    for r in sizes:  # a palettized package against the fp16 one of the same model: 16 / bits predicts the ratio
+        fp16 = next((x for x in sizes if (x["model"], x["format"], x["bits"]) == (r["model"], r["format"], 16)), None)
+        if fp16 is not None and r is not fp16:
+            r["size_vs_fp16"], r["predicted_vs_fp16"] = r["size_bytes"] / fp16["size_bytes"], r["bits"] / 16
+    if pipe is None:
+        console.print(f"[yellow]the export's source pipeline {source} is not here: ONNX Runtime timings only[/yellow]")
+    _print_export(rows, sizes, console)
+    return dict(export_dir=str(root), resolution=res, batch=batch, source_found=pipe is not None, latency=rows,
+                sizes=sizes)
+
+
+def recorded_inputs(a: dict) -> dict[str, torch.Tensor]:
+    """Seeded inputs of the shapes an artefact was exported and gated at (``example_shapes``: the
+    export's resolution and batch; the UNet at its CFG batch): floats N(0, 1), integers 0."""
+    g = torch.Generator().manual_seed(0)
+    shapes = a["example_shapes"]  # keys sorted in the JSON: the graph's input list gives the order
+    return {i["name"]: torch.randn(shapes[i["name"]], generator=g) if i["dtype"].startswith("float")
+            else torch.zeros(shapes[i["name"]], dtype=torch.int64) for i in a["inputs"]}
+
+
+def _print_export(rows: list[dict], sizes: list[dict], console) -> None:
+    t = Table(title="bench-device: exported models, per UNet step / per decode")
+    for col in ("model", "runtime", "precision", "batch", "latency ms (median)", "p25-p75", "paper iPhone ms"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["model"], r["runtime"], r["precision"], str(r["batch"]), f"{r['latency_ms_median']:.1f}",
+                  f"{r['latency_ms_p25']:.1f}-{r['latency_ms_p75']:.1f}", f"{r['paper_device_ms']:.0f}")
+    console.print(t)
+    t = Table(title="artefact sizes")
+    for col in ("model", "format", "precision", "MiB", "bytes/param", "paper-implied MiB", "vs fp16 (predicted)"):
+        t.add_column(col)
+    for r in sizes:
+        bits = f" {r['palettize_bits']}-bit" if r["palettize_bits"] else ""
+        paper = f"{r['paper_implied_bytes'] / 2**20:.1f}" if "paper_implied_bytes" in r else "-"
+        ratio = f"{r['size_vs_fp16']:.3f} ({r['predicted_vs_fp16']:.3f})" if "size_vs_fp16" in r else "-"
+        t.add_row(r["model"], r["format"], r["precision"] + bits, f"{r['size_bytes'] / 2**20:.2f}",
+                  f"{r.get('bytes_per_param', 0):.2f}", paper, ratio)
+    console.print(t)
+
+
 def run(cfg: Config, ctx: StageContext) -> dict:
     console = ctx.console
+    if cfg.export_dir:
+        result = bench_export(cfg, console)
+        atomic_write_json(ctx.out_dir / RESULT_FILE, result)
+        return result
     if cfg.ablation_ladder:
         rows = ablation_ladder(cfg)
         _print_ladder(rows, console)
@@ -224,6 +336,9 @@ def run(cfg: Config, ctx: StageContext) -> dict:
 
 
 def plan(cfg: Config, ctx: StageContext) -> list[PlanItem]:
+    if cfg.export_dir:
+        return [PlanItem(model=f"export {cfg.export_dir}", inputs=[cfg.export_dir],
+                         outputs=[str(ctx.out_dir / RESULT_FILE)], notes=f"ONNX Runtime vs PyTorch, {cfg.runs} runs")]
     if cfg.ablation_ladder:
         return [PlanItem(model=f"unet ladder ({len(LADDER)} steps)", outputs=[str(ctx.out_dir / RESULT_FILE)])]
     items = []

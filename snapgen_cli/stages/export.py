@@ -393,7 +393,7 @@ def run(cfg: Config, ctx: StageContext) -> dict:
                 inputs = item.inputs(b, r, cfg.seed + n)
                 where = f"batch {b}" + ("" if item.name.startswith("text.") else f", {r}px")
                 checks.append((inputs, item.reference(inputs), where))
-            console.print(f"[bold]export[/bold] {item.name} ({item.params / 1e6:.2f}M params): {', '.join(cfg.formats)}")
+            console.print(f"[bold]export[/bold] {item.name} ({item.params / 1e6:.2f}M params)")
             made = _onnx(item, tmp, cfg, checks, resolution) if "onnx" in cfg.formats else []
             if "coreml" in cfg.formats:
                 apple = (_coreml_text_name(specs, [s.name for s in specs].index(item.name[5:]))
@@ -406,7 +406,7 @@ def run(cfg: Config, ctx: StageContext) -> dict:
         encoders = _side_files(pipe, tmp, cfg.formats)
         manifest = jsonable(dict(
             format_version=MANIFEST_VERSION, created_by=f"snapgen {__version__}", torch=torch.__version__,
-            source=dict(checkpoint=str(ckpt), unet_class=type(pipe.unet).__name__,
+            source=dict(checkpoint=str(Path(ckpt).resolve()), unet_class=type(pipe.unet).__name__,
                         decoder_class=type(pipe.decoder).__name__),
             pipeline=dict(resolution=resolution, train_resolution=int(pipe.config.resolution), batch=cfg.batch,
                           size_multiple=multiple, latent=dict(pipe.config.latent)),
