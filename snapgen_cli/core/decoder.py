@@ -149,8 +149,9 @@ class TinyDecoder(ModelMixin, ConfigMixin):
         Runs in the channels-last memory format: the separable convs are memory-bound, and
         oneDNN / cuDNN run depthwise convs much faster on NHWC (measured on a 2-core CPU:
         1.6x at 512^2, same numbers to 1e-6). The output is an ordinary (B, 3, H, W) tensor.
+        Not while exporting (``snapgen export``): a graph has no strides.
         """
-        h = self.conv_in(z.contiguous(memory_format=torch.channels_last))
+        h = self.conv_in(z if torch.compiler.is_exporting() else z.contiguous(memory_format=torch.channels_last))
         for stage in self.stages:
             h = stage(h)
         return self.conv_out(F.silu(self.norm_out(h)))

@@ -264,8 +264,11 @@ class SnapGenUNet(ModelMixin, ConfigMixin):
         feats = None
         # Channels-last: oneDNN/cuDNN run the (depthwise) convs faster on NHWC, and the
         # transformers' (B, C, H, W) <-> (B, HW, C) reshapes become views (CPU training
-        # step of the tiny preset: ~10-20% faster, same numbers to float rounding).
-        h = self.conv_in(sample.contiguous(memory_format=torch.channels_last))
+        # step of the tiny preset: ~10-20% faster, same numbers to float rounding). Not while
+        # exporting: a graph has no strides, and symbolic strides triple torch.export's time.
+        if not torch.compiler.is_exporting():
+            sample = sample.contiguous(memory_format=torch.channels_last)
+        h = self.conv_in(sample)
         skips = [h]
         for i, layers in enumerate(self.down):
             for layer in layers:

@@ -190,7 +190,7 @@ def unet_exportable(pipe, max_resolution: int) -> Exportable:
     module = UNetExport(pipe.unet, use_mask=_uses_mask(pipe), max_latent=max_resolution // f)
     c, layout = pipe.unet.config, pipe.layout
     channels = int(pipe.config.latent["channels"])
-    factor = 1 if is_dit(pipe.unet) else 2 ** (len(c.block_channels) - 1)
+    factor = int(c.patch_size) if is_dit(pipe.unet) else 2 ** (len(c.block_channels) - 1)
     names = ["sample", "timestep", "encoder_hidden_states", "pooled_projections"]
     names += ["encoder_attention_mask"] if module.use_mask else []
 

@@ -353,6 +353,7 @@ def run(cfg: Config, ctx: StageContext) -> dict:
     import torch
 
     from .. import __version__
+    from ..core import denoiser
     from ..core.pipeline import load_pipeline, pipeline_config
     from ..eval.report import jsonable
     from ..export.wrappers import decoder_exportable, text_exportables, unet_exportable
@@ -360,21 +361,22 @@ def run(cfg: Config, ctx: StageContext) -> dict:
     ckpt = ctx.resolve_input(cfg.checkpoint)
     if ckpt is None:
         raise ConfigError("checkpoint: give the pipeline dir to export (--checkpoint)")
-    pipeline_config(ckpt)
-    console = ctx.console
-    pipe = load_pipeline(ckpt)
-    steps, guidance = pipe.sampler_settings(cfg.steps, cfg.guidance)
-    resolution = cfg.resolution or int(pipe.config.resolution)
-    f = int(pipe.config.latent["downsample"])
-    items = text_exportables(pipe) if "text" in cfg.components else []
-    items += [unet_exportable(pipe, resolution)] if "unet" in cfg.components else []
-    items += [decoder_exportable(pipe)] if "decoder" in cfg.components else []
-    multiple = f * (2 ** (len(pipe.unet.config.block_channels) - 1) if hasattr(pipe.unet.config, "block_channels")
-                    else int(pipe.unet.config.patch_size))
+    index = pipeline_config(ckpt)  # a one-line ConfigError when it is not a pipeline dir
+    unet_config = _pipeline_configs(Path(ckpt), ctx)[0]
+    resolution = cfg.resolution or int(index["resolution"])
+    f = int((index.get("latent") or {}).get("downsample", 8))
+    multiple = f * (int(unet_config["patch_size"]) if denoiser.is_dit(unet_config)
+                    else 2 ** (len(unet_config["block_channels"]) - 1))
     if resolution % multiple:
         raise ConfigError(f"resolution: expected a multiple of {multiple} for this pipeline (latent /{f}, then the "
                           f"UNet's downsampling), got {resolution}")
     sizes = _sizes(cfg, resolution, multiple)
+    console = ctx.console
+    pipe = load_pipeline(ckpt)
+    steps, guidance = pipe.sampler_settings(cfg.steps, cfg.guidance)
+    items = text_exportables(pipe) if "text" in cfg.components else []
+    items += [unet_exportable(pipe, resolution)] if "unet" in cfg.components else []
+    items += [decoder_exportable(pipe)] if "decoder" in cfg.components else []
     sampler = _sampler(pipe, steps, guidance)
     cfg_factor = 2 if sampler["cfg"] else 1
 
