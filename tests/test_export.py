@@ -142,7 +142,7 @@ def test_onnx_parity_at_two_input_sizes_and_fp16(exported, pipe_dir):
 def test_manifest_holds_what_a_runtime_needs(exported):
     out, _ = exported
     m = _manifest(out)
-    assert m["pipeline"]["resolution"] == RES and m["pipeline"]["size_multiple"] == 32
+    assert m["pipeline"]["resolution"] == RES and m["pipeline"]["size_multiple"] == 16
     assert m["pipeline"]["latent"]["channels"] == 4
     s = m["sampler"]
     assert (s["steps"], s["guidance"], s["cfg"], s["objective"], s["shift"]) == (4, 2.0, True, "flow", 1.0)
@@ -226,16 +226,16 @@ def test_bad_inputs_are_one_line_exit_2(pipe_dir, exported, tmp_path, run_cli):
     out, _ = exported
     cases = [
         (["export", "--checkpoint", tmp_path / "nope", "--out", tmp_path / "x"], "no model_index.json"),
-        (["export", "--checkpoint", pipe_dir, "--resolution", 80, "--out", tmp_path / "x"],
-         "resolution: expected a multiple of 32 for this pipeline"),
-        (["export", "--checkpoint", pipe_dir, "--parity-resolutions", 48, "--out", tmp_path / "x"],
-         "parity_resolutions: 48 is not a positive multiple of 32"),
+        (["export", "--checkpoint", pipe_dir, "--resolution", 72, "--out", tmp_path / "x"],
+         "resolution: expected a multiple of 16 for this pipeline"),
+        (["export", "--checkpoint", pipe_dir, "--parity-resolutions", 40, "--out", tmp_path / "x"],
+         "parity_resolutions: 40 is not a positive multiple of 16"),
         (["export", "--checkpoint", pipe_dir, "--palettize-bits", 5, "--out", tmp_path / "x"],
          "--palettize-bits: expected 4, 6 or 8"),
         (["generate", "a cat", "--checkpoint", pipe_dir, "--backend", "onnxruntime", "--out", tmp_path / "x"],
          "no export.json"),
         (["generate", "a cat", "--checkpoint", out, "--backend", "onnxruntime", "--size", 128, "--out", tmp_path / "x"],
-         "--size: the exported models take multiples of 32 up to the export resolution 64"),
+         "--size: the exported models take multiples of 16 up to the export resolution 64"),
     ]
     for args, needle in cases:
         code, stdout, err = run_cli(*args)

@@ -114,7 +114,8 @@ def onnx_files(path: Path) -> list[Path]:
 
 
 def session(path: Path, device: str = "cpu", threads: int | None = None):
-    """An ONNX Runtime session on ``device`` (``cpu``, or ``cuda`` where onnxruntime-gpu is installed)."""
+    """An ONNX Runtime session on ``device`` (``cpu``, or ``cuda`` where onnxruntime-gpu is installed)
+    with ``threads`` intra-op threads (default: torch's, which a stage sets from ``--threads``)."""
     import onnxruntime as ort
 
     providers = ["CPUExecutionProvider"]
@@ -125,8 +126,7 @@ def session(path: Path, device: str = "cpu", threads: int | None = None):
         providers.insert(0, "CUDAExecutionProvider")
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # warnings about fp16 casts and unused initialisers are not the user's business
-    if threads:
-        opts.intra_op_num_threads = threads
+    opts.intra_op_num_threads = threads or torch.get_num_threads()  # the stage's threads (cpu.py), as torch
     try:
         return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
     except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types

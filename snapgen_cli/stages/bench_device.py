@@ -252,7 +252,7 @@ def bench_export(cfg: Config, console) -> dict:
                              **measure_latency(partial(module, *on_dev), dev, cfg.runs, cfg.warmup)))
         for a in onnx:
             console.print(f"[dim]timing {model} on ONNX Runtime ({a['precision']}) ...[/dim]")
-            sess = ox.session(root / a["path"], cfg.device, threads=threads)
+            sess = ox.session(root / a["path"], cfg.device)
             rows.append(dict(base, runtime="onnxruntime", precision=a["precision"], device=cfg.device, threads=threads,
                              path=a["path"], **measure_latency(partial(ox.run, sess, inputs), torch.device("cpu"),
                                                                cfg.runs, cfg.warmup)))

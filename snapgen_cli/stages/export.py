@@ -66,7 +66,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from ..config import StageConfig
+from ..config import UNSET_IS_PREVIOUS, StageSettings
 from ..errors import ConfigError
 from ..files import atomic_write_json
 from .base import PlanItem, StageContext
@@ -83,9 +83,9 @@ OWNED_DIRS = ("onnx", "coreml", "tokenizers", "scheduler")
 COREML_NAMES = {"unet": "Unet", "decoder": "VAEDecoder"}
 
 
-class Config(StageConfig):
+class Config(StageSettings):
     checkpoint: str | None = Field(None, description="pipeline dir (a training stage's output); default: previous "
-                                                     "stage")
+                                                     "stage", json_schema_extra=UNSET_IS_PREVIOUS)
     formats: list[Format] = Field(default_factory=lambda: ["onnx", "coreml"], description="artefact formats")
     components: list[Component] = Field(default_factory=lambda: ["text", "unet", "decoder"],
                                         description="models to export: the text encoders, the UNet, the decoder")
