@@ -46,12 +46,18 @@ def test_shortened_demo_trains_every_stage_and_passes_quality_thresholds(tmp_pat
     assert stages == ["data", "autoencoder", "decoder", "precompute-classes", "precompute", "pretrain",
                       "finetune-32", "finetune-64", "eval-finetune", "teacher", "eval-teacher", "distill",
                       "step-distill", "generate", "eval", "eval-4step-before", "eval-8step-before", "eval-4step",
-                      "eval-8step"]
+                      "eval-8step", "export", "bench-export"]
 
     report = json.loads((tmp_path / "demo" / "report.json").read_text())
     md = (tmp_path / "demo" / "report.md").read_text()
     assert "![sample grid](generate/grid.png)" in md and "snapgen finetune --out" in md
     assert all(s["wall_s"] > 0 for s in report["stages"])
+
+    # the export of the final pipeline: every artefact passed its gate and is in the report
+    exported = report["export"]["export"]["artefacts"]
+    assert {(a["model"], a["format"], a["precision"]) for a in exported} >= {
+        (m, "onnx", p) for m in ("text.minilm", "unet", "decoder") for p in ("fp32", "fp16")}
+    assert all(a["parity_min_db"] >= a["threshold_db"] for a in exported) and "## Exported models" in md
 
     tiny = report["decoder"]["decoder"]["tiny_decoder"]
     assert tiny["psnr"] > 18.0, tiny

@@ -237,7 +237,7 @@ def bench_export(cfg: Config, console) -> dict:
     pipe = load_pipeline(source) if (source / "model_index.json").is_file() else None
     modules = {"unet": lambda: unet_exportable(pipe, res).module, "decoder": lambda: decoder_exportable(pipe).module}
     rows = []
-    for model in ("unet", "decoder"):
+    for model in ("unet", "decoder") if cfg.runs else ():  # runs 0: the sizes only
         onnx = [a for a in m["artefacts"] if a["model"] == model and a["format"] == "onnx"]
         if not onnx:
             continue
