@@ -67,7 +67,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from ..config import UNSET_IS_PREVIOUS, StageSettings
-from ..errors import ConfigError
+from ..errors import ConfigError, SnapgenError
 from ..files import atomic_write_json
 from .base import PlanItem, StageContext
 
@@ -286,7 +286,8 @@ def _coreml(item, root: Path, cfg: Config, check: tuple[dict, list, str], apple_
     threshold = cfg.parity_fp16_db if cfg.precision == "fp16" or bits else cfg.parity_fp32_db
     figures = _figures(reference, [o.float() for o in out], item.output_names)
     gate(item.name, "coreml", label, figures, threshold, f"{where}, PyTorch twin")
-    files = sorted(root.joinpath("coreml").glob(f"{apple_name}*.mlpackage"))  # chunks: <name>Chunk1, ...
+    chunks = sorted(root.joinpath("coreml").glob(f"{apple_name}Chunk*.mlpackage"))  # Apple's UnetChunk1, ...
+    files = [p for p in [path, *chunks] if p.exists()]
     return [dict(model=item.name, format="coreml", precision=cfg.precision, palettize_bits=bits, path=_rel(path, root),
                  files=[_rel(f, root) for f in files], size_bytes=_size(files), params=item.params,
                  export_s=round(seconds, 2), minimum_target=cfg.minimum_target, ane_layout=cfg.ane_layout,
@@ -371,6 +372,12 @@ def run(cfg: Config, ctx: StageContext) -> dict:
         raise ConfigError(f"resolution: expected a multiple of {multiple} for this pipeline (latent /{f}, then the "
                           f"UNet's downsampling), got {resolution}")
     sizes = _sizes(cfg, resolution, multiple)
+    if "coreml" in cfg.formats:  # before any work: Core ML runs after ONNX for every model
+        try:
+            import snapgen_cli.export.coreml  # noqa: F401
+        except ImportError as exc:
+            raise SnapgenError(f"formats: coreml needs {exc.name} ({exc}); install coremltools>=8.0, or export "
+                               "--formats onnx") from None
     console = ctx.console
     pipe = load_pipeline(ckpt)
     steps, guidance = pipe.sampler_settings(cfg.steps, cfg.guidance)
