@@ -43,7 +43,8 @@ def build_pipeline(root: Path, resolution: int) -> Path:
     paths = dict(clip_l=make_tiny_clip(root / "clip_l", hidden_size=768, num_layers=1, num_heads=12),
                  clip_g=make_tiny_clip(root / "clip_g", hidden_size=1280, num_layers=1, num_heads=20),
                  gemma=make_tiny_gemma(root / "gemma", hidden_size=2304, num_layers=1))
-    specs = [EncoderSpec.model_validate({**s.model_dump(), "path": str(paths[s.name])}) for s in (clip_l, clip_g, gemma)]
+    specs = [EncoderSpec.model_validate({**s.model_dump(), "path": str(paths[s.name])})
+             for s in (clip_l, clip_g, gemma)]
     torch.manual_seed(0)
     SnapGenPipeline(unet=build_unet("snapgen-t2i"), scheduler=RectifiedFlow(shift=3.0).scheduler(1),
                     text_encoder=TextEncoderStack(specs), decoder=build_decoder("snapgen-decoder"),
