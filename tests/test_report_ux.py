@@ -32,6 +32,8 @@ SHRINK = [
       for k in ("steps=2", "batch_size=4")],
     *[f"{s}.{k}" for s in ("eval-finetune", "eval-teacher", *FID_EVALS) for k in ("alignment_n=6", "steps=1")],
     "generate.steps=1",
+    # the export of the final pipeline: its decoder to ONNX only (the full export runs in the slow demo test)
+    'export.components=["decoder"]', 'export.formats=["onnx"]', "bench-export.runs=1",
 ]
 
 
