@@ -47,7 +47,8 @@ sigmas and model timesteps of the default step count; the scheduler config), the
 (each encoder's tokenizer folder, max length, padding, feature widths, and the SD3-style
 layout that combines them: ``core.text.combine``; the unconditional input for CFG is every
 encoder dropped: zero context and pooled, all attended) and per artefact the inputs/outputs
-with shapes and dtypes, precision, palettization, files and sizes, and the parity figures.
+with shapes and dtypes, precision, palettization, files and sizes, the parity figures and
+``export_s`` (seconds to make it; an fp16 ONNX variant: the fp32 export plus its conversion).
 ``snapgen generate --backend onnxruntime --checkpoint <out>`` runs the whole pipeline from it
 (``export/runtime.py``). A Swift app uses the ``coreml/`` folder with Apple's ``StableDiffusion``
 package conventions for the resource names; SnapGen's sampler (Flow-Euler with the shift,
