@@ -101,8 +101,10 @@ def rope_2d(height: int, width: int, head_dim: int, theta: float, device=None) -
     freqs = 1.0 / (theta ** (torch.arange(quarter, device=device, dtype=torch.float32) / quarter))
     rows = torch.arange(height, device=device, dtype=torch.float32)
     cols = torch.arange(width, device=device, dtype=torch.float32)
-    ang_r = torch.outer(rows, freqs)[:, None, :].expand(height, width, quarter)
-    ang_c = torch.outer(cols, freqs)[None, :, :].expand(height, width, quarter)
+    # Broadcast products, not torch.outer: the same float32 numbers, and coremltools (which
+    # reads a traced float ``arange`` as int32) can convert a broadcast ``mul`` but not ``outer``.
+    ang_r = (rows[:, None] * freqs)[:, None, :].expand(height, width, quarter)
+    ang_c = (cols[:, None] * freqs)[None, :, :].expand(height, width, quarter)
     ang = torch.cat([ang_r, ang_c], dim=-1).reshape(height * width, 2 * quarter)
     ang = ang.repeat_interleave(2, dim=-1)  # one angle per interleaved channel pair
     return ang.cos(), ang.sin()

@@ -232,6 +232,49 @@ class SnapGenUNet(ModelMixin, ConfigMixin):
             return self._gradient_checkpointing_func(module, *args)
         return module(*args)
 
+    def conditioning(self, sample: torch.Tensor, timestep: torch.Tensor | float,
+                     pooled_projections: torch.Tensor) -> torch.Tensor:
+        """The conditioning vector (B, time_embed_dim) every residual block adds: the sinusoidal
+        timestep embedding, computed in fp32 and cast to ``sample``'s dtype, through its MLP,
+        plus the MLP of the pooled text vector (module docstring)."""
+        t = torch.as_tensor(timestep, device=sample.device, dtype=torch.float32)
+        t = t.expand(sample.shape[0]) if t.ndim == 0 else t
+        temb = self.time_embedding(self.time_proj(t).to(sample.dtype))
+        return temb + self.pooled_embedding(pooled_projections.to(temb.dtype))
+
+    def layer_steps(self) -> list[tuple[str, nn.Module]]:
+        """The layers between ``conv_in`` and the output head, in forward order, as ``(kind, module)``:
+        ``"down"`` (a layer; its output is pushed as a skip), ``"downsample"`` (output pushed),
+        ``"mid"``, ``"mid_res"``, ``"up"`` (the last skip is popped and concatenated to the input
+        first), ``"upsample"``. ``forward`` runs them with :meth:`run_step`; the Core ML export
+        cuts this list into chunks (``export/coreml.py``)."""
+        steps: list[tuple[str, nn.Module]] = []
+        for i, layers in enumerate(self.down):
+            steps += [("down", layer) for layer in layers]
+            if i < len(self.downsamplers):
+                steps.append(("downsample", self.downsamplers[i]))
+        steps += [("mid", self.mid), ("mid_res", self.mid_res)]
+        for i, layers in enumerate(self.up):
+            steps += [("up", layer) for layer in layers]
+            if i < len(self.upsamplers):
+                steps.append(("upsample", self.upsamplers[i]))
+        return steps
+
+    def run_step(self, kind: str, module: nn.Module, h: torch.Tensor, temb: torch.Tensor, context: torch.Tensor,
+                 mask: torch.Tensor | None, skips: list[torch.Tensor]) -> torch.Tensor:
+        """Run one step of :meth:`layer_steps` on ``h``, pushing to / popping from ``skips``."""
+        if kind == "up":
+            h = self._run(module, torch.cat([h, skips.pop()], dim=1), temb, context, mask)
+        elif kind in ("down", "mid"):
+            h = self._run(module, h, temb, context, mask)
+        elif kind == "mid_res":
+            h = module(h, temb)
+        else:
+            h = module(h)
+        if kind in ("down", "downsample"):
+            skips.append(h)
+        return h
+
     def forward(
         self,
         sample: torch.Tensor,
@@ -252,11 +295,7 @@ class SnapGenUNet(ModelMixin, ConfigMixin):
         factor = 2 ** (len(self.config.block_channels) - 1)
         if sample.shape[-1] % factor or sample.shape[-2] % factor:
             raise ValueError(f"latent size {tuple(sample.shape[-2:])} must be divisible by {factor}")
-        b = sample.shape[0]
-        t = torch.as_tensor(timestep, device=sample.device, dtype=torch.float32)
-        t = t.expand(b) if t.ndim == 0 else t
-        temb = self.time_embedding(self.time_proj(t).to(sample.dtype))
-        temb = temb + self.pooled_embedding(pooled_projections.to(temb.dtype))
+        temb = self.conditioning(sample, timestep, pooled_projections)
         ctx, mask = encoder_hidden_states, encoder_attention_mask
         if mask is not None:
             mask = mask.bool()
@@ -270,23 +309,10 @@ class SnapGenUNet(ModelMixin, ConfigMixin):
             sample = sample.contiguous(memory_format=torch.channels_last)
         h = self.conv_in(sample)
         skips = [h]
-        for i, layers in enumerate(self.down):
-            for layer in layers:
-                h = self._run(layer, h, temb, ctx, mask)
-                feats = h if layer.attn is not None else feats
-                skips.append(h)
-            if i < len(self.downsamplers):
-                h = self.downsamplers[i](h)
-                skips.append(h)
-        h = self._run(self.mid, h, temb, ctx, mask)
-        feats = h if self.mid.attn is not None else feats
-        h = self.mid_res(h, temb)
-        for i, layers in enumerate(self.up):
-            for layer in layers:
-                h = self._run(layer, torch.cat([h, skips.pop()], dim=1), temb, ctx, mask)
-                feats = h if layer.attn is not None else feats
-            if i < len(self.upsamplers):
-                h = self.upsamplers[i](h)
+        for kind, module in self.layer_steps():
+            h = self.run_step(kind, module, h, temb, ctx, mask, skips)
+            if kind in ("down", "mid", "up") and module.attn is not None:
+                feats = h
         out = self.conv_out(F.silu(self.norm_out(h))).contiguous()
         feats = feats if return_features else None
         if not return_dict:
