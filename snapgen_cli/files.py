@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +51,31 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+@contextmanager
+def staged_outputs(paths: Sequence[Path]) -> Iterator[list[Path]]:
+    """Write files or directories ``paths`` (one parent dir) all or nothing: yields one temp path
+    per final path, in a temp dir beside them; when the block ends normally each is renamed
+    into place -- an existing output moved aside first and deleted only after its successor
+    is in place -- and on an exception nothing at ``paths`` is touched."""
+    paths = [Path(p) for p in paths]
+    parents = {p.parent for p in paths}
+    if len(parents) != 1:
+        raise ValueError(f"staged_outputs: expected one parent dir, got {sorted(map(str, parents))}")
+    parent = parents.pop()
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{paths[0].name}.", dir=parent))
+    try:
+        yield [tmp / p.name for p in paths]
+        old = tmp / ".replaced"
+        old.mkdir()
+        for p in paths:
+            if p.exists() or p.is_symlink():
+                os.replace(p, old / p.name)
+            os.replace(tmp / p.name, p)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 #: Sub-directories a training stage writes its weights to, in the order they are preferred

@@ -68,7 +68,8 @@ def test_every_dependency_is_used_and_every_import_is_declared():
     dists = importlib.metadata.packages_distributions()
     used = {norm(d) for m in _third_party_modules() for d in dists.get(m, [m])}
     used_otherwise = {"tensorboard",  # accelerate's default tracker (train/loop.py: tracker = "tensorboard")
-                      "onnxscript"}  # torch.onnx.export(dynamo=True) imports it (export/onnx.py)
+                      "onnxscript",  # torch.onnx.export(dynamo=True) imports it (export/onnx.py)
+                      "scikit-learn"}  # coremltools' k-means palettization imports it (export/coreml.py)
     assert declared - used - used_otherwise == set(), "declared but never imported"
     optional = {"pydantic-core", "image-reward", "imagereward"}  # pydantic's own; ImageReward: optional, guarded
     assert used - declared - optional == set(), "imported but not declared"
