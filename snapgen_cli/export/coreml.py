@@ -36,12 +36,12 @@ Decisions (Apple's practice where it has one; the paper is silent on all of them
   look-up table of ``2**bits`` fp16 entries per weight tensor (Apple's "6-bit palettized"
   SD models; per-tensor runs on iOS 16+, per-grouped-channel needs iOS 18). Only the
   weights and biases of ``conv`` and ``linear`` ops with more than 2048 elements
-  (coremltools' default ``weight_threshold``) are palettized: smaller tensors would gain
-  little, and constants that are not layer weights (the 2D RoPE tables, norms) keep their
-  fp16 values. The k-means is coremltools' own (optimal 1-D k-means, its bundled ``kmeans1d``,
-  for tensors of 10,000+ fp16 values, else scikit-learn's k-means, seeded), which
-  :func:`coreml_twin` calls on the same fp16 values, so the twin's weights equal the
-  package's weights exactly (tests/test_coreml.py).
+  (coremltools' default ``weight_threshold``) are palettized (a constant that another op
+  reads too stays fp16): smaller tensors would gain little, and constants that are not layer
+  weights (the 2D RoPE tables, norms) keep their fp16 values. The k-means is coremltools'
+  own (optimal 1-D k-means, its bundled ``kmeans1d``, for tensors of 10,000+ fp16 values,
+  else scikit-learn's k-means, seeded), which :func:`coreml_twin` calls on the same fp16
+  values, so the twin's weights equal the package's weights exactly (tests/test_coreml.py).
 * **Chunks** (``chunks=2``): Apple splits its large UNets into ``UnetChunk1`` and
   ``UnetChunk2`` so each piece loads within an iPhone's per-model memory budget; its Swift
   ``Unet`` feeds chunk 2 the original inputs merged with chunk 1's outputs. We cut the
@@ -291,11 +291,18 @@ def _trace(module: nn.Module, inputs: tuple[torch.Tensor, ...]):
         return torch.jit.trace(module, inputs, check_trace=False)
 
 
-def palettize_config(ct, bits: int):
-    """The coremltools config of our palettization (module docstring, "Palettization")."""
-    op_config = ct.optimize.coreml.OpPalettizerConfig(mode="kmeans", nbits=bits, granularity="per_tensor",
-                                                      weight_threshold=WEIGHT_THRESHOLD)
-    return ct.optimize.coreml.OptimizationConfig(op_type_configs={t: op_config for t in PALETTIZED_OPS})
+def palettize(ct, model, bits: int):
+    """``model`` with our palettization (module docstring, "Palettization"): the constants above
+    ``WEIGHT_THRESHOLD`` elements read only by conv / linear ops, each by name. (By op type,
+    coremltools refuses a constant that one of its passes shared between a linear layer and
+    another op, e.g. the zero bias it gives a bias-free linear and a LayerNorm's zero beta.)"""
+    cto = ct.optimize.coreml
+    op_config = cto.OpPalettizerConfig(mode="kmeans", nbits=bits, granularity="per_tensor",
+                                       weight_threshold=WEIGHT_THRESHOLD)
+    weights = cto.get_weights_metadata(model, weight_threshold=WEIGHT_THRESHOLD)
+    names = [name for name, meta in weights.items()
+             if meta.child_ops and all(child.op_type in PALETTIZED_OPS for child in meta.child_ops)]
+    return cto.palettize_weights(model, cto.OptimizationConfig(op_name_configs={n: op_config for n in names}))
 
 
 def _convert(ct, piece: _Piece, precision: str, target: str, palettize_bits: int | None):
@@ -313,7 +320,7 @@ def _convert(ct, piece: _Piece, precision: str, target: str, palettize_bits: int
                            compute_precision=compute, minimum_deployment_target=getattr(ct.target, target),
                            skip_model_load=True)
         if palettize_bits is not None:
-            model = ct.optimize.coreml.palettize_weights(model, palettize_config(ct, palettize_bits))
+            model = palettize(ct, model, palettize_bits)
     except (ConfigError, SnapgenError):
         raise
     except Exception as e:  # coremltools raises many types; one line naming the package
