@@ -15,6 +15,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from test_export import pipe_dir  # noqa: F401  (the tiny pipeline fixture)
 from torch import nn
 
 from snapgen_cli.core.blocks import CrossAttnLayer, Transformer2D
@@ -24,6 +25,10 @@ from snapgen_cli.errors import ConfigError, SnapgenError
 from snapgen_cli.export import coreml
 from snapgen_cli.export.ane import ANECrossAttnLayer, ANETransformer2D, to_ane_layout
 from snapgen_cli.export.parity import psnr
+
+# fp16 kernels on CPU split these tiny tensors over threads badly (seconds per call on a busy
+# 2-core machine); no figure here depends on the thread count
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TWO_STAGE = dict(block_channels=(32, 64), transformer_depth=(0, 1), self_attention=(False, True))
 
@@ -64,16 +69,6 @@ def _decoder(seed=0):
 
 def _latent(seed=2):
     return torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(seed))
-
-
-@pytest.fixture
-def one_thread():
-    """fp16 kernels on CPU split these tiny tensors over threads badly (seconds per call on a
-    busy 2-core machine); the twins' numbers do not depend on the thread count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +178,7 @@ def test_twin_weights_equal_the_package_weights(decoder_packages):
     assert checked == sum(1 for m in module.modules() if isinstance(m, nn.Conv2d) and m.weight.numel() > 2048)
 
 
-def test_twin_parity_and_negative_control(one_thread):
+def test_twin_parity_and_negative_control():
     """fp16 and 6-bit twins stay above the 35 dB gate; 2-bit palettization falls below it."""
     unet, inputs = _unet(), _unet_inputs(batch=2)
     dec, z = _decoder(), _latent()
@@ -201,9 +196,10 @@ def test_twin_parity_and_negative_control(one_thread):
     assert dec.conv_in.weight.dtype == torch.float32  # the original is left alone
 
 
-@pytest.mark.parametrize("attention", ["split_einsum", "original"])
-def test_ane_layout_equals_the_module(attention, one_thread):
-    unet, inputs = _unet(), _unet_inputs(batch=2, mask=True)
+@pytest.mark.parametrize("attention, size", [("split_einsum", 16), ("original", 16), ("split_einsum_v2", 48)])
+def test_ane_layout_equals_the_module(attention, size):
+    """v2 at a 48x48 latent: the stage-1 layers' 2304 queries run as chunks of 512, 512, 512, 512, 256."""
+    unet, inputs = _unet(), _unet_inputs(batch=2, size=size, mask=True)
     ane = to_ane_layout(unet, attention)
     rewritten = [m for m in ane.modules() if isinstance(m, (ANETransformer2D, ANECrossAttnLayer))]
     originals = [m for m in unet.modules() if isinstance(m, (Transformer2D, CrossAttnLayer))]
@@ -217,7 +213,7 @@ def test_ane_layout_equals_the_module(attention, one_thread):
         assert psnr(ref, ane(*list(inputs.values())[:4])) < 60
 
 
-def test_chunks_compose_to_the_whole_model(one_thread):
+def test_chunks_compose_to_the_whole_model():
     unet, inputs = _unet(), _unet_inputs(batch=2, mask=True)
     head, body = coreml.unet_chunks(unet, {k: coreml._example(k, v) for k, v in inputs.items()}, ["velocity"], "Unet")
     assert (head.file, body.file) == ("UnetChunk1.mlpackage", "UnetChunk2.mlpackage")
@@ -253,6 +249,33 @@ def test_swift_resources(unet_package):
     assert "`shift`: 3.0" in readme
     with pytest.raises(ConfigError, match="role 'vae'"):
         coreml.swift_resource_path(res, "vae")
+
+
+def test_export_stage_writes_swift_resources(pipe_dir, tmp_path):  # noqa: F811  (test_export's fixture)
+    """`snapgen export --formats coreml` of test_export's tiny pipeline (CLIP with masked padding,
+    2-stage UNet, tiny decoder) at 256 px, the UNet in two chunks with the v2 neural-engine
+    attention (its 1024 stage-1 queries run in two chunks of 512): every model passes the twin
+    gate and the folder is what the Swift package loads."""
+    import json
+
+    from snapgen_cli.stages import export as E
+    from snapgen_cli.stages.base import StageContext
+
+    out = tmp_path / "export"
+    E.run(E.Config(checkpoint=str(pipe_dir), formats=["coreml"], resolution=256, chunks=2, ane_layout=True,
+                   attention="split_einsum_v2"), StageContext(out_dir=out))
+    names = sorted(p.name for p in (out / "coreml").iterdir())
+    assert names == ["README.md", "TextEncoder.mlpackage", "UnetChunk1.mlpackage", "UnetChunk2.mlpackage",
+                     "VAEDecoder.mlpackage", "merges.txt", "vocab.json"]
+    artefacts = {a["model"]: a for a in json.loads((out / E.RESULT_FILE).read_text())["artefacts"]}
+    assert set(artefacts) == {"text.clip_l", "unet", "decoder"}
+    for a in artefacts.values():
+        assert a["parity"][0]["min_db"] >= 35 and a["chunks"] == (2 if a["model"] == "unet" else 1)
+        assert a["export"]["files"] == a["files"] and len(a["structure"]) == len(a["files"])
+    unet = artefacts["unet"]
+    assert unet["files"] == ["coreml/UnetChunk1.mlpackage", "coreml/UnetChunk2.mlpackage"]
+    assert unet["export"]["inputs"][-1]["name"] == "encoder_attention_mask"
+    assert "einsum" in unet["structure"][0]["ops"] and "constexpr_lut_to_dense" not in unet["structure"][1]["ops"]
 
 
 def test_failed_conversion_keeps_the_previous_package(tmp_path):

@@ -242,12 +242,26 @@ class SnapGenUNet(ModelMixin, ConfigMixin):
         temb = self.time_embedding(self.time_proj(t).to(sample.dtype))
         return temb + self.pooled_embedding(pooled_projections.to(temb.dtype))
 
+    def stem(self, sample: torch.Tensor) -> torch.Tensor:
+        """``conv_in``: the first feature map, the first skip connection."""
+        # Channels-last: oneDNN/cuDNN run the (depthwise) convs faster on NHWC, and the
+        # transformers' (B, C, H, W) <-> (B, HW, C) reshapes become views (CPU training
+        # step of the tiny preset: ~10-20% faster, same numbers to float rounding). Not while
+        # exporting: a graph has no strides, and symbolic strides triple torch.export's time.
+        if not torch.compiler.is_exporting():
+            sample = sample.contiguous(memory_format=torch.channels_last)
+        return self.conv_in(sample)
+
+    def output_head(self, h: torch.Tensor) -> torch.Tensor:
+        """GroupNorm, SiLU, ``conv_out``: the prediction from the last feature map."""
+        return self.conv_out(F.silu(self.norm_out(h))).contiguous()
+
     def layer_steps(self) -> list[tuple[str, nn.Module]]:
         """The layers between ``conv_in`` and the output head, in forward order, as ``(kind, module)``:
         ``"down"`` (a layer; its output is pushed as a skip), ``"downsample"`` (output pushed),
         ``"mid"``, ``"mid_res"``, ``"up"`` (the last skip is popped and concatenated to the input
-        first), ``"upsample"``. ``forward`` runs them with :meth:`run_step`; the Core ML export
-        cuts this list into chunks (``export/coreml.py``)."""
+        first), ``"upsample"``. ``forward`` runs them with :meth:`run_step` between :meth:`stem`
+        and :meth:`output_head`; the Core ML export cuts this list into chunks (``export/coreml.py``)."""
         steps: list[tuple[str, nn.Module]] = []
         for i, layers in enumerate(self.down):
             steps += [("down", layer) for layer in layers]
@@ -301,19 +315,13 @@ class SnapGenUNet(ModelMixin, ConfigMixin):
             mask = mask.bool()
 
         feats = None
-        # Channels-last: oneDNN/cuDNN run the (depthwise) convs faster on NHWC, and the
-        # transformers' (B, C, H, W) <-> (B, HW, C) reshapes become views (CPU training
-        # step of the tiny preset: ~10-20% faster, same numbers to float rounding). Not while
-        # exporting: a graph has no strides, and symbolic strides triple torch.export's time.
-        if not torch.compiler.is_exporting():
-            sample = sample.contiguous(memory_format=torch.channels_last)
-        h = self.conv_in(sample)
+        h = self.stem(sample)
         skips = [h]
         for kind, module in self.layer_steps():
             h = self.run_step(kind, module, h, temb, ctx, mask, skips)
             if kind in ("down", "mid", "up") and module.attn is not None:
                 feats = h
-        out = self.conv_out(F.silu(self.norm_out(h))).contiguous()
+        out = self.output_head(h)
         feats = feats if return_features else None
         if not return_dict:
             return (out, feats)

@@ -19,6 +19,10 @@ layout, and :func:`to_ane_layout` applies it to a SnapGen module before tracing:
   - ``"split_einsum"`` for the ANE: every head is a separate pair of einsums on 4-D
     tensors (``bchq,bkhc->bkhq``, softmax over the key axis, ``bkhq,bchk->bchq``),
     concatenated along channels; MQA's single key/value head is shared by all of them;
+  - ``"split_einsum_v2"``: split_einsum with each head's queries cut into chunks of 512
+    tokens (``QUERY_CHUNK``; the last chunk takes the rest), which bounds the (keys x
+    queries) weight tensors of long sequences (stage-1 cross-attention at 1024^2: 16384
+    queries); identical to split_einsum below 512 queries, as Apple's;
   - ``"original"`` for the GPU: all heads in one batched matmul.
 
 Decisions:
@@ -49,8 +53,10 @@ from torch import nn
 
 from ..core.blocks import Attention, CrossAttnLayer, FeedForward, Transformer2D, TransformerBlock
 
-#: Apple's attention implementations: "split_einsum" (neural engine), "original" (GPU).
-ATTENTION_IMPLEMENTATIONS = ("original", "split_einsum")
+#: Apple's attention implementations: "split_einsum[_v2]" (neural engine), "original" (GPU).
+ATTENTION_IMPLEMENTATIONS = ("original", "split_einsum", "split_einsum_v2")
+#: Queries per chunk of "split_einsum_v2" (Apple's CHUNK_SIZE).
+QUERY_CHUNK = 512
 
 #: Additive attention bias of a masked key (see the module docstring).
 MASK_BIAS = -1e4
@@ -149,16 +155,21 @@ class ANEAttention(nn.Module):
             out = out.reshape(b, c, 1, s)
         else:
             k_t = k.permute(0, 3, 1, 2)  # (B, L, kv_heads, D): the key axis first, as the einsum wants
+            chunk = QUERY_CHUNK if self.implementation == "split_einsum_v2" else s
             heads = []
             for i in range(self.heads):
                 j = i if self.kv_heads > 1 else 0
-                qi = q[:, i].unsqueeze(2)  # (B, D, 1, S)
                 ki = k_t[:, :, j : j + 1]  # (B, L, 1, D)
                 vi = v[:, j].unsqueeze(2)  # (B, D, 1, L)
-                w = torch.einsum("bchq,bkhc->bkhq", qi, ki)  # (B, L, 1, S)
-                if bias is not None:
-                    w = w + bias[:, :, None, None]
-                heads.append(torch.einsum("bkhq,bchk->bchq", w.softmax(dim=1), vi))  # (B, D, 1, S)
+                qh = q[:, i].unsqueeze(2)  # (B, D, 1, S)
+                parts = []
+                # static slices, not torch.split (coremltools cannot convert a split longer than the axis)
+                for qi in [qh] if s <= chunk else [qh[..., a : a + chunk] for a in range(0, s, chunk)]:
+                    w = torch.einsum("bchq,bkhc->bkhq", qi, ki)  # (B, L, 1, queries)
+                    if bias is not None:
+                        w = w + bias[:, :, None, None]
+                    parts.append(torch.einsum("bkhq,bchk->bchq", w.softmax(dim=1), vi))  # (B, D, 1, queries)
+                heads.append(torch.cat(parts, dim=3) if len(parts) > 1 else parts[0])
             out = torch.cat(heads, dim=1)
         return self.to_out(out)
 
@@ -250,8 +261,8 @@ _REWRITES = {Transformer2D: ANETransformer2D, CrossAttnLayer: ANECrossAttnLayer}
 
 def to_ane_layout(module: nn.Module, attention: str = "split_einsum") -> nn.Module:
     """A copy of ``module`` whose transformer layers run on Apple's (B, C, 1, S) layout with the
-    ``attention`` implementation ("split_einsum" for the neural engine, "original" for the
-    GPU); ``module`` itself is left unchanged. Same inputs, same outputs (module docstring)."""
+    ``attention`` implementation ("split_einsum" / "split_einsum_v2" for the neural engine,
+    "original" for the GPU); ``module`` itself is left unchanged. Same inputs, same outputs."""
     if attention not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"attention {attention!r}: expected one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
     if type(module) in _REWRITES:

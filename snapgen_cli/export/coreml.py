@@ -110,7 +110,37 @@ def _coremltools():
         raise SnapgenError("Core ML export needs coremltools; install it (pip install 'coremltools>=9,<10')") from e
     finally:
         logger.setLevel(level)
+    _register_torch_ops()
     return ct
+
+
+def _register_torch_ops() -> None:
+    """Converters coremltools 9 lacks, added through its extension point (``register_torch_op``,
+    Apple's "composite operators") and only while it has none of its own:
+
+    * ``aten::new_ones`` -- transformers 5 builds every text encoder's attention mask from
+      ``q_idx.new_ones((), dtype=torch.bool)`` (``masking_utils.and_masks``): a constant of the
+      (static, as every shape of a fixed-shape export) size and dtype.
+    """
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.frontend.torch.ops import _get_inputs
+    from coremltools.converters.mil.frontend.torch.torch_op_registry import _TORCH_OPS_REGISTRY, register_torch_op
+    from coremltools.converters.mil.frontend.torch.utils import NUM_TO_NUMPY_DTYPE
+
+    if _TORCH_OPS_REGISTRY.get_func("new_ones") is not None:
+        return
+
+    def new_ones(context, node):
+        inputs = _get_inputs(context, node)
+        size, dtype = inputs[1], inputs[2]
+        sizes = size if isinstance(size, list) else [size]
+        if any(s.val is None for s in sizes):
+            raise ValueError(f"new_ones {node.name}: a size known only at run time (fixed-shape export expected)")
+        shape = [int(v) for s in sizes for v in np.atleast_1d(s.val)]
+        np_dtype = NUM_TO_NUMPY_DTYPE[int(dtype.val)] if dtype is not None and dtype.val is not None else np.float32
+        context.add(mb.const(val=np.ones(shape, dtype=np_dtype), name=node.name))
+
+    register_torch_op(new_ones)
 
 
 # ----------------------------------------------------------------------------------------
@@ -183,7 +213,7 @@ class _UNetChunk(nn.Module):
         mask = None if mask is None else mask.bool()
         if self.first:
             temb = unet.conditioning(x["sample"], x["timestep"], x["pooled"])
-            h = unet.conv_in(x["sample"].contiguous(memory_format=torch.channels_last))
+            h = unet.stem(x["sample"])
             skips = [h]
         else:
             h, temb = x["hidden"], x.get("temb")
@@ -191,7 +221,7 @@ class _UNetChunk(nn.Module):
         for kind, module in self.steps:
             h = unet.run_step(kind, module, h, temb, x.get("context"), mask, skips)
         if self.last:
-            return unet.conv_out(torch.nn.functional.silu(unet.norm_out(h))).contiguous()
+            return unet.output_head(h)
         return (h, temb, *skips) if self.emit_temb else (h, *skips)
 
 
@@ -340,8 +370,9 @@ def export_coreml(module: nn.Module, example_inputs: dict[str, torch.Tensor], ou
     input names and shapes; ``output_names`` name the outputs. ``precision`` "fp16" | "fp32"
     (compute; inputs and outputs are fp32), ``palettize_bits`` None | 1, 2, 3, 4, 6, 8 (k-means,
     per tensor), ``minimum_target`` the deployment target ("iOS17"), ``ane_layout`` applies
-    :func:`~snapgen_cli.export.ane.to_ane_layout` with ``attention`` ("split_einsum" for the
-    neural engine, "original" for the GPU) first. See the module docstring for each decision.
+    :func:`~snapgen_cli.export.ane.to_ane_layout` with ``attention`` ("split_einsum" or
+    "split_einsum_v2" for the neural engine, "original" for the GPU) first. The module
+    docstring gives the reason for each decision.
 
     Returns the manifest entry: ``files`` (paths), ``sizes`` (bytes per file), ``size_bytes``,
     ``inputs`` / ``outputs`` of the whole model (name, shape, dtype), ``chunks`` (each file's
@@ -640,13 +671,14 @@ def write_swift_resources(resources_dir: str | Path, entries: dict[str, dict], *
         "  the token context it takes the pooled text vector (as SD3's MMDiT), so drive it with your own",
         "  prediction call; with two chunks, feed chunk 2 chunk 1's outputs merged with the original",
         "  inputs by name (what `Unet.swift`'s `predictions(from:)` does).",
-        "- `timestep` is `sigma * 1000`; the sampler is flow-matching Euler (rectified flow, Eq. 3) with",
-        "  the time shift 3: `x <- x + (sigma_next - sigma) * velocity` over the schedule below, the",
-        "  output of the UNet being the velocity (Swift's `DiscreteFlowScheduler` is the closest",
-        "  stock scheduler; use the listed sigmas). Classifier-free guidance, when the scale is not 1,",
-        "  batches an all-zero context and pooled vector as the unconditional input.",
-        "- The decoder takes unnormalised latents, `latents / scaling_factor + shift_factor` (as",
-        "  `DecoderSD3.swift`), and returns the image in [-1, 1].",
+        "- `timestep` is `sigma * 1000`; the sampler is flow-matching Euler (rectified flow, Eq. 3):",
+        "  `x <- x + (sigma_next - sigma) * velocity` over the sigmas of the sampler (below, or",
+        "  export.json; they include the time shift), the UNet's output being the velocity. Swift's",
+        "  `DiscreteFlowScheduler` is the closest stock scheduler; use the listed sigmas. Classifier-free",
+        "  guidance, when the scale is not 1, batches an all-zero context and pooled vector as the",
+        "  unconditional input.",
+        "- The decoder package takes what its export wrapper takes: with `snapgen export`, the sampler's",
+        "  latents as they are (scaling and shift folded in), returning the image in [0, 1].",
         "- Text encoders: the CLIP encoders use `vocab.json` + `merges.txt`; SnapGen's Gemma encoder",
         "  has no Swift counterpart in the package (run it separately or drop it: its tokens are",
         "  zeros when dropped, as in training).",

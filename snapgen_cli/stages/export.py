@@ -8,8 +8,9 @@ text encoder of the stack -- through the export wrappers (``export/wrappers.py``
 
     <out>/export.json        the manifest (below); the CLI prints its path
     <out>/onnx/              unet.onnx, decoder.onnx, text.<encoder>.onnx (+ .fp16.onnx variants)
-    <out>/coreml/            Unet.mlpackage, VAEDecoder.mlpackage, TextEncoder*.mlpackage,
-                             vocab.json + merges.txt (CLIP's BPE files)
+    <out>/coreml/            Unet.mlpackage (or UnetChunk1 + UnetChunk2), VAEDecoder.mlpackage,
+                             TextEncoder*.mlpackage, vocab.json + merges.txt (CLIP's BPE files),
+                             README.md (what a Swift app needs: ``export.coreml.write_swift_resources``)
     <out>/tokenizers/<name>/ each encoder's tokenizer (``AutoTokenizer.from_pretrained``)
     <out>/scheduler/         the sampler (diffusers scheduler config: shift, objective)
 
@@ -40,7 +41,7 @@ and moved into place only when every gate passed: an earlier export stays intact
 
 ``module`` is the fp32 export wrapper (named inputs in ``example_inputs`` order); Core ML runs
 after ONNX for every model. The stage records ``export_coreml``'s dict and
-``inspect_mlpackage``'s under the artefact's ``export`` and ``structure`` keys.
+``inspect_mlpackage``'s (one per package file) under the artefact's ``export`` and ``structure`` keys.
 
 **What a runtime needs** (``export.json``): the sampler (steps, guidance, objective, shift, the
 sigmas and model timesteps of the default step count; the scheduler config), the text stack
@@ -111,7 +112,8 @@ class Config(StageSettings):
                                                 "(Apple's neural-engine practice)")
     attention: Literal["original", "split_einsum", "split_einsum_v2"] = Field(
         "original", description="Core ML attention implementation: original (GPU) or split_einsum[_v2] (ANE)")
-    chunks: int = Field(1, ge=1, description="Core ML: split the UNet into this many chunks")
+    chunks: Literal[1, 2] = Field(1, description="Core ML: the UNet in 1 package or 2 (Apple's UnetChunk1 + "
+                                                 "UnetChunk2)")
     parity_fp32_db: float = Field(60.0, gt=0, description="parity gate for fp32 artefacts (PSNR, dB)")
     parity_fp16_db: float = Field(35.0, gt=0, description="parity gate for fp16 and palettized artefacts (PSNR, dB)")
     parity_resolutions: list[int] = Field(default_factory=list, description="more image sizes the ONNX gate checks "
@@ -267,6 +269,7 @@ def _coreml(item, root: Path, cfg: Config, check: tuple[dict, list, str], apple_
     """The Core ML seam: convert ``item`` with ``export/coreml.py`` and gate its PyTorch twin."""
     import torch
 
+    from ..export.ane import to_ane_layout
     from ..export.coreml import coreml_twin, export_coreml, inspect_mlpackage
     from ..export.parity import gate, worst
 
@@ -275,11 +278,13 @@ def _coreml(item, root: Path, cfg: Config, check: tuple[dict, list, str], apple_
     path = root / "coreml" / f"{apple_name}.mlpackage"
     path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    chunks = cfg.chunks if item.name == "unet" else 1  # Apple chunks the UNet only
     info = export_coreml(item.module, inputs, item.output_names, path, precision=cfg.precision, palettize_bits=bits,
                          minimum_target=cfg.minimum_target, ane_layout=cfg.ane_layout, attention=cfg.attention,
-                         chunks=cfg.chunks)
+                         chunks=chunks)
     seconds = time.perf_counter() - t0
-    twin = coreml_twin(item.module, precision=cfg.precision, palettize_bits=bits)
+    twin_of = to_ane_layout(item.module, cfg.attention) if cfg.ane_layout else item.module  # what was converted
+    twin = coreml_twin(twin_of, precision=cfg.precision, palettize_bits=bits)
     with torch.no_grad():
         out = twin(*inputs.values())
     out = list(out) if isinstance(out, (tuple, list)) else [out]
@@ -287,12 +292,12 @@ def _coreml(item, root: Path, cfg: Config, check: tuple[dict, list, str], apple_
     threshold = cfg.parity_fp16_db if cfg.precision == "fp16" or bits else cfg.parity_fp32_db
     figures = _figures(reference, [o.float() for o in out], item.output_names)
     gate(item.name, "coreml", label, figures, threshold, f"{where}, PyTorch twin")
-    chunks = sorted(root.joinpath("coreml").glob(f"{apple_name}Chunk*.mlpackage"))  # Apple's UnetChunk1, ...
-    files = [p for p in [path, *chunks] if p.exists()]
+    files = [Path(f) for f in info["files"]]  # <name>.mlpackage, or Apple's <name>Chunk1/2.mlpackage
     return [dict(model=item.name, format="coreml", precision=cfg.precision, palettize_bits=bits, path=_rel(path, root),
                  files=[_rel(f, root) for f in files], size_bytes=_size(files), params=item.params,
                  export_s=round(seconds, 2), minimum_target=cfg.minimum_target, ane_layout=cfg.ane_layout,
-                 attention=cfg.attention, chunks=cfg.chunks, export=info, structure=inspect_mlpackage(path),
+                 attention=cfg.attention, chunks=chunks, export={**info, "files": [_rel(f, root) for f in files]},
+                 structure=[inspect_mlpackage(f) for f in files],
                  example_shapes={k: list(v.shape) for k, v in inputs.items()},
                  parity=[dict(where=f"{where}, PyTorch twin", psnr_db=figures, min_db=worst(figures),
                               threshold_db=threshold)])]
@@ -319,8 +324,8 @@ def _sampler(pipe, steps: int, guidance: float) -> dict:
                 scheduler="scheduler", unconditional="every encoder dropped: zero context and pooled, all attended")
 
 
-def _side_files(pipe, root: Path, formats: list[str]) -> list[dict]:
-    """Tokenizers and the scheduler config; CLIP's BPE files next to the Core ML models."""
+def _side_files(pipe, root: Path) -> list[dict]:
+    """Tokenizers and the scheduler config."""
     encoders = []
     for name, enc in pipe.text_encoder.encoders.items():
         enc.tokenizer.save_pretrained(root / "tokenizers" / name)
@@ -329,12 +334,6 @@ def _side_files(pipe, root: Path, formats: list[str]) -> list[dict]:
                              padding=s.padding, role=s.role, width=pipe.layout.widths[name],
                              pooled_width=pipe.layout.pooled_widths[name], spec=s.model_dump(mode="json")))
     pipe.scheduler.save_pretrained(root / "scheduler")
-    if "coreml" in formats:
-        clip = next((e["name"] for e in encoders if e["kind"] == "clip"), None)
-        for f in ("vocab.json", "merges.txt") if clip else ():
-            if (root / "tokenizers" / clip / f).is_file():
-                (root / "coreml").mkdir(exist_ok=True)
-                shutil.copy2(root / "tokenizers" / clip / f, root / "coreml" / f)
     return encoders
 
 
@@ -377,7 +376,7 @@ def run(cfg: Config, ctx: StageContext) -> dict:
         try:
             import snapgen_cli.export.coreml  # noqa: F401
         except ImportError as exc:
-            raise SnapgenError(f"formats: coreml needs {exc.name} ({exc}); install coremltools>=8.0, or export "
+            raise SnapgenError(f"formats: coreml needs {exc.name} ({exc}); install coremltools>=9.0, or export "
                                "--formats onnx") from None
     console = ctx.console
     pipe = load_pipeline(ckpt)
@@ -413,7 +412,13 @@ def run(cfg: Config, ctx: StageContext) -> dict:
                 console.print(f"  {a['format']} {a['precision']}: {a['size_bytes'] / 2**20:.2f} MiB, parity "
                               f">= {_min_db(a):.1f} dB, {a['export_s']:.1f} s")
             artefacts += made
-        encoders = _side_files(pipe, tmp, cfg.formats)
+        encoders = _side_files(pipe, tmp)
+        if "coreml" in cfg.formats:  # the Swift package's BPE files and a README of what an app needs
+            from ..export.coreml import write_swift_resources
+
+            clip = next((e for e in pipe.text_encoder.encoders.values() if e.spec.kind == "clip"), None)
+            models = {a["model"]: a["export"] for a in artefacts if a["format"] == "coreml"}
+            write_swift_resources(tmp / "coreml", models, tokenizer=clip.tokenizer if clip else None, sampler=sampler)
         manifest = jsonable(dict(
             format_version=MANIFEST_VERSION, created_by=f"snapgen {__version__}", torch=torch.__version__,
             source=dict(checkpoint=str(Path(ckpt).resolve()), unet_class=type(pipe.unet).__name__,
