@@ -99,7 +99,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 
-from .blocks import CrossAttnLayer, Downsample, ResBlock, Transformer2D, Upsample, group_norm
+from .blocks import CrossAttnLayer, Downsample, ResBlock, Transformer2D, Upsample, attention_bias, group_norm
 from .presets import preset_config
 
 
@@ -258,8 +258,8 @@ class SnapGenUNet(ModelMixin, ConfigMixin):
         temb = self.time_embedding(self.time_proj(t).to(sample.dtype))
         temb = temb + self.pooled_embedding(pooled_projections.to(temb.dtype))
         ctx, mask = encoder_hidden_states, encoder_attention_mask
-        if mask is not None:
-            mask = mask.bool()
+        if mask is not None:  # the additive bias every cross-attention adds, made once
+            mask = attention_bias(mask, temb.dtype)
 
         feats = None
         # Channels-last: oneDNN/cuDNN run the (depthwise) convs faster on NHWC, and the
