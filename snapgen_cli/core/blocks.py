@@ -15,6 +15,14 @@ same code builds the thin SDXL baseline (Fig. 2a) and the final SnapGen UNet
                            self-attention outside the lowest-resolution stage.
 * ``CrossAttnLayer``   -- Fig. 2e: a stage-1 layer made of cross-attention + FFN transformer
                            blocks (no self-attention) in place of the residual block.
+
+CPU training speed (``benchmarks/bench_train_step.py``): the tiny UNet spends most of its
+MACs in small GEMMs and runs many more small kernels than an SDXL-style UNet of its size
+(QK RMSNorm, RoPE, GEGLU, MQA). Without changing the function, the blocks cut kernels where
+the same numbers can be had with fewer: one GEMM for projections of the same input, MQA
+without the K/V broadcast, the attention mask's bias made once, RMSNorm with a fused CPU
+backward, GEGLU halves as two GEMMs, explicit padding for depthwise convs on tiny maps.
+``tests/test_blocks_speed.py`` checks each against the plain formulation.
 """
 
 from __future__ import annotations
@@ -38,9 +46,9 @@ class DepthwiseConv2d(nn.Conv2d):
 
     On CPU, a map of at most 2x2 (the tiny UNet's lowest stage) is zero-padded explicitly and
     convolved unpadded: the same numbers (the padding is zeros either way), but oneDNN's
-    padded depthwise backward is slow on such maps -- forward + backward, batch 32, 32-256
-    channels: 2x2 1.0-2.6x, 1x1 1.6-5.2x faster (``benchmarks/bench_train_step.py``); from
-    3x3 up the padded kernel is the faster one."""
+    padded depthwise backward is slow on such maps. Measured (torch 2.14, oneDNN 3.12, one
+    AMD EPYC core; forward + backward, batch 32, channels_last, 32-256 channels): 2x2 maps
+    1.0-2.6x and 1x1 maps 1.6-5.2x faster this way; from 3x3 up the padded kernel is faster."""
 
     def __init__(self, ch: int, stride: int = 1):
         super().__init__(ch, ch, 3, stride=stride, padding=1, groups=ch)
@@ -252,7 +260,8 @@ class FeedForward(nn.Module):
             return self.proj_out(F.gelu(self.proj_in(x)))
         # GEGLU: value and gate halves of proj_in as two GEMMs (the same products as one GEMM
         # and a chunk), so the gate's GELU and the product run on contiguous tensors and the
-        # backward needs no concatenation (CPU: 5-20% faster FFN forward + backward).
+        # backward needs no concatenation (the tiny UNet's FFNs on one CPU core: 3-20% faster
+        # forward + backward).
         w, b = self.proj_in.weight, self.proj_in.bias
         n = w.shape[0] // 2
         return self.proj_out(F.linear(x, w[:n], b[:n]) * F.gelu(F.linear(x, w[n:], b[n:])))
