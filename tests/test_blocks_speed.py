@@ -131,3 +131,29 @@ def test_split_geglu_equals_the_chunked_projection():
     _assert_same(ff, ff(x), ff.proj_out(h * F.gelu(gate)), x)
     value, _ = ff.proj_in(x).chunk(2, dim=-1)  # negative control: gating by the other half differs
     assert not torch.allclose(ff(x), ff.proj_out(gate * F.gelu(value)))
+
+
+def test_train_step_benchmark_times_the_demo_finetune_unet_against_a_same_size_diffusers_unet():
+    """benchmarks/bench_train_step.py reads the model, batch, latent and text shapes from the demo
+    recipe (the dry-run plan's 2,617,604 parameters) and its diffusers UNet stays within 5% of
+    that model's parameters and MACs."""
+    import importlib.util
+    from pathlib import Path
+
+    from snapgen_cli.core.unet import build_unet
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train_step.py"
+    spec = importlib.util.spec_from_file_location("bench_train_step", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    setup = bench.demo_setup(bench.DEMO_RECIPE, "finetune-64")
+    assert setup == dict(stage="finetune-64", model="tiny", batch=32, resolution=64, latent=8, latent_channels=4,
+                         tokens=16, context_dim=384, pooled_dim=384)
+    kw = dict(in_channels=4, out_channels=4, context_dim=384, pooled_dim=384)
+    ours = bench.meta_macs(lambda: build_unet("tiny", **kw), True, setup)
+    theirs = bench.meta_macs(lambda: bench.diffusers_unet(4, 384), False, setup)
+    with torch.device("meta"):
+        n_ours, n_theirs = (sum(p.numel() for p in m.parameters())
+                            for m in (build_unet("tiny", **kw), bench.diffusers_unet(4, 384)))
+    assert n_ours == 2_617_604
+    assert abs(n_theirs / n_ours - 1) < 0.05 and abs(theirs / ours - 1) < 0.05, (n_theirs, theirs, ours)
