@@ -99,7 +99,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 
-from .blocks import CrossAttnLayer, Downsample, ResBlock, Transformer2D, Upsample, group_norm
+from .blocks import CrossAttnLayer, Downsample, ResBlock, Transformer2D, Upsample, attention_bias, group_norm
 from .presets import preset_config
 
 
@@ -311,8 +311,8 @@ class SnapGenUNet(ModelMixin, ConfigMixin):
             raise ValueError(f"latent size {tuple(sample.shape[-2:])} must be divisible by {factor}")
         temb = self.conditioning(sample, timestep, pooled_projections)
         ctx, mask = encoder_hidden_states, encoder_attention_mask
-        if mask is not None:
-            mask = mask.bool()
+        if mask is not None:  # the additive bias every cross-attention adds, made once
+            mask = attention_bias(mask, temb.dtype)
 
         feats = None
         h = self.stem(sample)
