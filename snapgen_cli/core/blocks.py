@@ -176,6 +176,15 @@ class RMSNorm(nn.RMSNorm):
         return super().forward(x)
 
 
+def _training_kernels() -> bool:
+    """Whether to run the CPU training formulations (projections that share an input as one
+    GEMM on concatenated weights, GEGLU's halves as two GEMMs): always, except while tracing
+    or exporting, where a graph must hold each layer's own weight (Core ML palettizes per
+    weight). Both formulations compute the same products (up to float summation order, so
+    eager inference and training stay bitwise equal; an export differs by ~1e-7)."""
+    return not torch.jit.is_tracing() and not torch.compiler.is_exporting()
+
+
 class Attention(nn.Module):
     """Self- or cross-attention.
 
@@ -209,13 +218,18 @@ class Attention(nn.Module):
         b, n, _ = x.shape
         d, kv = self.head_dim, self.kv_heads * self.head_dim
         # One GEMM for the projections that read the same input (their weights concatenated;
-        # the same products as three nn.Linear calls, a third of the per-call overhead).
-        if context is None:
+        # the same products as three nn.Linear calls, a third of the per-call overhead); one
+        # nn.Linear each while tracing or exporting (_training_kernels).
+        fused = _training_kernels()
+        if context is None and fused:
             q, k, v = F.linear(x, torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])).split(
                 [self.heads * d, kv, kv], dim=-1)
-        else:
+        elif fused:
             q = self.to_q(x)
             k, v = F.linear(context, torch.cat([self.to_k.weight, self.to_v.weight])).split([kv, kv], dim=-1)
+        else:
+            ctx = x if context is None else context
+            q, k, v = self.to_q(x), self.to_k(ctx), self.to_v(ctx)
         # (B, tokens, heads, D): QK RMSNorm over each head's channels, RoPE by token.
         q, k, v = q.unflatten(-1, (-1, d)), k.unflatten(-1, (-1, d)), v.unflatten(-1, (-1, d))
         if self.norm_q is not None:
@@ -264,6 +278,10 @@ class FeedForward(nn.Module):
         # and a chunk), so the gate's GELU and the product run on contiguous tensors and the
         # backward needs no concatenation (the tiny UNet's FFNs on one CPU core: 3-20% faster
         # forward + backward).
+        # Tracing and export: one GEMM and a chunk (the graph keeps proj_in's weight whole).
+        if not _training_kernels():
+            value, gate = self.proj_in(x).chunk(2, dim=-1)
+            return self.proj_out(value * F.gelu(gate))
         w, b = self.proj_in.weight, self.proj_in.bias
         n = w.shape[0] // 2
         return self.proj_out(F.linear(x, w[:n], b[:n]) * F.gelu(F.linear(x, w[n:], b[n:])))

@@ -134,7 +134,7 @@ class ANEAttention(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """``x`` (B, C, 1, S); ``context`` (B, D, 1, L) or None (self-attention); ``mask`` (B, L)
-        bool, True where attended; ``rope`` (cos, sin) tables of shape (head_dim, S)."""
+        bool, True where attended, or the UNet's (B, 1, 1, L) 0 / -inf bias; ``rope`` (cos, sin) tables of shape (head_dim, S)."""
         b, c, _, s = x.shape
         ctx = x if context is None else context
         n_k = ctx.shape[3]
@@ -146,7 +146,9 @@ class ANEAttention(nn.Module):
         if rope is not None:
             q, k = _rope_channels_first(q, *rope), _rope_channels_first(k, *rope)
         q = q * self.head_dim**-0.5
-        bias = None if mask is None else (~mask.bool()).to(q.dtype) * MASK_BIAS  # (B, L)
+        if mask is not None and mask.ndim == 4:  # the UNet's (B, 1, 1, L) additive bias (core.blocks.attention_bias)
+            mask = mask.reshape(b, -1) == 0
+        bias = None if mask is None else (~mask.bool()).to(q.dtype) * MASK_BIAS  # (B, L): finite, as the ANE needs
         if self.implementation == "original":
             weights = torch.matmul(q.transpose(2, 3), k)  # (B, heads, S, L); one K/V head broadcasts
             if bias is not None:
