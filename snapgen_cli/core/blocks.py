@@ -178,11 +178,14 @@ class RMSNorm(nn.RMSNorm):
 
 def _training_kernels() -> bool:
     """Whether to run the CPU training formulations (projections that share an input as one
-    GEMM on concatenated weights, GEGLU's halves as two GEMMs): always, except while tracing
-    or exporting, where a graph must hold each layer's own weight (Core ML palettizes per
-    weight). Both formulations compute the same products (up to float summation order, so
-    eager inference and training stay bitwise equal; an export differs by ~1e-7)."""
-    return not torch.jit.is_tracing() and not torch.compiler.is_exporting()
+    GEMM on concatenated weights, GEGLU's halves as two GEMMs): while gradients are recorded,
+    not while tracing or exporting. Both compute the same products up to float summation
+    order (~1e-7), but not batch-invariantly: with them, an image sampled in a batch of 4 and
+    again in a batch of 2 differed by one 8-bit level, which breaks the eval stage's resume
+    (regenerated images must equal the first run's). Inference, tracing and export therefore
+    use one nn.Linear per layer, and an exported graph holds each layer's own weight (Core ML
+    palettizes per weight)."""
+    return torch.is_grad_enabled() and not torch.jit.is_tracing() and not torch.compiler.is_exporting()
 
 
 class Attention(nn.Module):
@@ -219,7 +222,7 @@ class Attention(nn.Module):
         d, kv = self.head_dim, self.kv_heads * self.head_dim
         # One GEMM for the projections that read the same input (their weights concatenated;
         # the same products as three nn.Linear calls, a third of the per-call overhead); one
-        # nn.Linear each while tracing or exporting (_training_kernels).
+        # nn.Linear each in inference, tracing and export (_training_kernels).
         fused = _training_kernels()
         if context is None and fused:
             q, k, v = F.linear(x, torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])).split(
@@ -278,7 +281,7 @@ class FeedForward(nn.Module):
         # and a chunk), so the gate's GELU and the product run on contiguous tensors and the
         # backward needs no concatenation (the tiny UNet's FFNs on one CPU core: 3-20% faster
         # forward + backward).
-        # Tracing and export: one GEMM and a chunk (the graph keeps proj_in's weight whole).
+        # Inference, tracing and export: one GEMM and a chunk (_training_kernels).
         if not _training_kernels():
             value, gate = self.proj_in(x).chunk(2, dim=-1)
             return self.proj_out(value * F.gelu(gate))
