@@ -176,16 +176,17 @@ class RMSNorm(nn.RMSNorm):
         return super().forward(x)
 
 
-def _training_kernels() -> bool:
-    """Whether to run the CPU training formulations (projections that share an input as one
-    GEMM on concatenated weights, GEGLU's halves as two GEMMs): while gradients are recorded,
-    not while tracing or exporting. Both compute the same products up to float summation
-    order (~1e-7), but not batch-invariantly: with them, an image sampled in a batch of 4 and
-    again in a batch of 2 differed by one 8-bit level, which breaks the eval stage's resume
-    (regenerated images must equal the first run's). Inference, tracing and export therefore
-    use one nn.Linear per layer, and an exported graph holds each layer's own weight (Core ML
-    palettizes per weight)."""
-    return torch.is_grad_enabled() and not torch.jit.is_tracing() and not torch.compiler.is_exporting()
+def _training_kernels(module: nn.Module) -> bool:
+    """Whether ``module`` runs the CPU training formulations (projections that share an input
+    as one GEMM on concatenated weights, GEGLU's halves as two GEMMs): in training mode, not
+    while tracing or exporting. Both compute the same products up to float summation order
+    (~1e-7), but not batch-invariantly: with them, an image sampled in a batch of 4 and again in
+    a batch of 2 differed by one 8-bit level, which breaks the eval stage's resume (regenerated
+    images must equal the first run's). A model in eval mode (every pipeline), tracing and export
+    therefore use one nn.Linear per layer, and an exported graph holds each layer's own weight
+    (Core ML palettizes per weight). Keyed on the mode, not on grad mode, so a training model
+    computes the same numbers with and without gradients (step-distill's discriminator phase)."""
+    return module.training and not torch.jit.is_tracing() and not torch.compiler.is_exporting()
 
 
 class Attention(nn.Module):
@@ -223,7 +224,7 @@ class Attention(nn.Module):
         # One GEMM for the projections that read the same input (their weights concatenated;
         # the same products as three nn.Linear calls, a third of the per-call overhead); one
         # nn.Linear each in inference, tracing and export (_training_kernels).
-        fused = _training_kernels()
+        fused = _training_kernels(self)
         if context is None and fused:
             q, k, v = F.linear(x, torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])).split(
                 [self.heads * d, kv, kv], dim=-1)
@@ -282,7 +283,7 @@ class FeedForward(nn.Module):
         # backward needs no concatenation (the tiny UNet's FFNs on one CPU core: 3-20% faster
         # forward + backward).
         # Inference, tracing and export: one GEMM and a chunk (_training_kernels).
-        if not _training_kernels():
+        if not _training_kernels(self):
             value, gate = self.proj_in(x).chunk(2, dim=-1)
             return self.proj_out(value * F.gelu(gate))
         w, b = self.proj_in.weight, self.proj_in.bias
