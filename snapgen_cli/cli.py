@@ -116,8 +116,11 @@ def cli():
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Run directory (default: the recipe's run.out_dir).")
 @click.option("--fresh", is_flag=True, help="Start over: delete the selected stages' outputs and run them again.")
+@click.option("--jobs", type=click.IntRange(min=1), default=None, show_default="the recipe's run.jobs, else 1",
+              help="Stages run at once, each in its own process once the stages it reads are done "
+                   "(logs in <run dir>/logs/); a stage without threads gets cores / jobs.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def run_cmd(recipe, dry_run, start, only, overrides, out_dir, fresh, as_json):
+def run_cmd(recipe, dry_run, start, only, overrides, out_dir, fresh, jobs, as_json):
     """Run the stages of RECIPE in order, each reading the previous stage's output.
 
     Without RECIPE, runs the bundled demo (recipes/demo.toml): the paper's whole stage
@@ -126,6 +129,7 @@ def run_cmd(recipe, dry_run, start, only, overrides, out_dir, fresh, as_json):
     with <run dir>/report.md and report.json.
     """
     from .recipe import DEMO_RECIPE, load_recipe, plan_recipe, run_recipe, select_stages
+    from .schedule import stage_dependencies
 
     recipe = recipe or DEMO_RECIPE
     rec = load_recipe(recipe, overrides)
@@ -134,20 +138,22 @@ def run_cmd(recipe, dry_run, start, only, overrides, out_dir, fresh, as_json):
     console = stderr_console()
     if dry_run:
         rows = plan_recipe(rec, run_dir, stages, console)
-        _print_plan(rec, rows, console)
-        emit(dict(recipe=str(recipe), run_dir=str(run_dir), plan=rows), as_json, str(run_dir))
+        deps = stage_dependencies(rec, run_dir, console)
+        _print_plan(rec, rows, deps, console)
+        emit(dict(recipe=str(recipe), run_dir=str(run_dir), plan=rows, after=deps), as_json, str(run_dir))
         return
-    results = run_recipe(rec, run_dir, stages, console, fresh=fresh)
+    results = run_recipe(rec, run_dir, stages, console, fresh=fresh, jobs=jobs)
     emit(dict(recipe=str(recipe), run_dir=str(run_dir), stages=results), as_json, str(run_dir))
 
 
-def _print_plan(rec, rows, console) -> None:
+def _print_plan(rec, rows, deps, console) -> None:
     t = Table(title=f"plan: {rec.run.name} ({len(rec.stages)} stages)")
-    for col in ("stage", "kind", "model", "params", "inputs", "outputs"):
+    for col in ("stage", "kind", "after", "model", "params", "inputs", "outputs"):
         t.add_column(col, overflow="fold")
     for r in rows:
         params = "-" if r["params"] is None else f"{r['params'] / 1e6:,.2f}M"
-        t.add_row(r["stage"], r["kind"], r["model"], params, "\n".join(r["inputs"]) or "-", "\n".join(r["outputs"]) or "-")
+        t.add_row(r["stage"], r["kind"], ", ".join(deps[r["stage"]]) or "-", r["model"], params,
+                  "\n".join(r["inputs"]) or "-", "\n".join(r["outputs"]) or "-")
     console.print(t)
 
 

@@ -73,6 +73,7 @@ class RunSection(BaseModel):
     seed: int = Field(0, ge=0)
     description: str = ""
     threads: int | None = Field(None, ge=1, description="CPU threads of every stage that sets none (cpu.py)")
+    jobs: int = Field(1, ge=1, description="stages run at once, each after the stages it reads (schedule.py)")
 
 
 @dataclass
@@ -386,36 +387,57 @@ def check_done_stages(stages: list[Stage], run_dir: Path) -> None:
                               f"or restore the settings")
 
 
-def run_recipe(recipe: Recipe, run_dir: Path, stages: list[Stage], console, fresh: bool = False) -> list[dict]:
-    """Run ``stages`` in order; skip those already marked done (unless ``fresh``). A finished
-    stage of the recipe that is not redone here and whose settings changed is an error
-    (:func:`check_done_stages`): the stages after it would read stale outputs."""
+def run_one_stage(module_name: str, kind: str, recorded: dict, cfg, ctx: StageContext) -> dict:
+    """Run one stage with its resolved ``cfg`` and mark it done (atomically): the record stored in
+    ``<stage>/.snapgen-done.json`` (``recorded``: the recipe's settings, checked on re-runs)."""
+    ctx.out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    summary = run_stage(importlib.import_module(module_name), cfg, ctx)
+    record = dict(summary=summary, wall_s=round(time.perf_counter() - t0, 3), kind=kind, config=recorded)
+    atomic_write_json(ctx.out_dir / DONE_MARKER, record)
+    return record
+
+
+def run_recipe(recipe: Recipe, run_dir: Path, stages: list[Stage], console, fresh: bool = False,
+               jobs: int | None = None) -> list[dict]:
+    """Run ``stages``; skip those already marked done (unless ``fresh``). A finished stage of the
+    recipe that is not redone here and whose settings changed is an error
+    (:func:`check_done_stages`): the stages after it would read stale outputs. ``jobs`` (default
+    ``[run] jobs``): how many stages may run at once, each after the stages it reads
+    (``schedule.py``); 1 runs them in order in this process."""
     check_done_stages([s for s in recipe.stages if not (fresh and s in stages)], run_dir)
-    results = []
+    jobs = jobs or recipe.run.jobs
+    contexts = {st.name: _context(recipe, st, run_dir, False, console) for st in stages}
+    configs = {st.name: resolve_stage(recipe, st, contexts[st.name]) for st in stages}
+    todo, t_run = [], time.perf_counter()
     for n, st in enumerate(stages, 1):
-        ctx = _context(recipe, st, run_dir, False, console)
-        marker = ctx.out_dir / DONE_MARKER
+        marker = contexts[st.name].out_dir / DONE_MARKER
         if marker.is_file() and not fresh:
             console.print(f"[dim][{n}/{len(stages)}] {st.name}: done already, skipped[/dim]")
-            results.append({**json.loads(marker.read_text()), "stage": st.name, "skipped": True})
             continue
         if fresh:  # start over: the stage's old outputs and checkpoints go
-            remove_stage_dir(ctx.out_dir, run_dir)
-        console.rule(f"[bold][{n}/{len(stages)}] {st.name}[/bold] ({st.kind})")
-        ctx.out_dir.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        summary = run_stage(st.module, resolve_stage(recipe, st, ctx), ctx)
-        record = dict(summary=summary, wall_s=round(time.perf_counter() - t0, 3), kind=st.kind,
-                      config=st.config.model_dump(mode="json"))
-        atomic_write_json(marker, record)
-        results.append({**record, "stage": st.name, "skipped": False})
+            remove_stage_dir(contexts[st.name].out_dir, run_dir)
+        todo.append(st)
+    if jobs > 1 and len(todo) > 1:
+        from .schedule import run_parallel
+
+        run_parallel(recipe, run_dir, todo, console, jobs, contexts, configs)
+    else:
+        for st in todo:
+            console.rule(f"[bold][{st.index + 1}/{len(recipe.stages)}] {st.name}[/bold] ({st.kind})")
+            run_one_stage(st.module.__name__, st.kind, st.config.model_dump(mode="json"), configs[st.name],
+                          contexts[st.name])
+    results = []
+    for st in stages:
+        record = json.loads((contexts[st.name].out_dir / DONE_MARKER).read_text())
+        results.append({**record, "stage": st.name, "skipped": st not in todo})
     from .report import standalone_command, write_run_report
 
-    contexts = {st.name: _context(recipe, st, run_dir, False, console) for st in stages}
-    commands = {st.name: standalone_command(st.kind, resolve_stage(recipe, st, contexts[st.name]), run_dir / st.name)
-                for st in stages}
-    report = write_run_report(run_dir, recipe.run.name, results, commands)
-    console.print(f"[bold]report:[/bold] {run_dir / 'report.md'} (total {report['total_wall_s']:.1f} s)")
+    commands = {st.name: standalone_command(st.kind, configs[st.name], run_dir / st.name) for st in stages}
+    elapsed = time.perf_counter() - t_run if todo else None
+    report = write_run_report(run_dir, recipe.run.name, results, commands, elapsed_s=elapsed, jobs=jobs)
+    console.print(f"[bold]report:[/bold] {run_dir / 'report.md'} (stages {report['total_wall_s']:.1f} s"
+                  + (f", elapsed {elapsed:.1f} s with {jobs} jobs)" if elapsed and jobs > 1 else ")"))
     return results
 
 

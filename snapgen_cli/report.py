@@ -136,13 +136,17 @@ def _metric_cells(metrics: dict, run_dir: Path) -> dict[str, str]:
     return cells
 
 
-def write_run_report(run_dir: Path, name: str, results: list[dict], commands: dict[str, str]) -> dict:
-    """Write ``report.json`` and ``report.md`` for a finished (or partly skipped) run."""
+def write_run_report(run_dir: Path, name: str, results: list[dict], commands: dict[str, str],
+                     elapsed_s: float | None = None, jobs: int = 1) -> dict:
+    """Write ``report.json`` and ``report.md`` for a finished (or partly skipped) run. ``total_wall_s``
+    is the sum of the stages' times; ``elapsed_s`` the run's own wall time (less with ``jobs`` > 1)."""
     run_dir = Path(run_dir)
     stages = [{"stage": r["stage"], "kind": r.get("kind"), "wall_s": r.get("wall_s"), "skipped": r.get("skipped", False),
                "summary": r.get("summary"), "command": commands.get(r["stage"])} for r in results]
     report: dict[str, Any] = {"run": name, "run_dir": str(run_dir), "stages": stages,
-                              "total_wall_s": round(sum(s["wall_s"] or 0 for s in stages), 2)}
+                              "total_wall_s": round(sum(s["wall_s"] or 0 for s in stages), 2), "jobs": jobs}
+    if elapsed_s is not None:
+        report["elapsed_s"] = round(elapsed_s, 2)
     evals = [r for r in results if r.get("kind") == "eval" and (r.get("summary") or {}).get("metrics")]
     # the per-category table: the stage named "eval" (the recipe's final model), else the last eval
     ev = next((r for r in evals if r["stage"] == "eval"), evals[-1] if evals else None)
@@ -201,7 +205,10 @@ def _metrics_matrix(rows: list[dict], run_dir: Path) -> list[str]:
 
 
 def _markdown(report: dict, run_dir: Path) -> str:
-    lines = [f"# {report['run']}", "", f"Run directory: `{run_dir}`; total wall time {report['total_wall_s']:.1f} s.", ""]
+    took = f"total wall time of the stages {report['total_wall_s']:.1f} s"
+    if report.get("elapsed_s") is not None and report.get("jobs", 1) > 1:
+        took += f", {report['elapsed_s']:.1f} s elapsed with {report['jobs']} stages at once"
+    lines = [f"# {report['run']}", "", f"Run directory: `{run_dir}`; {took}.", ""]
     if "sample_grid" in report:
         rel = Path(report["sample_grid"])
         rel = rel.relative_to(run_dir) if rel.is_relative_to(run_dir) else rel

@@ -67,8 +67,9 @@ def demo(tmp_path_factory) -> tuple[Path, list[str]]:
                               torch.nn.Flatten())
     torch.jit.save(torch.jit.script(net), root / "features.pt")
     sets = _sets(root / "features.pt")
-    code, _, err = _cli("run", "--out", root / "demo", *sets)
+    code, _, err = _cli("run", "--out", root / "demo", "--set", "run.threads=1", *sets)  # 2 jobs (the recipe's)
     assert code == 0, err[-3000:]
+    assert "elapsed" in err and "start teacher" in err
     return root / "demo", sets
 
 
@@ -276,3 +277,80 @@ def test_run_threads_reach_every_stage_and_its_printed_command(tmp_path):
     assert {n: c.threads for n, c in cfgs.items()} == {n: 1 if n == "eval" else 2 for n in cfgs}
     assert "--threads 2" in standalone_command("pretrain", cfgs["pretrain"], tmp_path / "pretrain")
     assert load_recipe(DEMO_RECIPE).run.threads is None
+
+
+# ----------------------------------------------------------------------------- item 7: stages side by side
+
+
+def test_demo_stage_graph_lets_the_teacher_train_beside_the_student():
+    from snapgen_cli.recipe import DEMO_RECIPE, load_recipe
+    from snapgen_cli.schedule import stage_dependencies
+
+    after = stage_dependencies(load_recipe(DEMO_RECIPE), Path("runs/x"))
+    assert after["teacher"] == ["decoder", "precompute"]  # not the student's chain
+    assert after["finetune-64"] == ["decoder", "precompute", "finetune-32"]  # init_from = "previous"
+    assert after["pretrain"] == ["precompute-classes"]
+    assert after["distill"] == ["decoder", "precompute", "finetune-64", "teacher"]
+    assert after["eval-4step"] == ["data", "step-distill"] and after["eval-4step-before"] == ["data", "distill"]
+    assert after["data"] == [] and after["bench-export"] == ["export"]
+    assert load_recipe(DEMO_RECIPE).run.jobs == 2
+
+
+def test_two_jobs_give_bitwise_the_results_of_one(demo, tmp_path):
+    """The fixture ran the shrunk demo with the recipe's 2 jobs (one worker process per job); here
+    the same recipe runs in order in this process. Every weight file and every metric is equal."""
+    run, sets = demo
+    code, _, err = _cli("run", "--out", tmp_path / "seq", "--set", "run.threads=1", "--jobs", 1, *sets)
+    assert code == 0, err[-3000:]
+    assert "start teacher" not in err and not (tmp_path / "seq" / "logs").exists()
+    weights = sorted(p.relative_to(run) for p in run.rglob("*.safetensors"))
+    assert len(weights) > 20 and weights == sorted(p.relative_to(tmp_path / "seq")
+                                                   for p in (tmp_path / "seq").rglob("*.safetensors"))
+    differ = [str(w) for w in weights if (run / w).read_bytes() != (tmp_path / "seq" / w).read_bytes()]
+    assert not differ, differ
+    for stage in FID_EVALS:
+        a = json.loads((run / stage / "eval_report.json").read_text())["metrics"]
+        b = json.loads((tmp_path / "seq" / stage / "eval_report.json").read_text())["metrics"]
+        assert a["alignment"] == b["alignment"] and a["fid"]["fid"] == b["fid"]["fid"], stage
+    par, seq = (json.loads((d / "report.json").read_text()) for d in (run, tmp_path / "seq"))
+    assert par["jobs"] == 2 and seq["jobs"] == 1
+    assert par["elapsed_s"] > 0 and "elapsed with 2 stages at once" in (run / "report.md").read_text()
+    assert (run / "logs" / "teacher.log").stat().st_size > 0
+
+
+def test_a_failing_stage_stops_new_starts_and_names_itself_and_its_log(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('''
+[run]
+jobs = 2
+[[stages]]
+name = "a"
+kind = "shapes-data"
+n_captioned = 8
+n_classes = 4
+n_holdout = 2
+[[stages]]
+name = "gen"
+kind = "generate"
+checkpoint = "@a/captioned"
+prompts = ["a red circle"]
+[[stages]]
+name = "b"
+kind = "shapes-data"
+n_captioned = 8
+n_classes = 4
+n_holdout = 2
+[[stages]]
+name = "after-gen"
+kind = "generate"
+checkpoint = "@gen"
+prompts = ["a red circle"]
+''')
+    code, _, err = _cli("run", recipe, "--out", tmp_path / "run")
+    lines = [ln for ln in err.splitlines() if "error" in ln.lower()]
+    assert code == 2, err[-2000:]
+    assert lines and "stage 'gen' failed:" in lines[-1] and "logs/gen.log" in lines[-1], err[-2000:]
+    # "b" started beside "a" (it reads nothing of "a") and finished after "gen" failed
+    assert all((tmp_path / "run" / s / ".snapgen-done.json").is_file() for s in ("a", "b"))
+    assert not (tmp_path / "run" / "after-gen").exists()  # never started
+    assert "no model_index.json" in (tmp_path / "run" / "logs" / "gen.log").read_text()
