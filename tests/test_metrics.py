@@ -67,8 +67,6 @@ def real_and_blurred_stats(photo_dirs, inception):
     return tuple(M.feature_stats(d, inception) for d in photo_dirs)
 
 
-# Each Fréchet distance is a 2048x2048 matrix square root (~15 s on one shared core), so
-# the two tests below compute two in all.
 
 
 def test_fid_kid_of_a_folder_against_its_own_saved_stats_is_zero(tmp_path, photo_dirs, inception,
@@ -93,6 +91,27 @@ def test_fid_and_kid_grow_when_the_set_is_blurred(real_and_blurred_stats):
     kid_blur = M.kernel_distance(blurred, real)
     assert kid_blur > M.kernel_distance(real, real) + 0.02
     assert M.kernel_distance(blurred, real) == kid_blur  # seeded subsets: deterministic
+
+
+def test_fid_from_features_equals_clean_fids_matrix_square_root():
+    """The trace of sqrt(S_a S_b) from the features' singular values (at most D images a set) is
+    clean-fid's sqrtm figure; with more images than D, or mu/sigma only, clean-fid's own code runs."""
+    from cleanfid.fid import frechet_distance as cleanfid_fd
+
+    rng = np.random.default_rng(0)
+    d = 256
+    scale = rng.random(d)
+    a = M.FeatureStats.from_features(np.abs(rng.standard_normal((40, d))) * scale)
+    b = M.FeatureStats.from_features(np.abs(rng.standard_normal((60, d))) * scale + 0.05)
+    ref = cleanfid_fd(a.mu, a.sigma, b.mu, b.sigma)
+    fast = M.frechet_distance(a, b)
+    assert abs(fast / ref - 1) < 1e-6, (fast, ref)
+    assert abs(M.frechet_distance(a, a)) < 1e-9  # a set against itself
+    no_feats = M.FeatureStats(b.mu, b.sigma)
+    assert M.frechet_distance(a, no_feats) == ref  # clean-fid's path, bit for bit
+    many = M.FeatureStats.from_features(np.abs(rng.standard_normal((40, 16))))
+    few = M.FeatureStats.from_features(np.abs(rng.standard_normal((12, 16))) + 0.1)
+    assert M.frechet_distance(many, few) == cleanfid_fd(many.mu, many.sigma, few.mu, few.sigma)
 
 
 def test_unavailable_inception_is_a_clear_error(tmp_path, monkeypatch):

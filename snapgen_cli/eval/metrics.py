@@ -17,8 +17,10 @@ Decisions where the paper is silent:
   ``inception-2015-12-05.pt`` that clean-fid downloads; same ``(x - 128) / 128`` input).
   ``inception="clean-fid"`` uses clean-fid's own file (downloaded on first use), any other
   value is a local TorchScript file.
-* The Fréchet distance is clean-fid's ``scipy.linalg.sqrtm`` of a 2048x2048 matrix: about
-  15 s on one CPU core whatever the number of images, comparable with published clean-fid numbers.
+* The Fréchet distance is clean-fid's formula. Its ``scipy.linalg.sqrtm`` of a 2048x2048 matrix
+  takes about 15 s on one CPU core whatever the number of images; when both feature sets are at
+  hand and hold at most 2048 images each, the same trace is computed exactly from the features in
+  milliseconds (:func:`frechet_distance`).
 * Images are listed recursively and sorted (clean-fid's extensions), feature extraction runs in
   the calling process (``num_workers=0``) so results are bit-reproducible; KID's random subsets
   come from a fixed ``seed``. Extraction is clean-fid's own (``ResizeDataset`` in ``"clean"``
@@ -316,13 +318,30 @@ def feature_stats(source: str | Path, extractor: FeatureFn, *, batch_size: int =
 
 
 def frechet_distance(a: FeatureStats, b: FeatureStats, console=None) -> float:
-    """FID (Heusel et al.), clean-fid's implementation."""
+    """FID (Heusel et al.): ``|mu_a - mu_b|^2 + tr(S_a) + tr(S_b) - 2 tr sqrt(S_a S_b)``.
+
+    With both feature sets at hand and at most D images each (the usual case for an evaluation of a
+    few hundred or thousand images at D = 2048), the trace of the square root is computed exactly
+    from the features: with ``A``, ``B`` the centred features over ``sqrt(n - 1)`` (so
+    ``S_a = A^T A``), ``S_a S_b`` has the non-zero eigenvalues of ``(A B^T)(A B^T)^T``, so
+    ``tr sqrt(S_a S_b)`` is the sum of the singular values of the ``n_a x n_b`` matrix ``A B^T``.
+    Same figure as clean-fid's ``scipy.linalg.sqrtm`` of the D x D product to ~1e-7 (tested), in
+    milliseconds instead of ~15 s, and without ``sqrtm``'s trouble with that singular product.
+    Otherwise (saved mu/sigma only, or more images than D): clean-fid's implementation."""
     from cleanfid.fid import frechet_distance as _fd
 
     if a.mu.shape != b.mu.shape:
         raise ConfigError(f"FID: the feature sets differ in size ({a.mu.shape[0]} vs {b.mu.shape[0]}); compute both "
                           "with the same --inception")
-    status = console.status(f"Fréchet distance ({a.mu.shape[0]}x{a.mu.shape[0]} matrix square root)") if console \
+    d = a.mu.shape[0]
+    if a.features is not None and b.features is not None and max(len(a.features), len(b.features)) <= d:
+        fa, fb = (np.asarray(s.features, np.float64) for s in (a, b))
+        ca = (fa - fa.mean(0)) / np.sqrt(len(fa) - 1)
+        cb = (fb - fb.mean(0)) / np.sqrt(len(fb) - 1)
+        trace_sqrt = np.linalg.svd(ca @ cb.T, compute_uv=False).sum()
+        diff = a.mu.astype(np.float64) - b.mu.astype(np.float64)
+        return float(diff @ diff + np.trace(a.sigma) + np.trace(b.sigma) - 2 * trace_sqrt)
+    status = console.status(f"Fréchet distance ({d}x{d} matrix square root)") if console \
         else contextlib.nullcontext()
     with status:
         return float(_fd(a.mu, a.sigma, b.mu, b.sigma))
