@@ -213,8 +213,9 @@ def test_ane_layout_equals_the_module(attention, size):
         assert psnr(ref, ane(*list(inputs.values())[:4])) < 60
 
 
-def test_chunks_compose_to_the_whole_model():
-    unet, inputs = _unet(), _unet_inputs(batch=2, mask=True)
+@pytest.mark.parametrize("pooled", [True, False])  # False: the paper-size presets' UNet (no pooled_embedding)
+def test_chunks_compose_to_the_whole_model(pooled):
+    unet, inputs = _unet(pooled_conditioning=pooled), _unet_inputs(batch=2, mask=True)
     head, body = coreml.unet_chunks(unet, {k: coreml._example(k, v) for k, v in inputs.items()}, ["velocity"], "Unet")
     assert (head.file, body.file) == ("UnetChunk1.mlpackage", "UnetChunk2.mlpackage")
     assert list(head.inputs) == list(inputs)

@@ -96,7 +96,7 @@ def test_printed_standalone_commands_plan_what_the_recipe_planned(demo):
         assert _rows(json.loads(out)["plan"]) == want, s["command"]
 
     # the fine-tune that says init_from = "previous" continues the trained UNet: the tiny preset
-    # (2.6M), not the default model (snapgen-t2i, 374.8M) that a command without --init-from plans
+    # (2.6M), not the default model (snapgen-t2i, ~390M) that a command without --init-from plans
     ft = next(s for s in report["stages"] if s["stage"] == "finetune-64")
     argv = shlex.split(ft["command"])
     assert argv[argv.index("--init-from") + 1] == str(run / "finetune-32")

@@ -24,6 +24,8 @@ One mechanism covers all of them:
   UNet preset ``snapgen-t2i`` (``context_dim=2304``, ``pooled_dim=2048``) -- and the
   teacher gets context (B, 77 + 256, 4096) and pooled (B, 2048), as
   ``StableDiffusion3Pipeline.encode_prompt`` builds them for ``SD3Transformer2DModel``.
+  (The paper-size UNet presets take the text through cross-attention only and do not read
+  the pooled vector; ``core/unet.py``, ``pooled_conditioning``.)
 
 Classifier-free guidance (sec. 4, "Hyper-parameters"): during training each encoder's
 output (its token features *and* its pooled slice) is set to zero independently with

@@ -19,8 +19,8 @@ step  change (sec. 3.1)                                      config switch
 **Reading of sec. 3.1.** ``snapgen bench-device --ablation-ladder`` (params; MACs at a
 128x128 latent, 77 CLIP-L tokens), each step against the previous one, paper in brackets:
 (b) -1.7% / -16.9% [-17% MACs]; (c) -16.4% [-15%] / -27.7% [-27%]; (d1) -12.6% [-12%] /
--12.0% [-12%]; (d2) -16.0% [-16%] / -5.9% [-6%]; (e) -0.1% ["smaller"] / +1.6%;
-(f) +0.0% / +0.0% ["negligible"].
+-12.0% [-12%]; (d2) -16.1% [-16%] / -5.9% [-6%]; (e) -0.1% ["smaller"] / +1.6%;
+(f) +0.0% / +0.0% ["negligible"]. (e)'s MACs are the one stated figure not met.
 
 * (c) "we replace all Conv layers with SepConv [DW + PW] ... reduces parameters by 24%":
   with both 3x3 convs of every residual block and the samplers' convs as DW + PW we
@@ -43,29 +43,57 @@ step  change (sec. 3.1)                                      config switch
   gives no FLOPs figure for (e); its Fig. 3 keeps changes that hurt no metric): a CA + FFN
   block costs 11C^2 MACs a pixel (query and output projections 2C^2, gated x3 FFN 9C^2)
   against 8C^2 for a (c) residual block, so no one-for-one replacement with the paper's
-  FFN lowers them. Rejected: SDXL's Transformer2D wrapper (GroupNorm, proj_in, proj_out,
-  1x1 shortcut; the previous reading) +0.1% / +4.0%; a non-gated FFN in stage 1
-  -0.4% / -0.9% (sec. 3.1's FFN is gated); fewer stage-1 layers (1 down, 2 up)
-  -0.6% / -2.7% (the text replaces blocks, it removes none); CA + FFN blocks in place of
-  the residual blocks of every stage +1.5% / +5.4%.
-* Totals: ``snapgen-imagenet`` 383.7M [372M: +3.1%], 37.6 GMACs at 256^2 [38G: -1.0%];
-  ``snapgen-t2i`` 392.7M [379M: +3.6%]. The paper's figures cannot all hold for the thin
-  SDXL it starts from (ours 635.9M; diffusers' ``UNet2DConditionModel`` so configured,
-  with SDXL's time-id embedding, 637.5M): from (b)'s 625.4M, -15/-12/-16% leave at least
-  386M before (e) even at their rounding limits, so 372M would need (e) and (f) to remove
-  at least 3.6%, while all stage-1 residual blocks hold 5.0M (1.3%). The T2I model adds
-  9.0M to the ImageNet one (the 2304-wide context's cross-attention keys/values, the
-  2048-wide pooled input; paper: 7M).
+  FFN lowers them (stage 1 in all: 65C^2 against 55C^2 a pixel). Rejected, params / MACs:
+  a timestep projection into each stage-1 layer (as the replaced residual blocks had)
+  +0.2% / +1.6% (no longer smaller; so the layers take no timestep); a non-gated x3 FFN,
+  or a gated x2 one, in stage 1 -0.4% / -0.9% (sec. 3.1 sets every FFN to gated x3);
+  fewer stage-1 layers (1 down, 2 up) -0.6% / -2.7% (the text replaces blocks, it removes
+  none; an up stage with fewer layers than skips also breaks SDXL's skip layout); measured
+  with the pooled input below: SDXL's Transformer2D wrapper (GroupNorm, proj_in, proj_out,
+  1x1 shortcut) +0.1% / +4.0%; CA + FFN blocks in place of the residual blocks of every
+  stage +1.5% / +5.4%.
+* Conditions enter by cross-attention only (``pooled_conditioning=False`` in the ladder
+  and paper-size presets): the residual blocks add a timestep embedding and no pooled text
+  vector. (1) Sec. 3.1 (e): SDXL's UNet, with CA only from the second stage, leaves
+  "missing conditional guidance for the first stage", which holds only if its stage-1
+  residual blocks get no text through their conditioning vector (SDXL adds its pooled
+  CLIP-G vector there); (2) sup. H: the class text "can be seamlessly fused by the
+  cross-attention layer"; (3) sizes: with SD3's pooled input (CLIP-L + CLIP-G, 2048 wide;
+  768 for the ImageNet model) through an MLP to the conditioning vector, the T2I model
+  adds 9.0M to the ImageNet one, against 379M - 372M = 7M (at most 8M after rounding);
+  without it 7.7M. With it the totals were 383.7M [+3.1%] and 392.7M [+3.6%]; the ladder
+  deltas move by at most 0.1 point. Rejected: keeping the pooled input with Gemma projected
+  to a 2048-wide context instead of SD3's zero-padding to 2304 (T2I - ImageNet 7.7M, but
+  T2I 391.4M, +3.3%).
+* Totals: ``snapgen-imagenet`` 381.8M [372M: +2.6%], 37.6 GMACs at 256^2 [38G: -1.0%];
+  ``snapgen-t2i`` 389.5M [379M: +2.8%]; T2I - ImageNet 7.7M [7M]. 372M itself cannot hold
+  for the thin SDXL the paper starts from (ours 634.1M; diffusers' ``UNet2DConditionModel``
+  so configured, with SDXL's pooled and time-id embedding, 637.5M): from (b)'s 623.6M,
+  -15/-12/-16% leave 385.0M before (e) even at their rounding limits, while all
+  stage-1 residual blocks hold 5.0M (1.3%). Rejected, ImageNet / T2I, without the pooled
+  input: ``time_embed_dim`` other than SDXL's 4x the first stage width (1024):
+  1280 (SDXL's own width) 384.7M / 392.4M; 768 379.0M / 386.7M with (e) -0.0%; 512
+  376.4M / 384.1M with (e) +0.1%; 256 373.9M / 381.6M with (e) +0.2% (narrower embeddings
+  shrink the stage-1 timestep projections that (e) removes, so (e) stops being smaller;
+  the paper names no width, SD3 uses its transformer width); a mid-block transformer
+  depth of 3 instead of the last stage's 4 (SDXL gives its mid block the last stage's
+  depth, 10; sec. 3.1 names only the three stages' [0, 2, 4]): 371.2M / 378.7M, all ladder
+  deltas still fit, and 36.9 GMACs, but nothing in the text supports it; depth 2:
+  360.5M (-3.1%).
 
 Decisions where the paper is silent (all config keys, documented here once):
 
 * **Layout** follows SDXL: ``layers_per_block=2`` layers per down stage and 3 per up
   stage, a mid block (res, transformer, res) at the lowest resolution whose
   transformer depth equals the last stage's, skip connections concatenated.
-* **Timestep + pooled text** enter the SD3 way: a sinusoidal timestep embedding
-  (timestep in [0, 1000], i.e. ``sigma * 1000`` for flow matching) through an MLP,
-  plus an MLP of the pooled text vector, summed into one conditioning vector that
-  every residual block adds to its features (after conv1, as SDXL).
+* **Timestep** (and, with ``pooled_conditioning``, pooled text) enter the SD3 way: a
+  sinusoidal timestep embedding (timestep in [0, 1000], i.e. ``sigma * 1000`` for flow
+  matching) through an MLP, plus an MLP of the pooled text vector where enabled, summed
+  into one conditioning vector that every residual block adds to its features (after
+  conv1, as SDXL). The paper-size presets and the ladder leave the pooled vector out (see
+  above; the text layout still delivers one, and such a UNet does not read it); the
+  ``tiny`` preset keeps it, and so does the class default, so checkpoints saved without the
+  key load as they were saved.
 * **Text conditioning** (see ``core/text.py``): CLIP-L (768) and CLIP-G (1280)
   penultimate token features are concatenated along channels (2048) and zero-padded
   to Gemma-2-2b's width (2304); the Gemma tokens are appended along the sequence. So
@@ -165,6 +193,7 @@ class SnapGenUNet(ModelMixin, ConfigMixin):
         rope_theta: float = 10000.0,
         context_dim: int = 2304,
         pooled_dim: int = 2048,
+        pooled_conditioning: bool = True,
         time_embed_dim: int = 1024,
     ):
         super().__init__()
@@ -185,7 +214,8 @@ class SnapGenUNet(ModelMixin, ConfigMixin):
         c0 = block_channels[0]
         self.time_proj = Timesteps(c0, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_embedding = TimestepEmbedding(c0, time_embed_dim)
-        self.pooled_embedding = PixArtAlphaTextProjection(pooled_dim, time_embed_dim, act_fn="silu")
+        self.pooled_embedding = (PixArtAlphaTextProjection(pooled_dim, time_embed_dim, act_fn="silu")
+                                 if pooled_conditioning else None)
         self.conv_in = nn.Conv2d(in_channels, c0, 3, padding=1)
 
         def make_layer(stage, cin, cout):
@@ -233,13 +263,18 @@ class SnapGenUNet(ModelMixin, ConfigMixin):
         return module(*args)
 
     def conditioning(self, sample: torch.Tensor, timestep: torch.Tensor | float,
-                     pooled_projections: torch.Tensor) -> torch.Tensor:
+                     pooled_projections: torch.Tensor | None) -> torch.Tensor:
         """The conditioning vector (B, time_embed_dim) every residual block adds: the sinusoidal
         timestep embedding, computed in fp32 and cast to ``sample``'s dtype, through its MLP,
-        plus the MLP of the pooled text vector (module docstring)."""
+        plus, with ``pooled_conditioning``, the MLP of the pooled text vector (without it the
+        pooled vector is not read; module docstring)."""
         t = torch.as_tensor(timestep, device=sample.device, dtype=torch.float32)
         t = t.expand(sample.shape[0]) if t.ndim == 0 else t
         temb = self.time_embedding(self.time_proj(t).to(sample.dtype))
+        if self.pooled_embedding is None:
+            return temb
+        if pooled_projections is None:
+            raise ValueError("this UNet adds the pooled text vector (pooled_conditioning): pass pooled_projections")
         return temb + self.pooled_embedding(pooled_projections.to(temb.dtype))
 
     def stem(self, sample: torch.Tensor) -> torch.Tensor:
@@ -294,7 +329,7 @@ class SnapGenUNet(ModelMixin, ConfigMixin):
         sample: torch.Tensor,
         timestep: torch.Tensor | float,
         encoder_hidden_states: torch.Tensor,
-        pooled_projections: torch.Tensor,
+        pooled_projections: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
         return_features: bool = False,
         return_dict: bool = True,
@@ -302,7 +337,8 @@ class SnapGenUNet(ModelMixin, ConfigMixin):
         """Predict the flow velocity (or DDPM noise) for ``sample`` (B, C, H, W).
 
         ``timestep`` is in [0, 1000] (``sigma * 1000`` for flow matching), a scalar or (B,).
-        ``encoder_hidden_states`` (B, L, context_dim), ``pooled_projections`` (B, pooled_dim),
+        ``encoder_hidden_states`` (B, L, context_dim), ``pooled_projections`` (B, pooled_dim)
+        (required with ``pooled_conditioning``, else not read),
         ``encoder_attention_mask`` optional (B, L) bool, True where a token is attended.
         H and W must be divisible by ``2 ** (len(block_channels) - 1)``.
         """
@@ -332,12 +368,13 @@ class SnapGenUNet(ModelMixin, ConfigMixin):
 # Presets: the Fig. 2 ladder, the two paper models, and a CPU-sized model for tests/demo.
 
 #: The ladder models are the paper's ImageNet ablation models (sec. 3.1, "Evaluation
-#: Metrics"; sup. H): one CLIP-L text encoder (768-wide tokens and pooled vector) and an
-#: 8-channel autoencoder; Fig. 3 measures them on a 128x128 latent.
+#: Metrics"; sup. H): one CLIP-L text encoder (768-wide tokens, through cross-attention
+#: only; its pooled vector is not read) and an 8-channel autoencoder; Fig. 3 measures them
+#: on a 128x128 latent.
 _LADDER_A = dict(
     block_channels=(256, 512, 896), transformer_depth=(0, 2, 4), self_attention=(True, True, True),
     resblock="conv", ffn_mult=4.0, attention="mhsa", first_stage="resnet", qk_norm=False, rope=False,
-    in_channels=8, out_channels=8, context_dim=768, pooled_dim=768,
+    in_channels=8, out_channels=8, context_dim=768, pooled_dim=768, pooled_conditioning=False,
 )
 _STEPS = [
     ("ladder-a", "thin SDXL baseline", {}),
@@ -372,6 +409,7 @@ UNET_PRESETS["snapgen-t2i"] = dict(UNET_PRESETS["ladder-f"], in_channels=16, out
 UNET_PRESETS["tiny"] = dict(
     UNET_PRESETS["ladder-f"], block_channels=(32, 64, 128), transformer_depth=(0, 1, 1), layers_per_block=1,
     attention_head_dim=32, context_dim=64, pooled_dim=64, time_embed_dim=128, in_channels=4, out_channels=4,
+    pooled_conditioning=True,
 )
 
 #: Parameter counts the paper reports for its two models.

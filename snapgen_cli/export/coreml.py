@@ -226,7 +226,7 @@ class _UNetChunk(nn.Module):
 
 
 def _params(*modules: nn.Module) -> int:
-    return sum(p.numel() for m in modules for p in m.parameters())
+    return sum(p.numel() for m in modules if m is not None for p in m.parameters())
 
 
 def _balanced_cut(unet: SnapGenUNet, steps) -> int:
