@@ -24,7 +24,9 @@ class StageConfig(BaseModel):
     """Base of every typed config: unknown keys are errors, values are validated.
 
     TOML has no null, so an optional setting is unset with the string ``"none"`` (or
-    ``"null"``), in a recipe and on the command line alike (``--keep-checkpoints none``)."""
+    ``"null"``), in a recipe and on the command line alike (``--keep-checkpoints none``).
+    Except where unset means the previous stage (``UNSET_IS_PREVIOUS``): there ``"none"`` stays,
+    and the stage reads it as "no input" (``snapgen eval --checkpoint none``)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
@@ -34,7 +36,8 @@ class StageConfig(BaseModel):
         if isinstance(data, dict):
             fields = cls.model_fields
             data = {k: None if (isinstance(v, str) and v.strip().lower() in ("none", "null") and k in fields
-                                and _optional(fields[k].annotation)) else v for k, v in data.items()}
+                                and _optional(fields[k].annotation)
+                                and fields[k].json_schema_extra != UNSET_IS_PREVIOUS) else v for k, v in data.items()}
         return data
 
 

@@ -246,8 +246,8 @@ def parse_recipe(data: dict, path: Path | None = None) -> Recipe:
         if isinstance(inp, str) and inp.startswith("@") and inp[1:] not in seen:
             raise ConfigError(f"{where}.input: {inp!r} does not name an earlier stage")
         body = {k: v for k, v in raw.items() if k not in _RESERVED}
-        for key, ref in _refs(body):
-            if ref.split("/")[0] not in seen - {name}:
+        for key, ref in _refs(body):  # a stage may name a file in its own output dir ("@me/stats.npz")
+            if ref.split("/")[0] not in seen - {name} and not (ref.startswith(f"{name}/") and len(ref) > len(name) + 1):
                 raise ConfigError(f"{where}.{key}: {'@' + ref!r} does not name an earlier stage")
         cfg = validate_config(stage_module(kind).Config, body, where)
         if "init_from" in type(cfg).model_fields and "model" in type(cfg).model_fields:

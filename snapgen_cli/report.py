@@ -136,6 +136,12 @@ def _metric_cells(metrics: dict, run_dir: Path) -> dict[str, str]:
     return cells
 
 
+def _scores_a_model(result: dict) -> bool:
+    """An eval stage that measured something, not one that only saved FID reference statistics."""
+    metrics = (result.get("summary") or {}).get("metrics") or {}
+    return any(name != "fid" or "fid" in m for name, m in metrics.items())
+
+
 def write_run_report(run_dir: Path, name: str, results: list[dict], commands: dict[str, str],
                      elapsed_s: float | None = None, jobs: int = 1) -> dict:
     """Write ``report.json`` and ``report.md`` for a finished (or partly skipped) run. ``total_wall_s``
@@ -147,7 +153,7 @@ def write_run_report(run_dir: Path, name: str, results: list[dict], commands: di
                               "total_wall_s": round(sum(s["wall_s"] or 0 for s in stages), 2), "jobs": jobs}
     if elapsed_s is not None:
         report["elapsed_s"] = round(elapsed_s, 2)
-    evals = [r for r in results if r.get("kind") == "eval" and (r.get("summary") or {}).get("metrics")]
+    evals = [r for r in results if r.get("kind") == "eval" and _scores_a_model(r)]
     # the per-category table: the stage named "eval" (the recipe's final model), else the last eval
     ev = next((r for r in evals if r["stage"] == "eval"), evals[-1] if evals else None)
     metrics = ev["summary"]["metrics"] if ev else {}

@@ -50,7 +50,7 @@ def _cli(*args) -> tuple[int, str, str]:
 
 def _sets(inception: Path) -> list[str]:
     args = []
-    for s in SHRINK + [f'{e}.inception="{inception}"' for e in FID_EVALS]:
+    for s in SHRINK + [f'{e}.inception="{inception}"' for e in ("fid-reference", *FID_EVALS)]:
         args += ["--set", f"stages.{s}"]
     return args
 
@@ -120,7 +120,7 @@ def test_model_with_init_from_is_refused_naming_both_keys(demo):
     run, sets = demo
     code, _, err = _cli("run", "--out", run, *sets, "--set", 'stages.finetune-64.model="tiny"', "--dry-run")
     assert code == 2 and err.count("\n") == 1, err
-    assert err.startswith("error: stages[7].model: set together with init_from") and 'init_from = "none"' in err
+    assert err.startswith("error: stages[8].model: set together with init_from") and 'init_from = "none"' in err
     flags = ("finetune", "--out", run / "x", "--data", run / "precompute", "--resolution", "32", "--dry-run", "--json")
     code, _, err = _cli(*flags, "--init-from", run / "finetune-32", "--set", "model_overrides={layers_per_block=1}")
     assert code == 2 and err.startswith("error: model_overrides: set together with init_from"), err
@@ -146,7 +146,10 @@ def test_report_shows_every_metric_the_eval_stages_wrote_with_its_reference(demo
     assert set(ev["metrics"]) == {"alignment", "fid", "recon"}
     fid = ev["metrics"]["fid"]
     assert (ev["fid"], ev["kid"]) == (fid["fid"], fid["kid"]) and fid["fid"] > 0
-    assert ev["fid_reference_set"] == str(run / "data" / "holdout") and ev["fid_reference"] == 6
+    # the five FID evals read the statistics the fid-reference stage saved once
+    assert ev["fid_reference_set"] == str(run / "fid-reference" / "holdout.npz") and ev["fid_reference"] == 6
+    saved = json.loads((run / "fid-reference" / "eval_report.json").read_text())["metrics"]["fid"]
+    assert saved["reference"] == str(run / "data" / "holdout") and saved["n_reference"] == 6
 
     section = md.split("## Every metric of every evaluation")[1].split("\n## ")[0]
     table = {line.split(" | ")[0].strip("| "): [c.strip() for c in line.strip("| \n").split(" | ")[1:]]
@@ -155,7 +158,7 @@ def test_report_shows_every_metric_the_eval_stages_wrote_with_its_reference(demo
     assert stages == list(rows)
     col = stages.index("eval")
     assert table["FID"][col] == f"{fid['fid']:.2f}" and table["KID"][col] == f"{fid['kid']:.4f}"
-    assert table["FID / KID reference"][col] == "data/holdout (6 images)"
+    assert table["FID / KID reference"][col] == "fid-reference/holdout.npz (6 images)"
     assert table["FID / KID generated"][col] == "6 images (samples)"
     recon = ev["metrics"]["recon"]
     assert table["recon PSNR (dB)"][col] == f"{recon['psnr']:.2f}"
@@ -163,7 +166,7 @@ def test_report_shows_every_metric_the_eval_stages_wrote_with_its_reference(demo
     al = ev["metrics"]["alignment"]
     assert table["alignment"][col] == f"{al['overall']:.3f} ({al['correct']}/6; chance {al['chance']:.3f})"
     assert table["FID"][stages.index("eval-teacher")] == "-"  # alignment only there
-    assert "FID / KID against `data/holdout` (6 images)." in md
+    assert "FID / KID against `fid-reference/holdout.npz` (6 images)." in md
     # the decoder table names the decoder in its own column (it read "autoencoder autoencoder")
     assert "autoencoder autoencoder" not in md
     assert "| autoencoder | AutoencoderKL (its own decoder) | data/holdout (6) |" in md
@@ -291,7 +294,8 @@ def test_demo_stage_graph_lets_the_teacher_train_beside_the_student():
     assert after["finetune-64"] == ["decoder", "precompute", "finetune-32"]  # init_from = "previous"
     assert after["pretrain"] == ["precompute-classes"]
     assert after["distill"] == ["decoder", "precompute", "finetune-64", "teacher"]
-    assert after["eval-4step"] == ["data", "step-distill"] and after["eval-4step-before"] == ["data", "distill"]
+    assert after["eval-4step"] == ["data", "fid-reference", "step-distill"]  # reads the saved FID reference
+    assert after["eval-4step-before"] == ["data", "fid-reference", "distill"] and after["fid-reference"] == ["data"]
     assert after["data"] == [] and after["bench-export"] == ["export"]
     assert load_recipe(DEMO_RECIPE).run.jobs == 2
 

@@ -82,7 +82,8 @@ SAMPLES_DIR, ALIGNMENT_DIR, GENEVAL_DIR, DPG_DIR, DPG_TILES_DIR = "samples", "al
 
 
 class Config(StageSettings):
-    checkpoint: str | None = Field(None, description="pipeline dir (a training stage's output); "
+    checkpoint: str | None = Field(None, description="pipeline dir (a training stage's output); 'none': no "
+                                                      "pipeline (FID of --samples, or --save-reference alone); "
                                                       "default: previous stage", json_schema_extra=UNSET_IS_PREVIOUS)
     decoder: str | None = Field(None, description="tiny decoder dir (overrides the pipeline's)")
     vae: str | None = Field(None, description="AutoencoderKL dir or hub id (overrides the pipeline's; also the "
@@ -466,9 +467,14 @@ def _metric(name: str, cfg: Config, sets: dict[str, ImageSet], ckpt: Path | None
 # ----------------------------------------------------------------------------- stage
 
 
+def _pipeline_dir(cfg: Config, ctx: StageContext) -> Path | None:
+    """The pipeline to evaluate; ``None`` for none (unset outside a recipe, or ``"none"``)."""
+    return None if cfg.checkpoint == "none" else ctx.resolve_input(cfg.checkpoint)
+
+
 def _fid_without_generation(cfg: Config, ctx: StageContext) -> bool:
     """FID reads existing images (--samples), or only saves the reference (no checkpoint)."""
-    return cfg.samples is not None or (cfg.save_reference is not None and ctx.resolve_input(cfg.checkpoint) is None)
+    return cfg.samples is not None or (cfg.save_reference is not None and _pipeline_dir(cfg, ctx) is None)
 
 
 def _needs(cfg: Config, ctx: StageContext) -> dict[str, bool]:
@@ -482,7 +488,7 @@ def _needs(cfg: Config, ctx: StageContext) -> dict[str, bool]:
 
 
 def _checkpoint(cfg: Config, ctx: StageContext) -> Path:
-    ckpt = ctx.resolve_input(cfg.checkpoint)
+    ckpt = _pipeline_dir(cfg, ctx)
     if ckpt is None:
         raise ConfigError("checkpoint: give the pipeline dir to evaluate (--checkpoint)")
     if not ckpt.is_dir():
@@ -491,7 +497,7 @@ def _checkpoint(cfg: Config, ctx: StageContext) -> Path:
 
 
 def plan(cfg: Config, ctx: StageContext) -> list[PlanItem]:
-    ckpt = ctx.resolve_input(cfg.checkpoint)
+    ckpt = _pipeline_dir(cfg, ctx)
     sets = [name for name, needed in _needs(cfg, ctx).items() if needed]
     notes = f"{cfg.steps or 'default'} steps, cfg {cfg.guidance or 'default'}, seed {cfg.seed}"
     items = [PlanItem(model=f"pipeline {ckpt}", inputs=[str(ckpt)], outputs=[str(ctx.out_dir / s) for s in sets],
