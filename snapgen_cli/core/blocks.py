@@ -79,6 +79,14 @@ class ExpandedSepConv(nn.Sequential):
         super().__init__(DepthwiseConv2d(in_ch), nn.Conv2d(in_ch, hidden, 1),
                          nn.SiLU(), nn.Conv2d(hidden, out_ch, 1))
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _training_kernels(self):
+            return super().forward(x)
+        dw, pw1, act, pw2 = self
+        h = dw(x).permute(0, 2, 3, 1)  # the two PWs as GEMMs over the pixels (see _training_kernels)
+        h = F.linear(act(F.linear(h, pw1.weight.flatten(1), pw1.bias)), pw2.weight.flatten(1), pw2.bias)
+        return h.permute(0, 3, 1, 2)
+
 
 class ResBlock(nn.Module):
     """Residual block with timestep conditioning: GN-SiLU-conv1, + time, GN-SiLU-conv2, plus
@@ -178,7 +186,9 @@ class RMSNorm(nn.RMSNorm):
 
 def _training_kernels(module: nn.Module) -> bool:
     """Whether ``module`` runs the CPU training formulations (projections that share an input
-    as one GEMM on concatenated weights, GEGLU's halves as two GEMMs): in training mode, not
+    as one GEMM on concatenated weights, GEGLU's halves as two GEMMs, an expanded SepConv's two
+    1x1 convs as GEMMs over channels-last pixels: 2-2.5x faster forward + backward than oneDNN's
+    1x1 convs on the tiny UNet's 2x2-8x8 maps, measured): in training mode, not
     while tracing or exporting. Both compute the same products up to float summation order
     (~1e-7), but not batch-invariantly: with them, an image sampled in a batch of 4 and again in
     a batch of 2 differed by one 8-bit level, which breaks the eval stage's resume (regenerated
