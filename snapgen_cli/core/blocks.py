@@ -59,11 +59,23 @@ class DepthwiseConv2d(nn.Conv2d):
         return super().forward(x)
 
 
+class PointwiseConv2d(nn.Conv2d):
+    """1x1 convolution; while training, a GEMM over channels-last pixels (``_training_kernels``)."""
+
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__(in_ch, out_ch, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _training_kernels(self):
+            return super().forward(x)
+        return F.linear(x.permute(0, 2, 3, 1), self.weight.flatten(1), self.bias).permute(0, 3, 1, 2)
+
+
 def conv(in_ch: int, out_ch: int, *, separable: bool, stride: int = 1) -> nn.Module:
     """A 3x3 convolution; ``separable`` makes it depthwise 3x3 + pointwise 1x1 [30]."""
     if not separable:
         return nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1)
-    return nn.Sequential(DepthwiseConv2d(in_ch, stride), nn.Conv2d(in_ch, out_ch, 1))
+    return nn.Sequential(DepthwiseConv2d(in_ch, stride), PointwiseConv2d(in_ch, out_ch))
 
 
 class ExpandedSepConv(nn.Sequential):
@@ -110,7 +122,7 @@ class ResBlock(nn.Module):
             raise ValueError(f"unknown resblock kind {kind!r}; expected 'conv' or 'sepconv'")
         self.time_proj = nn.Linear(temb_dim, out_ch)
         self.norm2 = group_norm(out_ch)
-        self.shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+        self.shortcut = PointwiseConv2d(in_ch, out_ch) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
