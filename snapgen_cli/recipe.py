@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import re
 import shutil
 import time
@@ -407,6 +408,10 @@ def run_recipe(recipe: Recipe, run_dir: Path, stages: list[Stage], console, fres
     (``schedule.py``); 1 runs them in order in this process."""
     check_done_stages([s for s in recipe.stages if not (fresh and s in stages)], run_dir)
     jobs = jobs or recipe.run.jobs
+    world = os.environ.get("WORLD_SIZE", "1")
+    if jobs > 1 and world.isdigit() and int(world) > 1:  # every rank would start its own workers
+        raise ConfigError(f"jobs = {jobs}: this is one of {world} processes of a distributed launch (WORLD_SIZE); "
+                          "stages run side by side only in a single-process `snapgen run`: use --jobs 1 here")
     contexts = {st.name: _context(recipe, st, run_dir, False, console) for st in stages}
     configs = {st.name: resolve_stage(recipe, st, contexts[st.name]) for st in stages}
     todo, t_run = [], time.perf_counter()

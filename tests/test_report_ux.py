@@ -358,3 +358,12 @@ prompts = ["a red circle"]
     assert all((tmp_path / "run" / s / ".snapgen-done.json").is_file() for s in ("a", "b"))
     assert not (tmp_path / "run" / "after-gen").exists()  # never started
     assert "no model_index.json" in (tmp_path / "run" / "logs" / "gen.log").read_text()
+
+
+def test_jobs_are_refused_under_a_distributed_launch(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, _, err = _cli("run", "--out", tmp_path / "run", "--only", "data", "--jobs", 2, "--dry-run")
+    assert code == 0, err  # a dry run starts nothing
+    code, _, err = _cli("run", "--out", tmp_path / "run", "--jobs", 2, "--set", "stages.data.n_captioned=8")
+    assert code == 2 and err.count("\n") == 1 and "WORLD_SIZE" in err and "--jobs 1" in err, err
+    assert not (tmp_path / "run" / "data").exists()
