@@ -94,6 +94,24 @@ def test_the_discriminator_loss_starts_at_its_analytic_value(kd, tmp_path):
         assert logs["D_real/h0"] == 0 and logs["D_fake/h1"] == 0
 
 
+def test_guided_kd_target_is_the_teachers_cfg_combination(kd, tmp_path):
+    """kd_guidance w: L_kd's target is v_u + w (v_c - v_u), the teacher with its text and without
+    (all encoders dropped); w = 1 is the plain conditional velocity with no second teacher call."""
+    h = _Harness(kd, tmp_path / "g", kd_guidance=3.0)
+    ctx = h.ctx()
+    d = h.task.draw(h.batch, ctx)
+    teacher, ts = h.task.frozen_teacher.module(ctx), h.task.objective.model_timestep(d.t)
+    v_c, _ = teacher_forward(teacher, d.x_t, ts, *d.teacher_cond, return_features=False)
+    v_u, _ = teacher_forward(teacher, d.x_t, ts, *d.teacher_uncond, return_features=False)
+    assert all(c.abs().sum() == 0 for c in d.teacher_uncond) and d.teacher_cond[0].abs().sum() > 0
+    assert (v_c - v_u).abs().max() > 1e-4  # the text matters, so the guidance does too
+    torch.testing.assert_close(h.task.kd_target(ctx, d), v_u + 3.0 * (v_c - v_u), rtol=0, atol=0)
+    plain = _Harness(kd, tmp_path / "p")
+    d1 = plain.task.draw(plain.batch, plain.ctx())
+    assert d1.teacher_uncond is None
+    torch.testing.assert_close(plain.task.kd_target(plain.ctx(), d1), v_c, rtol=0, atol=0)
+
+
 #: A direction with entries +-1 (a uniform offset would vanish in the heads' LayerNorm).
 _DIRECTION = torch.tensor([1.0, -1.0] * 8)[torch.randperm(16, generator=torch.Generator().manual_seed(0))]
 

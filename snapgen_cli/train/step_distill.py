@@ -27,7 +27,10 @@ Decisions where the paper is silent (each a setting):
   ``distill`` (``FrozenTeacher``); the heads see the prompt only through the teacher's features.
 * **Guidance.** The KD target is the turbo teacher's velocity without classifier-free guidance
   (SD3.5-Large-Turbo samples with guidance 0 in diffusers, i.e. no CFG), so the distilled
-  student is saved to sample without CFG (``guidance = 1``), one UNet call per step.
+  student is saved to sample without CFG (``guidance = 1``), one UNet call per step. A teacher
+  that is not guidance-distilled (the demo's) can give a guided target instead,
+  ``kd_guidance = w``: ``v_u + w (v_c - v_u)`` of its conditional and unconditional velocities
+  (ADD's distillation target, Sauer et al. 2023), two teacher calls per step.
 * **The discriminator phase reuses the generator phase's fakes** (detached, from the same
   micro-batch); run alone (no generator phase before it) it computes them itself from the same
   per-sample randomness, so its update does not depend on whether the generator stepped first.
@@ -74,6 +77,8 @@ class StepDistillConfig(TeacherConfig):
                                                         "non-saturating)")
     adv_weight: float = Field(1.0, ge=0, description="weight of the generator's adversarial term (Eq. 9: 1)")
     kd: bool = Field(True, description="S(L_task, L_kd) with the turbo teacher (off: E[L_task])")
+    kd_guidance: float = Field(1.0, gt=0, description="classifier-free guidance of the teacher's velocity in L_kd "
+                               "(1: none, the turbo teacher's way; > 1 for a teacher that is not guidance-distilled)")
     r1_gamma: float = Field(0.0, ge=0, description="approximate R1 penalty weight (0: off)")
     r1_sigma: float = Field(0.01, gt=0, description="approximate R1: std of the perturbation of real inputs")
 
@@ -112,6 +117,7 @@ class _Draw(NamedTuple):
     x_t: torch.Tensor
     cond: tuple
     teacher_cond: tuple[torch.Tensor, torch.Tensor]
+    teacher_uncond: tuple[torch.Tensor, torch.Tensor] | None
     s: torch.Tensor
     renoise: torch.Tensor
 
@@ -159,15 +165,26 @@ class StepDistillTask(DiffusionTask):
         keep = sample_keep(self.layout.names, self.cfg.p_drop, gens)
         cond = self.condition(batch, ctx, stored, keep)
         teacher_cond = self.frozen_teacher.condition(stored, keep, dev)
+        teacher_uncond = (self.frozen_teacher.condition(stored, {n: torch.zeros_like(k) for n, k in keep.items()}, dev)
+                          if self.cfg.kd_guidance != 1 else None)
         s = (self.disc_sigma.sample_timesteps(len(x0), generator=gens) if self.cfg.disc_noise == "logit-normal"
              else row[:, 1]).to(dev)
         renoise = ctx.randn(*x0.shape[1:])
-        return _Draw(x0, t, noise, self.objective.noisy(x0, noise, t), cond, teacher_cond, s, renoise)
+        return _Draw(x0, t, noise, self.objective.noisy(x0, noise, t), cond, teacher_cond, teacher_uncond, s, renoise)
 
     def generate(self, unet, d: _Draw) -> tuple[torch.Tensor, torch.Tensor]:
         """G of Eq. 9: the student's velocity at ``(x_t, t)`` and its prediction ``x'_0``."""
         v_s, _ = denoiser.denoise(unet, d.x_t, self.objective.model_timestep(d.t), d.cond)
         return v_s, self.objective.predict_x0(d.x_t, v_s, d.t)
+
+    def kd_target(self, ctx: StepContext, d: _Draw) -> torch.Tensor:
+        """The teacher's velocity at ``(x_t, t)``: L_kd's target, guided with ``kd_guidance``."""
+        teacher, ts = self.frozen_teacher.module(ctx), self.objective.model_timestep(d.t)
+        v_c, _ = teacher_forward(teacher, d.x_t, ts, *d.teacher_cond, return_features=False)
+        if d.teacher_uncond is None:
+            return v_c
+        v_u, _ = teacher_forward(teacher, d.x_t, ts, *d.teacher_uncond, return_features=False)
+        return v_u + self.cfg.kd_guidance * (v_c - v_u)
 
     def judge(self, heads, x: torch.Tensor, s: torch.Tensor, teacher_cond, ctx: StepContext, grad: bool = False):
         """The heads' logits on ``x`` (latents at noise level ``s``): D of Eq. 9."""
@@ -181,10 +198,7 @@ class StepDistillTask(DiffusionTask):
             d = self.draw(batch, ctx)
             v_s, fake = self.generate(ctx.models["unet"], d)
             logits = self.judge(heads, self.objective.noisy(fake, d.renoise, d.s), d.s, d.teacher_cond, ctx, grad=True)
-            v_t = None
-            if self.cfg.kd:
-                v_t, _ = teacher_forward(self.frozen_teacher.module(ctx), d.x_t, self.objective.model_timestep(d.t),
-                                         *d.teacher_cond, return_features=False)
+            v_t = self.kd_target(ctx, d) if self.cfg.kd else None
             self._fake = ((ctx.step, ctx.micro), d, fake.detach())
             return self.loss_fn.generator(logits, v_s, self.objective.target(d.x0, d.noise, d.t), d.t, v_t)
         if phase != "discriminator":
