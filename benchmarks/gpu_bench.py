@@ -5,28 +5,29 @@
 
 Sections, in the order they run (each one's figures are written to the JSON as soon as it ends, so
 a run cut short keeps what it measured; a section that would not fit in ``--budget-s`` is skipped
-and says so; a section that fails records its error and the run goes on):
+and says so, as are generation rows once the budget is spent; a section that fails records its
+error and the run goes on):
 
 * ``forward``: one UNet forward, SnapGen (``snapgen-t2i``, 333 text tokens, its mask) against
   SDXL's UNet (77 tokens), bf16 eager with SDPA, at batch 1 and 8: latency, and the latency ratio
-  next to the MAC ratio (5.2x at 1024^2); the tiny decoder against SD3's VAE decoder at 1024^2,
-  batch 1 (MAC ratio 23.5x).
+  next to the MAC ratio (counted here: 676.7 G against 3380.6 G, 5.0x; the paper's figures, 5.2x);
+  the tiny decoder against SD3's VAE decoder at 1024^2, batch 1 (MAC ratio 23.5x).
 * ``generate_eager``: ``snapgen generate``'s pipeline (``load_pipeline`` on a saved pipeline dir,
   as the CLI loads it) in bf16 without compilation at 1024^2: 28 steps with CFG 4.5 and 4 steps
   without, batches 1, 4, 16; and the same 28-step rows with SD3's VAE decoder (``--vae``).
 * ``sdxl``: diffusers' ``StableDiffusionXLPipeline`` (``core/baselines.py``: public configs, random
   weights) in bf16 with SDPA, same steps, CFG, resolution and batches; text encoded apart.
+* ``training``: the training step of ``pretrain`` / ``finetune`` (``train/loop.py``: the flow
+  loss of ``train/diffusion.py``, bf16 autocast, fused AdamW, gradient clipping, EMA) at 512^2
+  and 1024^2 with the paper's per-GPU batches (128, 48; sup. G), with and without gradient
+  checkpointing: samples/s, peak memory and MFU (``core/speed.py``); compiled (the loop's
+  ``compile``) in the last section, ``training_compiled``, where the budget allows. Batches are random tensors in device
+  memory: the data path is measured by ``benchmarks/bench_data.py``. Distillation with a teacher
+  is not measured: SD3.5-Large's weights are not here (the row says so).
 * ``generate``: the shipped default of ``snapgen generate`` on this device (``--dtype auto
   --compile`` default: bf16 + ``torch.compile`` with CUDA graphs on CUDA, fp32 eager on a CPU),
   the same rows; the first call's time (compilation) is reported apart. Then the compiled UNet
   and decoder forward latencies of ``forward`` again, with the ratios against SDXL's eager ones.
-* ``training``: the training step of ``pretrain`` / ``finetune`` (``train/loop.py``: the flow
-  loss of ``train/diffusion.py``, bf16 autocast, fused AdamW, gradient clipping, EMA) at 512^2
-  and 1024^2 with the paper's per-GPU batches (128, 48; sup. G), with and without gradient
-  checkpointing: samples/s, peak memory and MFU (``core/speed.py``); then compiled
-  (``--compile`` of the loop) where the budget allows. Batches are random tensors in device
-  memory: the data path is measured by ``benchmarks/bench_data.py``. Distillation with a teacher
-  is not measured: SD3.5-Large's weights are not here (the row says so).
 * ``profiles``: where a goal of the issue is missed, the top kernels (``torch.profiler``, device
   time, share of the total) of the eager bf16 model that missed it: one generation call, one UNet
   or decoder forward, one training step (kernels inside CUDA graphs are not visible to the
@@ -50,6 +51,7 @@ import argparse
 import contextlib
 import gc
 import json
+import math
 import os
 import statistics
 import sys
@@ -89,8 +91,8 @@ SCALES = {
 #: The SD3 VAE at CPU size for ``--quick`` (16 latent channels, f=8, as SD3's).
 SD3_VAE_TINY = dict(block_out_channels=[8, 8, 16, 16], layers_per_block=1, norm_num_groups=8)
 #: Rough seconds of each section on an H200 (full scale), for the budget; quick runs ignore it.
-COST_S = {"forward": 30, "generate_eager": 60, "sdxl": 80, "generate": 200, "training": 90, "training_compiled": 150,
-          "profiles": 40}
+COST_S = {"forward": 30, "generate_eager": 60, "sdxl": 80, "training": 90, "generate": 200, "profiles": 40,
+          "training_compiled": 150}
 SECTIONS = tuple(COST_S)
 GOALS = {"samples_per_s_28_cfg": 4.0, "vs_sdxl_28_cfg": 3.0, "images_per_s_4_steps_b16": 25.0,
          "unet_latency_ratio_b8": 3.5, "decoder_latency_ratio": 10.0, "training_mfu_1024": 0.35}
@@ -146,12 +148,20 @@ def save_snapgen_pipeline(root: Path, scale: dict) -> Path:
 # ----------------------------------------------------------------------------- measurements
 
 
-def generation_rows(pipe, name: str, scale: dict, device: torch.device, only_cfg: bool = False) -> list[dict]:
+def generation_rows(pipe, name: str, scale: dict, device: torch.device, only_cfg: bool = False,
+                    time_left=lambda: math.inf) -> list[dict]:
     """``pipe`` (a SnapGenPipeline or diffusers' SDXL pipeline) at ``scale``'s resolution: 28 steps
-    with CFG 4.5 and 4 steps without, each batch size (:func:`generation_row`)."""
+    with CFG 4.5 and 4 steps without, each batch size (:func:`generation_row`); once ``time_left()``
+    is spent, the remaining rows are only listed as skipped."""
     runs = [(scale["steps"][0], 4.5)] + ([] if only_cfg else [(scale["steps"][1], 1.0)])
-    return [generation_row(pipe, name, scale, device, steps, guidance, batch)
-            for steps, guidance in runs for batch in scale["batches"]]
+    rows = []
+    for steps, guidance in runs:
+        for batch in scale["batches"]:
+            if time_left() <= 0:
+                rows.append(dict(pipeline=name, steps=steps, guidance=guidance, batch=batch, skipped="budget"))
+                continue
+            rows.append(generation_row(pipe, name, scale, device, steps, guidance, batch))
+    return rows
 
 
 def generation_row(pipe, name: str, scale: dict, device: torch.device, steps: int, guidance: float, batch: int) -> dict:
@@ -393,6 +403,10 @@ class Run:
     def left(self) -> float:
         return self.args.budget_s - (time.perf_counter() - self.t0)
 
+    def row_time(self) -> float:
+        """Seconds left for another generation row: the budget less what the later sections need at least."""
+        return math.inf if self.args.quick else self.left() - 60
+
     def write(self) -> None:
         self.res["wall_s"] = time.perf_counter() - self.t0
         self.out.parent.mkdir(parents=True, exist_ok=True)
@@ -444,22 +458,23 @@ class Run:
         return out
 
     def generate_eager(self) -> dict:
-        rows = generation_rows(self.eager, "snapgen", self.scale, self.device)
+        rows = generation_rows(self.eager, "snapgen", self.scale, self.device, time_left=self.row_time)
         vae_pipe = load_pipeline(self.pipe_dir, vae=str(self.pipe_dir.parent / "vae"), device=self.device,
                                  dtype=self.args.dtype, compile=False)
-        rows += generation_rows(vae_pipe, "snapgen+sd3-vae", self.scale, self.device, only_cfg=True)
+        rows += generation_rows(vae_pipe, "snapgen+sd3-vae", self.scale, self.device, only_cfg=True,
+                                time_left=self.row_time)
         del vae_pipe
         self.state["generate_eager"] = rows
         return dict(dtype=self.args.dtype, compile=False, rows=rows)
 
     def sdxl_rows(self) -> dict:
-        rows = generation_rows(self.sdxl, "sdxl", self.scale, self.device)
+        rows = generation_rows(self.sdxl, "sdxl", self.scale, self.device, time_left=self.row_time)
         self.state["sdxl"] = rows
         return dict(dtype=self.args.dtype, attention="SDPA (diffusers AttnProcessor2_0)", rows=rows)
 
     def generate_shipped(self) -> dict:
         self.shipped = load_pipeline(self.pipe_dir, device=self.device, dtype="auto", compile=None)
-        rows = generation_rows(self.shipped, "snapgen", self.scale, self.device)
+        rows = generation_rows(self.shipped, "snapgen", self.scale, self.device, time_left=self.row_time)
         self.state["generate"] = rows
         out = dict(settings=self.shipped.speed_settings, rows=rows)
         if self.shipped.speed_settings["compile"] and "forward_eager" in self.state:
@@ -533,8 +548,8 @@ class Run:
         cfg_steps, few = sc["steps"]
         b = sc["batches"][-1]
         source = "generate" if st.get("generate") else "generate_eager"
-        snap = [r for r in st.get(source) or [] if r["pipeline"] == "snapgen"]
-        sdxl = {(r["steps"], r["batch"]): r for r in st.get("sdxl") or []}
+        snap = [r for r in st.get(source) or [] if r["pipeline"] == "snapgen" and "samples_per_s" in r]
+        sdxl = {(r["steps"], r["batch"]): r for r in st.get("sdxl") or [] if "samples_per_s" in r}
 
         def goal(key: str, measured: float | None, what: str) -> None:
             g[key] = dict(measured=measured, target=GOALS[key], what=what,
@@ -569,8 +584,8 @@ class Run:
             self.section("forward", self.forward_eager)
             self.section("generate_eager", self.generate_eager)
             self.section("sdxl", self.sdxl_rows)
-            self.section("generate", self.generate_shipped)
             self.section("training", self.training)
+            self.section("generate", self.generate_shipped)
             self.goals()
             self.section("profiles", self.profiles)
             self.section("training_compiled", lambda: self.training(compiled=True))

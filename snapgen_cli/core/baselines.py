@@ -58,9 +58,10 @@ SDXL_SCHEDULER_CONFIG = dict(
 #: text encoders (context 64, pooled 32), a two-stage UNet and a 4-stage VAE.
 SDXL_TINY = dict(
     unet=dict(down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
-              up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], block_out_channels=[32, 64], layers_per_block=1, attention_head_dim=[2, 4],
-              transformer_layers_per_block=[1, 1], cross_attention_dim=64, addition_time_embed_dim=8,
-              projection_class_embeddings_input_dim=32 + 6 * 8, norm_num_groups=8, sample_size=8),
+              up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], block_out_channels=[32, 64], layers_per_block=1,
+              attention_head_dim=[2, 4], transformer_layers_per_block=[1, 1], cross_attention_dim=64,
+              addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8, norm_num_groups=8,
+              sample_size=8),
     vae=dict(block_out_channels=[8, 8, 16, 16], layers_per_block=1, norm_num_groups=8, sample_size=64),
     text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, projection_dim=32),
 )

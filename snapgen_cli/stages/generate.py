@@ -120,10 +120,10 @@ def run(cfg: Config, ctx: StageContext) -> dict:
         lines.append({"file": f"{i:05d}.png", "prompt": prompt, "seed": cfg.seed + i})
     atomic_write_text(out / "prompts.jsonl", "".join(json.dumps(x) + "\n" for x in lines))
     result = {"out_dir": str(out), "images": len(images), "files": [x["file"] for x in lines]}
-    timings = getattr(pipe, "last_timings", None)
-    if timings:
-        result |= {**pipe.speed_settings, "timings": timings,
-                   "samples_per_s": len(images) / max(timings["denoising_s"] + timings["decoding_s"], 1e-9)}
+    timings = pipe.last_timings
+    seconds = timings["denoising_s"] + timings["decoding_s"]
+    result |= {"timings": timings, "samples_per_s": len(images) / max(seconds, 1e-9),
+               **(pipe.speed_settings if cfg.backend == "pytorch" else {"onnx_precision": cfg.onnx_precision})}
     if cfg.grid:
         cols = cfg.images_per_prompt if cfg.images_per_prompt > 1 else min(len(images), 8)  # a row per prompt
         save_png(images, out / "grid.png", cols=cols)
