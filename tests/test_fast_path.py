@@ -109,7 +109,8 @@ def test_the_default_load_is_the_saved_fp32_pipeline(pipe_dir, fp32_pixels):
 
 
 @pytest.mark.slow  # inductor compiles the UNet and the decoder with a C++ compiler: ~80 s on one core
-def test_compile_gives_the_eager_image_and_caches_its_kernels(pipe_dir, fp32_pixels, tmp_path, monkeypatch):
+def test_compile_gives_the_eager_image_and_caches_its_kernels(pipe_dir, fp32_pixels, fp32_latents, tmp_path,
+                                                              monkeypatch):
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert compile_cache_dir() == tmp_path / "snapgen" / "inductor"

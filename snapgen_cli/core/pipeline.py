@@ -175,7 +175,9 @@ class SnapGenPipeline(DiffusionPipeline):
 
         def model_fn(x, t, c):
             self._mark_step()
-            return denoise(self.unet, x.to(dt), t, c)[0].to(x.dtype)
+            # t contiguous: a guided step concatenates it, an unguided one gets an expanded view; one
+            # layout spares a compiled UNet a recompilation for the other
+            return denoise(self.unet, x.to(dt), t.contiguous(), c)[0].to(x.dtype)
 
         with self.progress_bar(total=steps) as bar:
             return sample(model_fn, noise, steps, cond, uncond, guidance, self.objective, on_step=bar.update)
