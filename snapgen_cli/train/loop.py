@@ -117,8 +117,8 @@ Decisions where the paper is silent:
   ``mixed_precision="bf16"`` is bf16 autocast. On CUDA the progress line and the summary give the
   model FLOPs utilisation (MFU): the task's MACs of one forward per sample
   (:meth:`TrainTask.forward_macs`) x 2 x 3 (+1 forward with gradient checkpointing) x samples/s
-  over the GPU's dense bf16 peak; the summary's ``samples_per_s_steady`` (and its MFU) leaves out
-  the first step, which holds compilation and warm-up.
+  per process (one GPU each) over the GPU's dense bf16 peak; the summary's ``samples_per_s_steady``
+  (and its MFU) leaves out the first step, which holds compilation and warm-up.
 """
 
 from __future__ import annotations
@@ -904,7 +904,8 @@ class _Run:
                 warm = warm or now  # the end of the first step: compilation and warm-up are behind
                 self._log(step, last)
                 losses = "  ".join(f"{k} {v:.4f}" for k, v in last.items() if k.endswith("loss"))
-                use = (f"  MFU {mfu(self.forward_macs, rate, peak, cfg.gradient_checkpointing):.1%}"
+                per_gpu = rate / acc.num_processes
+                use = (f"  MFU {mfu(self.forward_macs, per_gpu, peak, cfg.gradient_checkpointing):.1%}"
                        if self.forward_macs and peak else "")
                 progress.update(bar, completed=step, info=f"{losses}  {rate:.1f} samples/s{use}")
                 if cfg.sample_every and step % cfg.sample_every == 0:
@@ -1073,7 +1074,8 @@ class _Run:
         }
         if acc.device.type == "cuda":  # issue 17: throughput after the first step, and the MFU
             summary["samples_per_s_steady"] = steady
-            summary["mfu"] = mfu_report(self.forward_macs, steady, acc.device, self.cfg.gradient_checkpointing)
+            summary["mfu"] = mfu_report(self.forward_macs, steady / acc.num_processes, acc.device,
+                                        self.cfg.gradient_checkpointing)
         main = acc.is_main_process
         if main or self.sharded:  # sharded weights are gathered by every process
             for name, module in self.modules.items():
