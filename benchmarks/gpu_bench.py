@@ -12,22 +12,24 @@ error and the run goes on):
   SDXL's UNet (77 tokens), bf16 eager with SDPA, at batch 1 and 8: latency, and the latency ratio
   next to the MAC ratio (counted here: 676.7 G against 3380.6 G, 5.0x; the paper's figures, 5.2x);
   the tiny decoder against SD3's VAE decoder at 1024^2, batch 1 (MAC ratio 23.5x).
-* ``generate_eager``: ``snapgen generate``'s pipeline (``load_pipeline`` on a saved pipeline dir,
-  as the CLI loads it) in bf16 without compilation at 1024^2: 28 steps with CFG 4.5 and 4 steps
-  without, batches 1, 4, 16; and the same 28-step rows with SD3's VAE decoder (``--vae``).
 * ``sdxl``: diffusers' ``StableDiffusionXLPipeline`` (``core/baselines.py``: public configs, random
-  weights) in bf16 with SDPA, same steps, CFG, resolution and batches; text encoded apart.
+  weights) in bf16 with SDPA at 1024^2: 28 steps with CFG 4.5 and 4 steps without, batches 16, 4
+  and 1; text encoded apart.
 * ``training``: the training step of ``pretrain`` / ``finetune`` (``train/loop.py``: the flow
   loss of ``train/diffusion.py``, bf16 autocast, fused AdamW, gradient clipping, EMA) at 512^2
   and 1024^2 with the paper's per-GPU batches (128, 48; sup. G), with and without gradient
   checkpointing: samples/s, peak memory and MFU (``core/speed.py``); compiled (the loop's
-  ``compile``) in the last section, ``training_compiled``, where the budget allows. Batches are random tensors in device
-  memory: the data path is measured by ``benchmarks/bench_data.py``. Distillation with a teacher
-  is not measured: SD3.5-Large's weights are not here (the row says so).
+  ``compile``) in the last section, ``training_compiled``, where the budget allows. Batches are
+  random tensors in device memory: the data path is measured by ``benchmarks/bench_data.py``.
+  Distillation with a teacher is not measured: SD3.5-Large's weights are not here (the row says so).
 * ``generate``: the shipped default of ``snapgen generate`` on this device (``--dtype auto
-  --compile`` default: bf16 + ``torch.compile`` with CUDA graphs on CUDA, fp32 eager on a CPU),
-  the same rows; the first call's time (compilation) is reported apart. Then the compiled UNet
-  and decoder forward latencies of ``forward`` again, with the ratios against SDXL's eager ones.
+  --compile`` default: bf16 + ``torch.compile`` with CUDA graphs on CUDA, fp32 eager on a CPU):
+  28 steps with CFG 4.5 and 4 steps without, batches 16, 4, 1 (the goals' batch first); the first
+  call's time (compilation) is reported apart. Then the compiled UNet and decoder forward
+  latencies of ``forward`` again, with the ratios against SDXL's eager ones.
+* ``generate_eager``: ``snapgen generate``'s pipeline (``load_pipeline`` on a saved pipeline dir,
+  as the CLI loads it) in bf16 without compilation, the same rows; and the 28-step rows with SD3's
+  VAE decoder (``--vae``).
 * ``profiles``: where a goal of the issue is missed, the top kernels (``torch.profiler``, device
   time, share of the total) of the eager bf16 model that missed it: one generation call, one UNet
   or decoder forward, one training step (kernels inside CUDA graphs are not visible to the
@@ -81,17 +83,17 @@ PROMPT = "a tiger wearing a tuxedo, studio photo"
 SCALES = {
     "full": dict(res=1024, unet="snapgen-t2i", unet_overrides={}, decoder="snapgen-decoder", tiny=False,
                  text=dict(clip_l=768, clip_g=1280, gemma=2304, layers=2, gemma_len=256), steps=(28, 4),
-                 batches=(1, 4, 16), forward_batches=(1, 8), runs=2, forward_runs=10,
+                 batches=(16, 4, 1), forward_batches=(1, 8), runs=2, forward_runs=10,
                  train=[(512, 128), (1024, 48)], train_steps=(2, 5)),
     "quick": dict(res=64, unet="tiny", unet_overrides=dict(in_channels=16, out_channels=16), decoder="tiny",
                   tiny=True, text=dict(clip_l=32, clip_g=32, gemma=48, layers=1, gemma_len=16), steps=(2, 1),
-                  batches=(1, 2), forward_batches=(1, 2), runs=1, forward_runs=2, train=[(64, 2), (128, 2)],
+                  batches=(2, 1), forward_batches=(1, 2), runs=1, forward_runs=2, train=[(64, 2), (128, 2)],
                   train_steps=(1, 2)),
 }
 #: The SD3 VAE at CPU size for ``--quick`` (16 latent channels, f=8, as SD3's).
 SD3_VAE_TINY = dict(block_out_channels=[8, 8, 16, 16], layers_per_block=1, norm_num_groups=8)
 #: Rough seconds of each section on an H200 (full scale), for the budget; quick runs ignore it.
-COST_S = {"forward": 30, "generate_eager": 60, "sdxl": 80, "training": 90, "generate": 200, "profiles": 40,
+COST_S = {"forward": 30, "sdxl": 80, "training": 90, "generate": 120, "generate_eager": 45, "profiles": 40,
           "training_compiled": 150}
 SECTIONS = tuple(COST_S)
 GOALS = {"samples_per_s_28_cfg": 4.0, "vs_sdxl_28_cfg": 3.0, "images_per_s_4_steps_b16": 25.0,
@@ -420,6 +422,7 @@ class Run:
         if not self.args.quick and self.left() < COST_S[name]:
             self.res["skipped"][name] = f"budget: {self.left():.0f} s left, the section takes ~{COST_S[name]} s"
             log(f"skipping {name}: {self.res['skipped'][name]}")
+            self.write()
             return
         log(f"== {name} ({self.left():.0f} s of the budget left)")
         t0 = time.perf_counter()
@@ -477,14 +480,14 @@ class Run:
         rows = generation_rows(self.shipped, "snapgen", self.scale, self.device, time_left=self.row_time)
         self.state["generate"] = rows
         out = dict(settings=self.shipped.speed_settings, rows=rows)
-        if self.shipped.speed_settings["compile"] and "forward_eager" in self.state:
+        if self.shipped.speed_settings["compile"] and "forward_eager" in self.state and self.row_time() > 0:
             with torch.no_grad():
                 out["forward_compiled"] = forward_section(self.shipped, None, None, self.scale, self.device, self.dt,
                                                           self.state, compiled=True)
         return out
 
     def training(self, compiled: bool = False) -> dict:
-        for attr in ("eager", "shipped", "sdxl", "sd3_vae"):  # training needs the memory
+        for attr in ("shipped", "sdxl", "sd3_vae"):  # training needs the memory; SDXL is measured by now
             if hasattr(self, attr):
                 setattr(self, attr, None)
         reset_peak(self.device)
@@ -513,7 +516,7 @@ class Run:
         pipe = load_pipeline(self.pipe_dir, device=dev, dtype=self.args.dtype, compile=False)
         gens = lambda b: [torch.Generator().manual_seed(i) for i in range(b)]  # noqa: E731
         want = set(missed) if self.args.profile == "auto" else set(GOALS)
-        b = sc["batches"][-1]
+        b = max(sc["batches"])
         with torch.no_grad():
             if want & {"samples_per_s_28_cfg", "vs_sdxl_28_cfg"}:
                 out["generate_2_steps_cfg"] = dict(batch=b, **top_kernels(
@@ -546,24 +549,32 @@ class Run:
         the ``generate`` section ran, else the eager ones)."""
         sc, st, g = self.scale, self.state, {}
         cfg_steps, few = sc["steps"]
-        b = sc["batches"][-1]
-        source = "generate" if st.get("generate") else "generate_eager"
-        snap = [r for r in st.get(source) or [] if r["pipeline"] == "snapgen" and "samples_per_s" in r]
+        b = max(sc["batches"])
         sdxl = {(r["steps"], r["batch"]): r for r in st.get("sdxl") or [] if "samples_per_s" in r}
+
+        def rows(steps: int, batch: int | None = None) -> tuple[str, list[dict]]:
+            """SnapGen's measured rows: the shipped pipeline's, else the eager ones."""
+            for source in ("generate", "generate_eager"):
+                found = [r for r in st.get(source) or [] if r["pipeline"] == "snapgen" and "samples_per_s" in r
+                         and r["steps"] == steps and batch in (None, r["batch"])]
+                if found:
+                    return source, found
+            return "", []
 
         def goal(key: str, measured: float | None, what: str) -> None:
             g[key] = dict(measured=measured, target=GOALS[key], what=what,
                           met=None if measured is None else measured >= GOALS[key])
 
-        guided = [r for r in snap if r["steps"] == cfg_steps]
+        source, guided = rows(cfg_steps)
         if guided:
             goal("samples_per_s_28_cfg", max(r["samples_per_s"] for r in guided), f"{source}, best batch")
-        if sdxl and guided:
             ratios = [r["samples_per_s"] / sdxl[cfg_steps, r["batch"]]["samples_per_s"] for r in guided
                       if (cfg_steps, r["batch"]) in sdxl]
-            goal("vs_sdxl_28_cfg", max(ratios, default=None), f"{source} / sdxl samples/s, best batch")
-        if r4 := next((r for r in snap if r["steps"] == few and r["batch"] == b), None):
-            goal("images_per_s_4_steps_b16", r4["samples_per_s"], f"{source}, batch {b}")
+            if ratios:
+                goal("vs_sdxl_28_cfg", max(ratios), f"{source} / sdxl samples/s, best batch")
+        source, r4 = rows(few, b)
+        if r4:
+            goal("images_per_s_4_steps_b16", r4[0]["samples_per_s"], f"{source}, batch {b}")
         fwd = (self.res["sections"].get("generate") or {}).get("forward_compiled") or st.get("forward_eager")
         if fwd:
             u, d = fwd["unet"][-1], fwd["decoder"]
@@ -582,10 +593,10 @@ class Run:
         with tempfile.TemporaryDirectory() as tmp:
             self.build(Path(tmp))
             self.section("forward", self.forward_eager)
-            self.section("generate_eager", self.generate_eager)
             self.section("sdxl", self.sdxl_rows)
             self.section("training", self.training)
             self.section("generate", self.generate_shipped)
+            self.section("generate_eager", self.generate_eager)
             self.goals()
             self.section("profiles", self.profiles)
             self.section("training_compiled", lambda: self.training(compiled=True))

@@ -75,3 +75,15 @@ def test_quick_cpu_run_writes_every_section_with_positive_figures(tmp_path, caps
 
     bad = [(path, v) for path, v in _numbers(res) if not v > 0]
     assert not bad, bad
+
+
+def test_a_spent_budget_skips_sections_and_rows(tmp_path):
+    bench = _bench()
+    run = bench.Run(bench.parse(["--device", "cpu", "--out", str(tmp_path / "b.json"), "--budget-s", "10"]))
+    run.section("sdxl", lambda: pytest.fail("a section that does not fit must not run"))
+    assert run.res["skipped"]["sdxl"].startswith("budget: ") and "sdxl" not in run.res["sections"]
+    assert json.loads((tmp_path / "b.json").read_text())["skipped"] == run.res["skipped"]  # written at once
+    rows = bench.generation_rows(None, "snapgen", bench.SCALES["full"], None, time_left=lambda: 0.0)
+    assert [(r["steps"], r["batch"], r["skipped"]) for r in rows] == [
+        (28, 16, "budget"), (28, 4, "budget"), (28, 1, "budget"), (4, 16, "budget"), (4, 4, "budget"),
+        (4, 1, "budget")]
