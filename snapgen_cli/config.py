@@ -51,5 +51,5 @@ class StageSettings(StageConfig):
                                                         "divided among the processes of `accelerate launch`)")
 
 
-#: Stage settings that change how a stage runs, not what it writes.
-RUNTIME_KEYS = frozenset({"threads"})
+#: Stage settings that change how a stage runs, not what it writes (``compile``: torch.compile, float rounding).
+RUNTIME_KEYS = frozenset({"threads", "compile"})

@@ -287,6 +287,16 @@ def test_gradient_checkpointing_switch_keeps_the_numbers(tmp_path):
         train(FlowTask(), _cfg(gradient_checkpointing=True), tmp_path / "toy")
 
 
+@pytest.mark.slow  # inductor compiles the forward and backward with a C++ compiler
+def test_compile_switch_keeps_the_numbers(tmp_path):
+    train(FlowTask(n=4), _cfg(steps=2, batch_size=2, compile=True), tmp_path / "compiled")
+    train(FlowTask(n=4), _cfg(steps=2, batch_size=2), tmp_path / "plain")
+    # float rounding only: inductor fuses and reorders the fp32 arithmetic
+    _assert_same_run(tmp_path / "compiled", tmp_path / "plain", tol=1e-5)
+    summary = json.loads((tmp_path / "compiled" / "train_summary.json").read_text())
+    assert "mfu" not in summary  # MFU is a CUDA figure (core/speed.py)
+
+
 def test_bad_resume_and_config_are_clear_errors(tmp_path):
     train(FlowTask(), _cfg(steps=5), tmp_path)
     with pytest.raises(ConfigError, match="holds checkpoints of an earlier run; resume with resume='auto'"):

@@ -354,6 +354,10 @@ class Transformer2D(nn.Module):
         self._rope_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # per (h, w, device); not state
 
     def _rope(self, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if torch.compiler.is_compiling():
+            # A compiled graph computes the small tables itself (the same numbers): filling the cache
+            # from inside the graph would change its guards and recompile the whole model on the next call.
+            return rope_2d(h, w, self.head_dim, self.rope_theta, device)
         key = (h, w, device)
         if key not in self._rope_tables:
             with torch.inference_mode(False):  # a table cached under inference mode could not enter autograd later

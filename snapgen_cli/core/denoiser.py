@@ -94,6 +94,21 @@ def check_fits(config, latent_channels: int, layout, where) -> None:
                           ", ".join(f"{k}={m} but the shards need {d}" for k, (m, d) in bad.items()))
 
 
+def forward_macs(config, latent_size: int, layout) -> int:
+    """MACs of one forward of the denoiser of ``config`` for one sample: a ``latent_size``^2
+    latent and the condition of ``layout`` (a ``core.text.TextLayout``: every token attended),
+    counted on the meta device (``core.measure.count_macs``: nothing allocated or computed)."""
+    from .measure import count_macs
+
+    with torch.device("meta"):
+        model = build(dict(config))
+        c = text_dims(model.config)
+        x = torch.zeros(1, c["in_channels"], latent_size, latent_size)
+        cond = (torch.zeros(1, layout.seq_len, c["context_dim"]), torch.zeros(1, c["pooled_dim"]),
+                torch.ones(1, layout.seq_len, dtype=torch.bool))
+        return count_macs(lambda: denoise(model, x, torch.full((1,), 500.0), cond))
+
+
 def denoise(model, x_t: torch.Tensor, timestep: torch.Tensor, cond, *, return_features: bool = False
             ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(prediction, features or None)`` of a UNet or an SD3 DiT (unwrapped or DDP-wrapped)."""

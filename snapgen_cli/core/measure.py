@@ -33,7 +33,8 @@ def count_macs(call: Callable[[], object]) -> int:
     return counter.get_total_flops() // 2
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA, MPS; a no-op on CPU): timings end here."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elif device.type == "mps":
@@ -55,14 +56,14 @@ def measure_latency(call: Callable[[], object], device: torch.device, runs: int,
     with torch.no_grad():
         for _ in range(warmup):
             call()
-        _sync(device)
+        synchronize(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         times = []
         for _ in range(runs):
             t0 = time.perf_counter()
             call()
-            _sync(device)
+            synchronize(device)
             times.append(time.perf_counter() - t0)
     if device.type == "cuda":
         mem, mem_kind = torch.cuda.max_memory_allocated(device), "cuda_max_allocated"

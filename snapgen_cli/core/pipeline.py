@@ -31,10 +31,17 @@ Decisions where the paper is silent:
   subset works with the same UNet.
 * **Unconditional branch** for CFG: every encoder dropped (zero context and pooled vector),
   batched with the conditional branch into one UNet call (``core.flow.guided``).
+* **Fast path** (:meth:`SnapGenPipeline.fast_path`, ``--dtype`` / ``--compile``; issue 17): the
+  UNet and decoder in bf16 and compiled (CUDA graphs) by default on CUDA, fp32 and eager
+  elsewhere; the decisions are in ``core/speed.py``. The UNet runs in its own dtype while the
+  sampler's state stays fp32 (inputs cast in, predictions cast back out).
+* **Timings**: each call records ``last_timings`` -- text encoding, denoising and decoding
+  seconds apart (the device synchronised at each boundary), which ``snapgen generate`` reports.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +55,11 @@ from PIL import Image
 from ..errors import ConfigError
 from ..files import find_model_dir, model_location
 from .decoder import TinyDecoder, latents_to_images
-from .flow import Guidance, objective_from_scheduler, sample
-from .text import TextEncoderStack, combine, unconditional
 from .denoiser import denoise
+from .flow import Guidance, objective_from_scheduler, sample
+from .measure import synchronize
+from .speed import DTYPE_NAMES, compile_default, compile_module, inference_dtype
+from .text import TextEncoderStack, combine, unconditional
 from .unet import SnapGenUNet
 
 MODEL_INDEX = "model_index.json"
@@ -73,6 +82,40 @@ class SnapGenPipeline(DiffusionPipeline):
         self.register_to_config(resolution=int(resolution), latent=latent, sampler=sampler)
         self.unet.eval()
         self.decoder.eval()
+        self.last_timings: dict[str, float] = {}
+        self._compile_mode: str | None = None  # set by fast_path
+
+    def fast_path(self, dtype: str = "auto", compile: bool | None = None) -> dict[str, Any]:
+        """Switch the UNet and decoder to the fast inference path on their current device (module
+        docstring; call after ``.to(device)``): ``dtype`` (``auto``, ``fp32``, ``bf16``, ``fp16``),
+        ``compile`` (``None``: on for CUDA). On CUDA the conv weights go channels-last and the
+        compiled modules use CUDA graphs. Returns :attr:`speed_settings`."""
+        device = self.unet.device
+        dt, comp = inference_dtype(dtype, device), compile_default(compile, device)
+        cuda = device.type == "cuda"
+        for module in (self.unet, self.decoder):
+            # nn.Module.to: diffusers' ModelMixin.to warns about fp32-only modules even when there are none
+            torch.nn.Module.to(module, dtype=dt)
+            if cuda:
+                torch.nn.Module.to(module, memory_format=torch.channels_last)
+        if comp:
+            mode = "reduce-overhead" if cuda else "default"
+            compile_module(self.unet, mode)
+            # An AutoencoderKL decodes through its ``decoder`` submodule; the tiny decoder is one module.
+            compile_module(self.decoder if isinstance(self.decoder, TinyDecoder) else self.decoder.decoder, mode)
+            self._compile_mode = mode
+        return self.speed_settings
+
+    @property
+    def speed_settings(self) -> dict[str, Any]:
+        """``{"dtype", "compile", "compile_mode"}`` of the UNet as it runs now."""
+        return {"dtype": DTYPE_NAMES.get(self.unet.dtype, str(self.unet.dtype)),
+                "compile": self._compile_mode is not None, "compile_mode": self._compile_mode}
+
+    def _mark_step(self) -> None:
+        """Tell CUDA graphs a new inference step begins (the previous outputs are no longer read)."""
+        if self._compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
 
     # -- conditioning ---------------------------------------------------------------------
 
@@ -127,15 +170,21 @@ class SnapGenPipeline(DiffusionPipeline):
         noise = randn_tensor((len(generator), self.config.latent["channels"], lat, lat), generator=generator,
                              device=device)
         uncond = unconditional(self.layout, len(generator), device=device)
+        dt = self.unet.dtype  # the sampler's state stays in the noise's fp32; the UNet runs in its dtype
+        cond, uncond = (tuple(v.to(dt) if v.is_floating_point() else v for v in c) for c in (cond, uncond))
 
         def model_fn(x, t, c):
-            return denoise(self.unet, x, t, c)[0]
+            self._mark_step()
+            # t contiguous: a guided step concatenates it, an unguided one gets an expanded view; one
+            # layout spares a compiled UNet a recompilation for the other
+            return denoise(self.unet, x.to(dt), t.contiguous(), c)[0].to(x.dtype)
 
         with self.progress_bar(total=steps) as bar:
             return sample(model_fn, noise, steps, cond, uncond, guidance, self.objective, on_step=bar.update)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> list[Image.Image]:
+        self._mark_step()
         return images_to_pil(latents_to_images(self.decoder, latents.to(self.decoder.device)))
 
     @torch.no_grad()
@@ -163,11 +212,26 @@ class SnapGenPipeline(DiffusionPipeline):
         g = guidance or Guidance(scale=float(guidance_scale))
         step = batch_size or len(prompts)
         images: list = []
+        device = self._execution_device
+        times = dict.fromkeys(("text_encoding_s", "denoising_s", "decoding_s"), 0.0)
+        clock = time.perf_counter()
+
+        def lap(key: str) -> None:
+            nonlocal clock
+            synchronize(device)
+            now = time.perf_counter()
+            times[key] += now - clock
+            clock = now
+
         for start in range(0, len(prompts), step):
             chunk = prompts[start:start + step]
-            z = self.sample_latents(self.encode_prompt(chunk, encoders), generator[start:start + len(chunk)],
-                                    num_inference_steps, g, size)
+            cond = self.encode_prompt(chunk, encoders)
+            lap("text_encoding_s")
+            z = self.sample_latents(cond, generator[start:start + len(chunk)], num_inference_steps, g, size)
+            lap("denoising_s")
             images += [z.cpu()] if output_type == "latent" else self.decode_latents(z)
+            lap("decoding_s")
+        self.last_timings = times
         out = torch.cat(images) if output_type == "latent" else images
         return ImagePipelineOutput(images=out) if return_dict else (out,)
 
@@ -204,16 +268,20 @@ def load_decoder(path: str | Path, *, decoder: str | None = None, vae: str | Non
 
 
 def load_pipeline(path: str | Path, *, decoder: str | None = None, vae: str | None = None,
-                  device: str | torch.device = "cpu") -> SnapGenPipeline:
+                  device: str | torch.device = "cpu", dtype: str = "fp32", compile: bool | None = False
+                  ) -> SnapGenPipeline:
     """``SnapGenPipeline.from_pretrained(path)`` with the CLI's overrides and one-line errors:
     ``decoder`` (a tiny decoder dir) or ``vae`` (an ``AutoencoderKL`` dir or hub id) replaces the
-    pipeline's decoder."""
+    pipeline's decoder; ``dtype`` / ``compile``: :meth:`SnapGenPipeline.fast_path` (``"auto"`` /
+    ``None``: the device's defaults; the defaults here leave the pipeline as saved, fp32 eager)."""
     pipeline_config(path)
     override = _decoder_override(decoder, vae)
     overrides: dict[str, Any] = {} if override is None else {"decoder": override}
     pipe = SnapGenPipeline.from_pretrained(path, **overrides)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    pipe = pipe.to(device)
+    pipe.fast_path(dtype, compile)
+    return pipe
 
 
 def load_autoencoder(path: str | Path, subfolder: str | None = None, *, torch_dtype: torch.dtype | None = None,

@@ -61,6 +61,9 @@ def artefact(manifest: dict, root: Path, model: str, fmt: str = "onnx", precisio
 class _Session:
     """An ONNX Runtime session standing in for a PyTorch component of the pipeline."""
 
+    #: What the pipeline feeds it (the session casts to its own precision, fp32 or fp16).
+    dtype = torch.float32
+
     def __init__(self, path: Path, device: str):
         self.session = ox.session(path, device)
         self.output_names = [o.name for o in self.session.get_outputs()]

@@ -50,6 +50,8 @@ shapes-data's training sets draws from (the templated captions may still coincid
 captions, as GenEval's do with web captions); reconstruction uses each image's own size,
 centre-cropped to a multiple of the latent downsampling (no resampling) unless --recon-size
 is given, and the autoencoder's posterior mean; LPIPS is off by default (Tab. 2 reports PSNR).
+Sampling takes ``--dtype`` / ``--compile`` as ``snapgen generate`` does (``core/speed.py``: bf16 and
+compiled on CUDA by default, fp32 eager elsewhere); the dtype is one of the recorded settings.
 """
 
 from __future__ import annotations
@@ -67,8 +69,9 @@ import torch
 from PIL import Image
 from pydantic import Field, field_validator, model_validator
 
-from ..config import UNSET_IS_PREVIOUS, StageSettings
+from ..config import UNSET_IS_PREVIOUS
 from ..core.flow import Guidance
+from ..core.speed import InferenceSpeed
 from ..data.images import save_png
 from ..data.shapes import EVAL_PROMPT_SEED
 from ..errors import ConfigError
@@ -81,7 +84,7 @@ GENERATION_FILE = "generation.json"
 SAMPLES_DIR, ALIGNMENT_DIR, GENEVAL_DIR, DPG_DIR, DPG_TILES_DIR = "samples", "alignment", "geneval", "dpg", "dpg_tiles"
 
 
-class Config(StageSettings):
+class Config(InferenceSpeed):
     checkpoint: str | None = Field(None, description="pipeline dir (a training stage's output); 'none': no "
                                                       "pipeline (FID of --samples, or --save-reference alone); "
                                                       "default: previous stage", json_schema_extra=UNSET_IS_PREVIOUS)
@@ -340,7 +343,8 @@ def _load_pipeline(ckpt: Path, cfg: Config):
     from ..core.measure import resolve_device
     from ..core.pipeline import load_pipeline
 
-    pipe = load_pipeline(ckpt, decoder=cfg.decoder, vae=cfg.vae, device=resolve_device(cfg.device))
+    pipe = load_pipeline(ckpt, decoder=cfg.decoder, vae=cfg.vae, device=resolve_device(cfg.device), dtype=cfg.dtype,
+                         compile=cfg.compile)
     if cfg.shift is not None:
         if not isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):
             raise ConfigError(f"--shift: the pipeline's objective is {pipe.objective.name!r}; shift is a flow setting")
@@ -353,7 +357,7 @@ def _sampler_settings(cfg: Config, ckpt: Path, pipe, size: int) -> dict:
             "guidance": cfg.guidance, "guidance_end": cfg.guidance_end,
             "guidance_interval": list(cfg.guidance_interval) if cfg.guidance_interval else None,
             "objective": {"name": pipe.objective.name, "shift": getattr(pipe.objective, "shift", None)},
-            "seed": cfg.seed, "size": size, "encoders": cfg.encoders}
+            "seed": cfg.seed, "size": size, "encoders": cfg.encoders, "dtype": pipe.speed_settings["dtype"]}
 
 
 # ----------------------------------------------------------------------------- metrics

@@ -180,6 +180,13 @@ class DiffusionTask(TrainTask):
         noise = ctx.randn(*x0.shape[1:])
         return x0, t, self.objective.noisy(x0, noise, t), self.objective.target(x0, noise, t)
 
+    def forward_macs(self) -> int:
+        """MACs of one denoiser forward for one sample at this stage's resolution and text layout
+        (:func:`~snapgen_cli.core.denoiser.forward_macs`; the loop's MFU). Only the trained
+        denoiser's: a frozen distillation teacher's forward is not counted."""
+        lat = self.cfg.resolution // int(self.latent.get("downsample", 8))
+        return denoiser.forward_macs(self.unet.config, lat, self.layout)
+
     def loss(self, phase, batch, ctx):
         x0, t, xt, target = self.noised(batch, ctx)
         context, pooled, mask = self.condition(batch, ctx)

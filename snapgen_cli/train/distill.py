@@ -139,6 +139,11 @@ class DistillTask(DiffusionTask):
     def trainables(self):
         return {"unet": self.unet, **({"projector": self.projector} if self.projector is not None else {})}
 
+    def forward_macs(self) -> None:
+        """No MFU: a step also runs the teacher's forward and the projector, which the MACs of one UNet
+        forward per sample do not count."""
+        return None
+
     def frozen(self):
         return self.frozen_teacher.frozen()
 

@@ -111,6 +111,14 @@ Decisions where the paper is silent:
   weights, EMA, checkpoints and sample grids equal DDP's and one process's to float32
   rounding (~1e-7), with and without gradient accumulation, and checkpoints resume across
   FSDP and one process; NCCL is untested here.
+* **Speed on a GPU** (issue 17; ``core/speed.py``): ``compile`` compiles every trainable in place
+  (``torch.compile``, default mode, kernels cached in ``~/.cache/snapgen/inductor``; default off:
+  a short run would spend its time compiling); AdamW is fused on CPU and CUDA (:func:`_adamw`);
+  ``mixed_precision="bf16"`` is bf16 autocast. On CUDA the progress line and the summary give the
+  model FLOPs utilisation (MFU): the task's MACs of one forward per sample
+  (:meth:`TrainTask.forward_macs`) x 2 x 3 (+1 forward with gradient checkpointing) x samples/s
+  per process (one GPU each) over the GPU's dense bf16 peak; the summary's ``samples_per_s_steady``
+  (and its MFU) leaves out the first step, which holds compilation and warm-up.
 """
 
 from __future__ import annotations
@@ -148,6 +156,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..config import StageSettings
+from ..core.speed import compile_module, mfu, mfu_report, peak_bf16_flops
 from ..cpu import describe_threads
 from ..data.shards import sha256_file
 from ..errors import ConfigError, SnapgenError
@@ -190,6 +199,8 @@ class LoopConfig(StageSettings):
                                                                   "(after shuffling the shards); 0: all")
     fsdp: bool = Field(False, description="shard each trainable, its gradients and optimizer state across the "
                                           "processes (torch FSDP2) instead of DDP; no-op on one process")
+    compile: bool = Field(False, description="torch.compile the trainables (pays off on long GPU runs; the first "
+                                             "step compiles)")
 
     @field_validator("tracker")
     @classmethod
@@ -267,6 +278,12 @@ class TrainTask:
 
     def sample_grid(self, model: nn.Module, step: int):  # -> PIL.Image.Image | None
         """An image of samples from ``model`` (the main model, EMA weights); ``None``: skip."""
+        return None
+
+    def forward_macs(self) -> int | None:
+        """MACs of one forward pass of the main trainable for one training sample
+        (``core.measure.count_macs`` on the meta device), for the MFU reported on CUDA; ``None``:
+        no MFU. Asked once per run, on CUDA only."""
         return None
 
 
@@ -644,6 +661,9 @@ class _Run:
             if unknown:
                 raise SnapgenError(f"phase {phase!r} names unknown trainables {sorted(unknown)}")
         self._enable_checkpointing(trainables)
+        if cfg.compile:
+            for m in trainables.values():
+                compile_module(m)
 
         self.global_batch = cfg.batch_size * acc.num_processes * cfg.grad_accum
         scale = self.global_batch / cfg.lr_reference_batch if cfg.scale_lr else 1.0
@@ -868,7 +888,10 @@ class _Run:
         loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=self.task.collate,
                             num_workers=_workers(cfg, acc.device), pin_memory=acc.device.type == "cuda")
         batches = _batches(loader)
-        t0, last = time.perf_counter(), {}
+        cuda = acc.device.type == "cuda"
+        self.forward_macs = self.task.forward_macs() if cuda else None
+        peak = peak_bf16_flops(torch.cuda.get_device_name(acc.device)) if cuda else None
+        t0, last, warm = time.perf_counter(), {}, None
         if acc.is_main_process and acc.device.type == "cpu":
             self.console.print(f"[dim]{describe_threads()}[/dim]")
         with self._progress() as progress:
@@ -876,18 +899,26 @@ class _Run:
             for step in range(start + 1, cfg.steps + 1):
                 last = self._step(step, batches, sampler)
                 self.state.step = step
-                rate = self.global_batch * (step - start) / (time.perf_counter() - t0)
+                now = time.perf_counter()
+                rate = self.global_batch * (step - start) / (now - t0)
+                warm = warm or now  # the end of the first step: compilation and warm-up are behind
                 self._log(step, last)
                 losses = "  ".join(f"{k} {v:.4f}" for k, v in last.items() if k.endswith("loss"))
-                progress.update(bar, completed=step, info=f"{losses}  {rate:.1f} samples/s")
+                per_gpu = rate / acc.num_processes
+                use = (f"  MFU {mfu(self.forward_macs, per_gpu, peak, cfg.gradient_checkpointing):.1%}"
+                       if self.forward_macs and peak else "")
+                progress.update(bar, completed=step, info=f"{losses}  {rate:.1f} samples/s{use}")
                 if cfg.sample_every and step % cfg.sample_every == 0:
                     self._sample_grid(step)
                 if step % cfg.checkpoint_every == 0:
                     self._save_checkpoint(step)
         if cfg.steps % cfg.checkpoint_every and start < cfg.steps:
             self._save_checkpoint(cfg.steps)
-        wall = time.perf_counter() - t0
-        return self._finish(resumed_from, last, wall, self.global_batch * (cfg.steps - start) / max(wall, 1e-9))
+        end = time.perf_counter()
+        wall = end - t0
+        rate = self.global_batch * (cfg.steps - start) / max(wall, 1e-9)
+        steady = self.global_batch * (cfg.steps - start - 1) / (end - warm) if cfg.steps - start > 1 else rate
+        return self._finish(resumed_from, last, wall, rate, steady)
 
     def _progress(self) -> Progress:
         return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -1015,7 +1046,8 @@ class _Run:
                     shutil.rmtree(old)
         acc.wait_for_everyone()
 
-    def _finish(self, resumed_from: Path | None, last: dict[str, float], wall: float, rate: float) -> dict[str, Any]:
+    def _finish(self, resumed_from: Path | None, last: dict[str, float], wall: float, rate: float,
+                steady: float) -> dict[str, Any]:
         acc = self.acc
         acc.wait_for_everyone()
         outputs = {}
@@ -1040,6 +1072,10 @@ class _Run:
             "losses": str(self.losses_path),
             "checkpoint": str(ckpts[-1]) if ckpts else None,
         }
+        if acc.device.type == "cuda":  # issue 17: throughput after the first step, and the MFU
+            summary["samples_per_s_steady"] = steady
+            summary["mfu"] = mfu_report(self.forward_macs, steady / acc.num_processes, acc.device,
+                                        self.cfg.gradient_checkpointing)
         main = acc.is_main_process
         if main or self.sharded:  # sharded weights are gathered by every process
             for name, module in self.modules.items():

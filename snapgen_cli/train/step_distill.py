@@ -147,6 +147,11 @@ class StepDistillTask(DiffusionTask):
     def phases(self):
         return {"generator": ("unet",), "discriminator": ("discriminator",)}
 
+    def forward_macs(self) -> None:
+        """No MFU: a step also runs the frozen teacher's and the discriminator's passes, which the MACs
+        of one UNet forward per sample do not count."""
+        return None
+
     def frozen(self):
         return self.frozen_teacher.frozen()
 
