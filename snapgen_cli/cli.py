@@ -344,6 +344,15 @@ def main(argv=None) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     try:
+        _main(argv)
+    finally:
+        from .cpu import close_process_group
+
+        close_process_group()  # a training stage under `accelerate launch` set one up
+
+
+def _main(argv) -> None:
+    try:
         cli.main(args=argv, prog_name="snapgen", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from snapgen_cli.core.flow import RectifiedFlow, sample  # noqa: E402
 from snapgen_cli.core.unet import build_unet  # noqa: E402
+from snapgen_cli.cpu import close_process_group  # noqa: E402
 from snapgen_cli.train.loop import LoopConfig, StepContext, TrainTask, train  # noqa: E402
 
 
@@ -164,4 +165,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        close_process_group()  # as the console entry point does

@@ -617,3 +617,18 @@ def test_pruning_keeps_the_checkpoint_to_fall_back_to_below_a_corrupt_newer_one(
     summary = train(FlowTask(), _cfg(steps=15, keep_checkpoints=1, checkpoint_every=3), tmp_path, resume="auto")
     assert summary["resumed_from"].endswith("step_000012")
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_000015"]
+
+
+def test_the_entry_point_closes_a_process_group_left_up(tmp_path):
+    """`train` leaves a distributed group up for later stages; the console entry point (and the
+    launched test script) destroys it on exit, not the interpreter's teardown (a gloo rank aborted
+    there once on CI)."""
+    import torch.distributed as dist
+
+    from snapgen_cli.cpu import close_process_group
+
+    close_process_group()  # nothing up: a no-op
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert dist.is_initialized()
+    close_process_group()
+    assert not dist.is_initialized()
