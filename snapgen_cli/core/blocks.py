@@ -65,10 +65,14 @@ class PointwiseConv2d(nn.Conv2d):
     def __init__(self, in_ch: int, out_ch: int):
         super().__init__(in_ch, out_ch, 1)
 
+    def channels_last(self, h: torch.Tensor) -> torch.Tensor:
+        """The same map on channels-last pixels (..., C_in) -> (..., C_out): one GEMM."""
+        return F.linear(h, self.weight.flatten(1), self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _training_kernels(self):
             return super().forward(x)
-        return F.linear(x.permute(0, 2, 3, 1), self.weight.flatten(1), self.bias).permute(0, 3, 1, 2)
+        return self.channels_last(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 def conv(in_ch: int, out_ch: int, *, separable: bool, stride: int = 1) -> nn.Module:
@@ -88,16 +92,14 @@ class ExpandedSepConv(nn.Sequential):
 
     def __init__(self, in_ch: int, out_ch: int, expansion: int = 2):
         hidden = expansion * out_ch
-        super().__init__(DepthwiseConv2d(in_ch), nn.Conv2d(in_ch, hidden, 1),
-                         nn.SiLU(), nn.Conv2d(hidden, out_ch, 1))
+        super().__init__(DepthwiseConv2d(in_ch), PointwiseConv2d(in_ch, hidden),
+                         nn.SiLU(), PointwiseConv2d(hidden, out_ch))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _training_kernels(self):
             return super().forward(x)
-        dw, pw1, act, pw2 = self
-        h = dw(x).permute(0, 2, 3, 1)  # the two PWs as GEMMs over the pixels (see _training_kernels)
-        h = F.linear(act(F.linear(h, pw1.weight.flatten(1), pw1.bias)), pw2.weight.flatten(1), pw2.bias)
-        return h.permute(0, 3, 1, 2)
+        dw, pw1, act, pw2 = self  # the two PWs as GEMMs with one permute each way (see _training_kernels)
+        return pw2.channels_last(act(pw1.channels_last(dw(x).permute(0, 2, 3, 1)))).permute(0, 3, 1, 2)
 
 
 class ResBlock(nn.Module):
