@@ -94,22 +94,40 @@ def test_the_discriminator_loss_starts_at_its_analytic_value(kd, tmp_path):
         assert logs["D_real/h0"] == 0 and logs["D_fake/h1"] == 0
 
 
-def test_guided_kd_target_is_the_teachers_cfg_combination(kd, tmp_path):
+def test_guided_kd_target_is_the_teachers_cfg_combination(kd, tmp_path, monkeypatch):
     """kd_guidance w: L_kd's target is v_u + w (v_c - v_u), the teacher with its text and without
-    (all encoders dropped); w = 1 is the plain conditional velocity with no second teacher call."""
+    (all encoders dropped), from one call on [uncond; cond] as the sampler guides; w = 1 is the
+    plain conditional velocity from one call on the batch."""
+    from snapgen_cli.core.text import unconditional
+    from snapgen_cli.train import step_distill as task_module
+
+    calls = []
+
+    def counted(model, x, *args, **kw):
+        calls.append(len(x))
+        return teacher_forward(model, x, *args, **kw)
+
+    monkeypatch.setattr(task_module, "teacher_forward", counted)
     h = _Harness(kd, tmp_path / "g", kd_guidance=3.0)
     ctx = h.ctx()
     d = h.task.draw(h.batch, ctx)
+    b = len(d.x_t)
     teacher, ts = h.task.frozen_teacher.module(ctx), h.task.objective.model_timestep(d.t)
-    v_c, _ = teacher_forward(teacher, d.x_t, ts, *d.teacher_cond, return_features=False)
-    v_u, _ = teacher_forward(teacher, d.x_t, ts, *d.teacher_uncond, return_features=False)
-    assert all(c.abs().sum() == 0 for c in d.teacher_uncond) and d.teacher_cond[0].abs().sum() > 0
+    uncond = unconditional(h.task.teacher_text.layout, b)[:2]
+    assert all(c.abs().sum() == 0 for c in uncond) and d.teacher_cond[0].abs().sum() > 0
+    both = tuple(torch.cat([u, c]) for u, c in zip(uncond, d.teacher_cond, strict=True))
+    v_u, v_c = teacher_forward(teacher, torch.cat([d.x_t, d.x_t]), torch.cat([ts, ts]), *both,
+                               return_features=False)[0].chunk(2)
     assert (v_c - v_u).abs().max() > 1e-4  # the text matters, so the guidance does too
+    calls.clear()
     torch.testing.assert_close(h.task.kd_target(ctx, d), v_u + 3.0 * (v_c - v_u), rtol=0, atol=0)
+    assert calls == [2 * b]
     plain = _Harness(kd, tmp_path / "p")
     d1 = plain.task.draw(plain.batch, plain.ctx())
-    assert d1.teacher_uncond is None
-    torch.testing.assert_close(plain.task.kd_target(plain.ctx(), d1), v_c, rtol=0, atol=0)
+    v_plain, _ = teacher_forward(teacher, d1.x_t, ts, *d1.teacher_cond, return_features=False)
+    calls.clear()
+    torch.testing.assert_close(plain.task.kd_target(plain.ctx(), d1), v_plain, rtol=0, atol=0)
+    assert calls == [b]
 
 
 #: A direction with entries +-1 (a uniform offset would vanish in the heads' LayerNorm).

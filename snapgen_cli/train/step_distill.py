@@ -30,7 +30,7 @@ Decisions where the paper is silent (each a setting):
   student is saved to sample without CFG (``guidance = 1``), one UNet call per step. A teacher
   that is not guidance-distilled (the demo's) can give a guided target instead,
   ``kd_guidance = w``: ``v_u + w (v_c - v_u)`` of its conditional and unconditional velocities
-  (ADD's distillation target, Sauer et al. 2023), two teacher calls per step.
+  (ADD's distillation target, Sauer et al. 2023), the teacher run on twice the batch.
 * **The discriminator phase reuses the generator phase's fakes** (detached, from the same
   micro-batch); run alone (no generator phase before it) it computes them itself from the same
   per-sample randomness, so its update does not depend on whether the generator stepped first.
@@ -46,10 +46,10 @@ from pydantic import Field, field_validator
 
 from ..core import denoiser
 from ..core.discriminator import FeatureHeads
-from ..core.flow import RectifiedFlow
+from ..core.flow import RectifiedFlow, guided
 from ..core.losses import ADV_LOSSES, StepDistillLoss
 from ..core.teacher import block_indices, teacher_block_features, teacher_forward
-from ..core.text import sample_keep
+from ..core.text import sample_keep, unconditional
 from ..errors import SnapgenError
 from .diffusion import DiffusionTask, TextRole
 from .distill import FrozenTeacher, TeacherConfig
@@ -117,7 +117,6 @@ class _Draw(NamedTuple):
     x_t: torch.Tensor
     cond: tuple
     teacher_cond: tuple[torch.Tensor, torch.Tensor]
-    teacher_uncond: tuple[torch.Tensor, torch.Tensor] | None
     s: torch.Tensor
     renoise: torch.Tensor
 
@@ -170,12 +169,10 @@ class StepDistillTask(DiffusionTask):
         keep = sample_keep(self.layout.names, self.cfg.p_drop, gens)
         cond = self.condition(batch, ctx, stored, keep)
         teacher_cond = self.frozen_teacher.condition(stored, keep, dev)
-        teacher_uncond = (self.frozen_teacher.condition(stored, {n: torch.zeros_like(k) for n, k in keep.items()}, dev)
-                          if self.cfg.kd_guidance != 1 else None)
         s = (self.disc_sigma.sample_timesteps(len(x0), generator=gens) if self.cfg.disc_noise == "logit-normal"
              else row[:, 1]).to(dev)
         renoise = ctx.randn(*x0.shape[1:])
-        return _Draw(x0, t, noise, self.objective.noisy(x0, noise, t), cond, teacher_cond, teacher_uncond, s, renoise)
+        return _Draw(x0, t, noise, self.objective.noisy(x0, noise, t), cond, teacher_cond, s, renoise)
 
     def generate(self, unet, d: _Draw) -> tuple[torch.Tensor, torch.Tensor]:
         """G of Eq. 9: the student's velocity at ``(x_t, t)`` and its prediction ``x'_0``."""
@@ -183,13 +180,14 @@ class StepDistillTask(DiffusionTask):
         return v_s, self.objective.predict_x0(d.x_t, v_s, d.t)
 
     def kd_target(self, ctx: StepContext, d: _Draw) -> torch.Tensor:
-        """The teacher's velocity at ``(x_t, t)``: L_kd's target, guided with ``kd_guidance``."""
-        teacher, ts = self.frozen_teacher.module(ctx), self.objective.model_timestep(d.t)
-        v_c, _ = teacher_forward(teacher, d.x_t, ts, *d.teacher_cond, return_features=False)
-        if d.teacher_uncond is None:
-            return v_c
-        v_u, _ = teacher_forward(teacher, d.x_t, ts, *d.teacher_uncond, return_features=False)
-        return v_u + self.cfg.kd_guidance * (v_c - v_u)
+        """The teacher's velocity at ``(x_t, t)``: L_kd's target, guided with ``kd_guidance`` the
+        sampler's way (``flow.guided``: one call on ``[uncond; cond]``, the null condition of
+        ``text.unconditional``); at 1, one conditional call."""
+        teacher = self.frozen_teacher.module(ctx)
+        uncond = (unconditional(self.teacher_text.layout, len(d.x_t), device=d.x_t.device)[:2]
+                  if self.cfg.kd_guidance != 1 else None)
+        return guided(lambda x, t, c: teacher_forward(teacher, x, t, *c, return_features=False)[0],
+                      d.x_t, self.objective.model_timestep(d.t), d.teacher_cond, uncond, self.cfg.kd_guidance)
 
     def judge(self, heads, x: torch.Tensor, s: torch.Tensor, teacher_cond, ctx: StepContext, grad: bool = False):
         """The heads' logits on ``x`` (latents at noise level ``s``): D of Eq. 9."""
