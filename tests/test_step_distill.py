@@ -16,7 +16,12 @@ from rich.console import Console
 from snapgen_cli.core.discriminator import FeatureHeads
 from snapgen_cli.core.losses import StepDistillLoss
 from snapgen_cli.core.pipeline import SnapGenPipeline
-from snapgen_cli.core.teacher import load_teacher, teacher_block_features, teacher_forward
+from snapgen_cli.core.teacher import (
+    load_teacher,
+    teacher_block_features,
+    teacher_forward,
+)
+from snapgen_cli.errors import ConfigError
 from snapgen_cli.stages import step_distill
 from snapgen_cli.stages.base import StageContext
 from snapgen_cli.stages.training import inputs
@@ -252,3 +257,44 @@ def test_bad_disc_blocks_are_one_clear_error(kd, tmp_path, run_cli):
 def test_step_distill_help_and_paper_plan(run_cli):
     code, out, _ = run_cli("step-distill", "--help")
     assert code == 0 and "--disc-blocks" in out and "--student-steps" in out and "--adv-loss" in out
+
+
+@pytest.mark.parametrize("kernel", [3, 1])
+def test_conv_heads_see_the_token_grid_and_linear_heads_do_not(kernel):
+    """Real token maps are spatially smooth (every token of a 4x4 grid is the sample's one vector),
+    fake ones have independent tokens with the same per-token distribution: a 3x3 conv head learns
+    to tell them apart, a token-wise (linear) head cannot (the negative control)."""
+    torch.manual_seed(0)
+    heads = FeatureHeads(16, (0,), hidden=32, kernel_size=kernel)
+    loss_fn = StepDistillLoss()
+    opt = torch.optim.Adam(heads.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(1)
+
+    def maps(n: int) -> tuple[list, list]:
+        return [torch.randn(n, 1, 16, generator=g).expand(n, 16, 16)], [torch.randn(n, 16, 16, generator=g)]
+
+    for _ in range(150):
+        real, fake = maps(32)
+        s = torch.rand(32, generator=g)
+        loss, _ = loss_fn.discriminator(heads(real, s, (4, 4)), heads(fake, s, (4, 4)), ["a"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    real, fake = maps(512)
+    s = torch.rand(512, generator=g)
+    with torch.no_grad():
+        _, logs = loss_fn.discriminator(heads(real, s, (4, 4)), heads(fake, s, (4, 4)), ["a"])
+    if kernel > 1:
+        assert logs["acc/a"] > 0.9 and logs["adv_d"] < 1.0, logs
+    else:  # the loss, not the accuracy: a smooth map's mean logit spreads more, which skews acc
+        assert logs["adv_d"] > 2 * math.log(2) - 0.02, logs
+
+
+def test_conv_heads_need_the_grid_and_an_odd_kernel():
+    heads = FeatureHeads(16, (0,), hidden=8, kernel_size=3)
+    with pytest.raises(ValueError, match="token grid"):
+        heads([torch.randn(2, 16, 16)], torch.rand(2))
+    with pytest.raises(ValueError, match="token grid"):
+        heads([torch.randn(2, 16, 16)], torch.rand(2), (3, 4))
+    with pytest.raises(ConfigError, match="disc_kernel"):
+        FeatureHeads(16, (0,), kernel_size=2)

@@ -107,35 +107,55 @@ class FeatureHeads(ModelMixin, ConfigMixin):
     conditioning in the heads (the teacher's features already carry the prompt), the last layer
     zero-initialised so that every head starts at logit 0 (the discriminator loss then starts at
     its analytic value, 2 ln 2 for the log form).
+
+    ``kernel_size`` 1 (default) is the paper's "linear layers": each token judged on its own.
+    ``kernel_size`` k > 1 makes the first layer a k x k convolution over the teacher's token grid
+    (LADD's heads are convolutional), so a head sees each token's neighbourhood; ``forward`` then
+    needs the grid's ``(h, w)``.
     """
 
     @register_to_config
-    def __init__(self, feature_dim: int, blocks: tuple[int, ...] = (-1,), hidden: int = 256, embed_dim: int = 256):
+    def __init__(self, feature_dim: int, blocks: tuple[int, ...] = (-1,), hidden: int = 256, embed_dim: int = 256,
+                 kernel_size: int = 1):
         super().__init__()
         from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 
         if not blocks:
             raise ConfigError("disc_blocks: expected at least one teacher block index")
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ConfigError(f"disc_kernel: expected an odd size >= 1 (1: linear heads), got {kernel_size}")
         self.time_proj = Timesteps(embed_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_embed = TimestepEmbedding(embed_dim, hidden)
         self.norm = nn.LayerNorm(feature_dim, elementwise_affine=False)
-        self.inp = nn.ModuleList(nn.Linear(feature_dim, hidden) for _ in blocks)
+        self.inp = nn.ModuleList(nn.Linear(feature_dim, hidden) if kernel_size == 1 else
+                                 nn.Conv2d(feature_dim, hidden, kernel_size, padding=kernel_size // 2) for _ in blocks)
         self.film = nn.ModuleList(nn.Linear(hidden, 2 * hidden) for _ in blocks)
         self.out = nn.ModuleList(nn.Linear(hidden, 1) for _ in blocks)
         for lin in [*self.film, *self.out]:
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
 
-    def forward(self, features: list[torch.Tensor], sigma: torch.Tensor) -> list[torch.Tensor]:
+    def forward(self, features: list[torch.Tensor], sigma: torch.Tensor,
+                grid: tuple[int, int] | None = None) -> list[torch.Tensor]:
         """Per-token logits (B, N) of each head, from the teacher's tokens after each block
-        (``core.teacher.teacher_block_features``) and the noise level (B,) in [0, 1]."""
+        (``core.teacher.teacher_block_features``) and the noise level (B,) in [0, 1]; ``grid``:
+        the tokens' (h, w) layout, which convolutional heads need."""
         if len(features) != len(self.inp):
             raise ValueError(f"{len(features)} feature maps for {len(self.inp)} heads")
+        if self.config.kernel_size > 1 and (grid is None or grid[0] * grid[1] != features[0].shape[1]):
+            raise ValueError(f"convolutional heads need the token grid (h, w) of {features[0].shape[1]} tokens, "
+                             f"got {grid}")
         emb = self.time_embed(self.time_proj(sigma.reshape(-1).float() * 1000.0).to(features[0].dtype))
         emb = nn.functional.silu(emb)
         logits = []
         for f, inp, film, out in zip(features, self.inp, self.film, self.out, strict=True):
             scale, shift = film(emb).unsqueeze(1).chunk(2, dim=-1)
-            h = inp(self.norm(f)) * (1 + scale) + shift
+            f = self.norm(f)
+            if isinstance(inp, nn.Conv2d):  # tokens -> (B, C, h, w) -> conv -> tokens
+                b, n, c = f.shape
+                f = inp(f.transpose(1, 2).reshape(b, c, *grid)).flatten(2).transpose(1, 2)
+            else:
+                f = inp(f)
+            h = f * (1 + scale) + shift
             logits.append(out(nn.functional.silu(h)).squeeze(-1))
         return logits

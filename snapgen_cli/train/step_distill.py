@@ -69,6 +69,8 @@ class StepDistillConfig(TeacherConfig):
     disc_blocks: list[int] = Field([9, 18, 27, 37], min_length=1, description="teacher blocks with a head (indices "
                                    "into transformer_blocks; the teacher runs up to the last of them)")
     disc_hidden: int = Field(256, gt=0, description="width of each head's hidden layer")
+    disc_kernel: int = Field(1, ge=1, description="each head's first layer: 1 = linear per token (the paper's "
+                             "\"linear layers\"), k > 1 = a k x k conv over the token grid (LADD's conv heads)")
     disc_noise: Literal["logit-normal", "next-step"] = Field("logit-normal", description="the discriminator's "
                                                              "noise level: LADD's logit-normal or the next grid sigma")
     disc_logit_mean: float = Field(1.0, description="logit-normal mean of the discriminator's noise level (LADD: 1)")
@@ -130,7 +132,8 @@ class StepDistillTask(DiffusionTask):
         self.teacher, self.teacher_text = self.frozen_teacher.model, self.frozen_teacher.text
         self.blocks = block_indices(self.teacher, cfg.disc_blocks)  # checked before training starts
         t = self.teacher.config
-        self.heads = FeatureHeads(t.num_attention_heads * t.attention_head_dim, tuple(self.blocks), cfg.disc_hidden)
+        self.heads = FeatureHeads(t.num_attention_heads * t.attention_head_dim, tuple(self.blocks), cfg.disc_hidden,
+                                  kernel_size=cfg.disc_kernel)
         self.loss_fn = StepDistillLoss(cfg.adv_loss, cfg.adv_weight, cfg.kd, cfg.r1_gamma)
         self.grid = few_step_grid(self.objective, cfg.student_steps)
         # D's noise level: the logit-normal sampler of the flow objective, unshifted
@@ -193,7 +196,8 @@ class StepDistillTask(DiffusionTask):
         """The heads' logits on ``x`` (latents at noise level ``s``): D of Eq. 9."""
         feats = teacher_block_features(self.frozen_teacher.module(ctx), x, self.objective.model_timestep(s),
                                        *teacher_cond, self.blocks, grad=grad)
-        return heads(feats, s)
+        p = self.teacher.config.patch_size
+        return heads(feats, s, (x.shape[-2] // p, x.shape[-1] // p))
 
     def loss(self, phase, batch, ctx: StepContext):
         heads = ctx.accelerator.unwrap_model(ctx.models["discriminator"])
