@@ -12,12 +12,18 @@ after step distillation), and writes JSON.
 
     snapgen run --out runs/demo                                 # the demo, for its stages
     python benchmarks/step_distill_eval.py --run-dir runs/demo --json-out benchmarks/results/step_distill.json
+
+Ablations: ``--variant NAME KEY=VALUE ...`` (repeatable) trains and scores one step-distilled
+model per variant and seed, each the recipe's stage with those settings on top (``--variant
+default`` for the recipe's own); the rows are then ``after-N/NAME``. ``--counts`` picks the
+step counts scored (default 4 and 8), ``--no-many`` skips the many-step row.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import time
@@ -40,11 +46,20 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="step-distill steps per run (default: the recipe's)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--alignment-n", type=int, default=360)
-    ap.add_argument("--work-dir", type=Path, default=None, help="where the runs go (default: RUN_DIR/step_distill_eval)")
+    ap.add_argument("--work-dir", type=Path, default=None,
+                    help="where the runs go (default: RUN_DIR/step_distill_eval)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="extra step-distill settings (TOML values), e.g. guidance=1.0")
+    ap.add_argument("--variant", nargs="+", action="append", default=[], metavar=("NAME", "KEY=VALUE"),
+                    help="a step-distill variant: a name, then its settings on top of the recipe's (repeatable)")
+    ap.add_argument("--counts", type=int, nargs="+", default=[4, 8], help="sampling step counts to score")
+    ap.add_argument("--no-many", action="store_true", help="skip the many-step row")
     ap.add_argument("--json-out", type=Path, default=None)
     args = ap.parse_args()
+    variants = {v[0]: v[1:] for v in args.variant} or {"": []}
+    for name, sets in variants.items():
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or not all("=" in o for o in sets):
+            ap.error(f"--variant {name} {' '.join(sets)}: expected a name ([A-Za-z0-9_.-]) then KEY=VALUE settings")
 
     console = Console(file=sys.stderr)
     recipe = load_recipe(args.recipe, tuple(f"stages.step-distill.{o}" for o in args.overrides))
@@ -66,15 +81,21 @@ def main() -> None:
     distilled = args.run_dir / "distill"
     for seed in args.seeds:
         out = work / f"seed{seed}"
-        t0 = time.perf_counter()
-        cfg = base.model_copy(update=dict(steps=steps, seed=seed, sample_every=0))
-        step_distill.run(cfg, StageContext(out_dir=out, previous=distilled, run_dir=args.run_dir, console=console))
-        wall = time.perf_counter() - t0
-        console.print(f"step-distill seed {seed}: {wall:.0f} s")
-        score("many", many, distilled, seed, out / "eval-many", recon_images=None)
-        for n in (4, 8):
+        if not args.no_many:
+            score("many", many, distilled, seed, out / "eval-many", recon_images=None)
+        for n in args.counts:
             score(f"before-{n}", ev, distilled, seed, out / f"eval-before-{n}", steps=n)
-            score(f"after-{n}", ev, out, seed, out / f"eval-after-{n}", steps=n)
+        for name, sets in variants.items():
+            vcfg = base if not sets else resolve_refs(load_recipe(args.recipe, tuple(
+                f"stages.step-distill.{o}" for o in [*args.overrides, *sets])).stage("step-distill").config,
+                args.run_dir)
+            vout = out / name if name else out
+            t0 = time.perf_counter()
+            cfg = vcfg.model_copy(update=dict(steps=steps, seed=seed, sample_every=0))
+            step_distill.run(cfg, StageContext(out_dir=vout, previous=distilled, run_dir=args.run_dir, console=console))
+            console.print(f"step-distill {name or ''} seed {seed}: {time.perf_counter() - t0:.0f} s")
+            for n in args.counts:
+                score(f"after-{n}" + (f"/{name}" if name else ""), ev, vout, seed, vout / f"eval-after-{n}", steps=n)
 
     def mean_sd(xs: list[float]) -> tuple[float, float]:
         return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
@@ -82,17 +103,16 @@ def main() -> None:
     table = []
     console.print(f"\nFew-step generation at toy scale ({steps} step-distill steps, seeds {args.seeds}, "
                   f"{args.alignment_n} prompts):")
-    console.print(f"{'row':<10} {'steps':>5} {'alignment':>18} {'FID':>18}   paper GenEval")
-    for name in ("many", "before-4", "after-4", "before-8", "after-8"):
-        r = rows[name]
+    console.print(f"{'row':<24} {'steps':>5} {'alignment':>18} {'FID':>18}   paper GenEval")
+    for name, r in rows.items():
         (am, asd), (fm, fsd) = mean_sd([x["alignment"] for x in r]), mean_sd([x["fid"] for x in r])
         table.append(dict(row=name, steps=r[0]["steps"], runs=r, alignment_mean=am, alignment_sd=asd, fid_mean=fm,
-                          fid_sd=fsd, paper_geneval=PAPER_GENEVAL.get(name)))
-        paper = PAPER_GENEVAL.get(name)
-        console.print(f"{name:<10} {r[0]['steps']:>5} {am:>10.4f} +- {asd:.4f} {fm:>10.2f} +- {fsd:.2f}   "
+                          fid_sd=fsd, paper_geneval=PAPER_GENEVAL.get(name.split("/")[0])))
+        paper = PAPER_GENEVAL.get(name.split("/")[0])
+        console.print(f"{name:<24} {r[0]['steps']:>5} {am:>10.4f} +- {asd:.4f} {fm:>10.2f} +- {fsd:.2f}   "
                       f"{paper if paper is not None else '-'}")
     result = dict(step_distill_steps=steps, seeds=args.seeds, alignment_n=args.alignment_n, run_dir=str(args.run_dir),
-                  overrides=args.overrides, rows=table)
+                  overrides=args.overrides, variants=variants if args.variant else None, rows=table)
     if args.json_out:
         args.json_out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))

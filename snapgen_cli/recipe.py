@@ -432,17 +432,26 @@ def run_recipe(recipe: Recipe, run_dir: Path, stages: list[Stage], console, fres
             console.rule(f"[bold][{st.index + 1}/{len(recipe.stages)}] {st.name}[/bold] ({st.kind})")
             run_one_stage(st.module.__name__, st.kind, st.config.model_dump(mode="json"), configs[st.name],
                           contexts[st.name])
-    results = []
-    for st in stages:
-        record = json.loads((contexts[st.name].out_dir / DONE_MARKER).read_text())
-        results.append({**record, "stage": st.name, "skipped": st not in todo})
     from .report import standalone_command, write_run_report
 
-    commands = {st.name: standalone_command(st.kind, configs[st.name], run_dir / st.name) for st in stages}
+    # The report covers the whole run dir: the stages run or selected now, and every other stage
+    # of the recipe done before (a `--from` / `--only` run keeps the earlier stages' figures).
+    results, reported, commands = [], [], {}
+    for st in recipe.stages:
+        if st.name not in contexts:
+            ctx = _context(recipe, st, run_dir, False, console)
+            if not (ctx.out_dir / DONE_MARKER).is_file():
+                continue
+            contexts[st.name], configs[st.name] = ctx, resolve_stage(recipe, st, ctx)
+        record = json.loads((contexts[st.name].out_dir / DONE_MARKER).read_text())
+        reported.append({**record, "stage": st.name, "skipped": st not in todo})
+        if st in stages:
+            results.append(reported[-1])
+        commands[st.name] = standalone_command(st.kind, configs[st.name], run_dir / st.name)
     elapsed = time.perf_counter() - t_run if todo else None
-    report = write_run_report(run_dir, recipe.run.name, results, commands, elapsed_s=elapsed, jobs=jobs)
+    report = write_run_report(run_dir, recipe.run.name, reported, commands, elapsed_s=elapsed, jobs=jobs)
     console.print(f"[bold]report:[/bold] {run_dir / 'report.md'} (stages {report['total_wall_s']:.1f} s"
-                  + (f", elapsed {elapsed:.1f} s with {jobs} jobs)" if elapsed and jobs > 1 else ")"))
+                  + (f", elapsed {elapsed:.1f} s for {len(todo)} with {jobs} jobs)" if elapsed and jobs > 1 else ")"))
     return results
 
 

@@ -150,6 +150,10 @@ def test_from_refuses_when_an_earlier_stage_is_not_done(tmp_path, run_cli):
     code, out, err = run_cli("run", p, "--from", "b", "--json")
     assert code == 0, err
     assert [s["stage"] for s in json.loads(out)["stages"]] == ["b"]
+    # the run's report still covers the stage done before --from, marked as such
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert [(s["stage"], s["skipped"]) for s in report["stages"]] == [("a", True), ("b", False)]
+    assert report["stages"][0]["command"].startswith("snapgen ")
 
 
 def test_paper_recipe_dry_runs(run_cli):

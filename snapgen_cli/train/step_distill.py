@@ -22,6 +22,12 @@ Decisions where the paper is silent (each a setting):
   where the teacher's features carry global structure); ``"next-step"`` is Eq. 9's notation
   read literally: ``s`` is the next sigma of the student's schedule ("t - 1"; 0 after the last
   step, a clean sample). The noise of the re-noising is shared by the real and fake sample.
+  LADD's mean 1 is for SD3's 128^2 latents at 1024^2 px. Noise hides more of a smaller latent
+  (SD3's resolution shift: the same signal-to-noise at ``sqrt(m/n)`` times the noise odds), so
+  at 8^2 latents the equivalent mean is ``1 + ln(8/128) = -1.8``. Measured on the demo
+  (``benchmarks/results/step_distill_ablation.json``): the heads' accuracy stays at 0.55 through
+  step distillation at mean 1; against the student held fixed it reaches 0.57-0.60 with
+  ``"next-step"`` noise in 300 steps, and 0.73-0.75 on clean samples in 150.
 * **Text.** The student keeps the paper's per-encoder dropout (so any subset of encoders still
   works after step distillation, sec. 4); the teacher's conditioning follows it as in
   ``distill`` (``FrozenTeacher``); the heads see the prompt only through the teacher's features.
