@@ -57,7 +57,7 @@ def main() -> None:
     ap.add_argument("--json-out", type=Path, default=None)
     args = ap.parse_args()
     variants = {v[0]: v[1:] for v in args.variant} or {"": []}
-    for name, sets in variants.items():
+    for name, sets in variants.items() if args.variant else ():
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or not all("=" in o for o in sets):
             ap.error(f"--variant {name} {' '.join(sets)}: expected a name ([A-Za-z0-9_.-]) then KEY=VALUE settings")
 
