@@ -56,14 +56,20 @@ def main() -> None:
     ap.add_argument("--no-many", action="store_true", help="skip the many-step row")
     ap.add_argument("--json-out", type=Path, default=None)
     args = ap.parse_args()
-    variants = {v[0]: v[1:] for v in args.variant} or {"": []}
-    for name, sets in variants.items() if args.variant else ():
+    for name, *sets in args.variant:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or not all("=" in o for o in sets):
             ap.error(f"--variant {name} {' '.join(sets)}: expected a name ([A-Za-z0-9_.-]) then KEY=VALUE settings")
+    variants = {v[0]: v[1:] for v in args.variant} or {"": []}
 
     console = Console(file=sys.stderr)
-    recipe = load_recipe(args.recipe, tuple(f"stages.step-distill.{o}" for o in args.overrides))
-    base = resolve_refs(recipe.stage("step-distill").config, args.run_dir)
+
+    def stage_config(sets: list[str]):
+        """The recipe's step-distill stage with ``--set`` and ``sets`` on top, resolved to the run."""
+        rec = load_recipe(args.recipe, tuple(f"stages.step-distill.{o}" for o in [*args.overrides, *sets]))
+        return rec, resolve_refs(rec.stage("step-distill").config, args.run_dir)
+
+    recipe, base = stage_config([])
+    configs = {name: stage_config(sets)[1] for name, sets in variants.items()}  # resolved once, not per seed
     ev = resolve_refs(recipe.stage("eval-4step").config, args.run_dir)
     many = resolve_refs(recipe.stage("eval").config, args.run_dir)
     work = args.work_dir or args.run_dir / "step_distill_eval"
@@ -85,10 +91,7 @@ def main() -> None:
             score("many", many, distilled, seed, out / "eval-many", recon_images=None)
         for n in args.counts:
             score(f"before-{n}", ev, distilled, seed, out / f"eval-before-{n}", steps=n)
-        for name, sets in variants.items():
-            vcfg = base if not sets else resolve_refs(load_recipe(args.recipe, tuple(
-                f"stages.step-distill.{o}" for o in [*args.overrides, *sets])).stage("step-distill").config,
-                args.run_dir)
+        for name, vcfg in configs.items():
             vout = out / name if name else out
             t0 = time.perf_counter()
             cfg = vcfg.model_copy(update=dict(steps=steps, seed=seed, sample_every=0))

@@ -212,11 +212,11 @@ def _metrics_matrix(rows: list[dict], run_dir: Path) -> list[str]:
 
 def _markdown(report: dict, run_dir: Path) -> str:
     took = f"total wall time of the stages {report['total_wall_s']:.1f} s"
-    ran = [s for s in report["stages"] if not s["skipped"]]
     if report.get("elapsed_s") is not None and report.get("jobs", 1) > 1:
         took += f", {report['elapsed_s']:.1f} s elapsed with {report['jobs']} stages at once"
-        if len(ran) < len(report["stages"]):
-            took += f" for the {len(ran)} run this time"
+        ran = sum(not s["skipped"] for s in report["stages"])
+        if ran < len(report["stages"]):
+            took += f" for the {ran} run this time"
     lines = [f"# {report['run']}", "", f"Run directory: `{run_dir}`; {took}.", ""]
     if "sample_grid" in report:
         rel = Path(report["sample_grid"])

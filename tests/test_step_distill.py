@@ -16,11 +16,7 @@ from rich.console import Console
 from snapgen_cli.core.discriminator import FeatureHeads
 from snapgen_cli.core.losses import StepDistillLoss
 from snapgen_cli.core.pipeline import SnapGenPipeline
-from snapgen_cli.core.teacher import (
-    load_teacher,
-    teacher_block_features,
-    teacher_forward,
-)
+from snapgen_cli.core.teacher import load_teacher, teacher_block_features, teacher_forward
 from snapgen_cli.errors import ConfigError
 from snapgen_cli.stages import step_distill
 from snapgen_cli.stages.base import StageContext
