@@ -43,10 +43,10 @@ def test_shortened_demo_trains_every_stage_and_passes_quality_thresholds(tmp_pat
     code, out, err = run_cli(*args)
     assert code == 0, err[-3000:]
     stages = [s["stage"] for s in json.loads(out)["stages"]]
-    assert stages == ["data", "fid-reference", "autoencoder", "decoder", "precompute-classes", "precompute", "pretrain",
-                      "finetune-32", "finetune-64", "eval-finetune", "teacher", "eval-teacher", "distill",
-                      "step-distill", "generate", "eval", "eval-4step-before", "eval-8step-before", "eval-4step",
-                      "eval-8step", "export", "bench-export"]
+    assert stages == ["data", "fid-reference", "autoencoder", "decoder", "precompute-classes", "precompute", "teacher",
+                      "pretrain", "finetune-32", "finetune-64", "eval-finetune", "eval-teacher", "distill",
+                      "step-distill", "generate", "eval", "eval-4step-before", "eval-8step-before", "export",
+                      "bench-export", "eval-4step", "eval-8step"]
 
     report = json.loads((tmp_path / "demo" / "report.json").read_text())
     md = (tmp_path / "demo" / "report.md").read_text()
