@@ -338,9 +338,9 @@ def os_error_message(exc: OSError) -> str:
 
 def main(argv=None) -> None:
     """Console entry point: maps errors to one clear line and the documented exit codes."""
-    from .cpu import prefer_passive_wait
+    from .cpu import bounded_spin_wait
 
-    prefer_passive_wait()  # before anything imports torch (cpu.py)
+    bounded_spin_wait()  # before anything imports torch (cpu.py)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     try:

@@ -9,14 +9,23 @@ Decisions:
   rounded down as Go's automaxprocs does (a 1.5-CPU quota gets 1 thread), divided among the
   ``$LOCAL_WORLD_SIZE`` processes ``accelerate launch`` / ``torchrun`` start on the machine; at
   least 1. torch's own default follows the affinity mask but not a quota or the other ranks.
-* **Passive waiting.** PyTorch's CPU wheels use GNU OpenMP, whose idle threads spin for a while
-  after every parallel region. On a machine that other jobs also use, the spinning threads take
-  the cores the working ones need: a ``tiny`` pretrain stage on a loaded 2-core machine (measured,
-  contended cores) ran 14.5 samples/s with 2 spinning threads, 270 with ``OMP_WAIT_POLICY=PASSIVE``
-  and 281 with one thread. libgomp reads the policy once, when torch loads it, so the console entry
-  point sets ``OMP_WAIT_POLICY=PASSIVE`` (unless the user set it) before anything imports torch;
-  set later, it has no effect (measured: the same spin time as unset). For tiny models the cost is
-  a wake-up latency on each parallel region, well under the loss to spinning on a busy machine.
+* **Bounded spinning.** PyTorch's CPU wheels use GNU OpenMP, whose idle threads spin after every
+  parallel region before they sleep: 300,000 iterations by default (``OMP_WAIT_POLICY`` unset),
+  none with ``PASSIVE``, for ever with ``ACTIVE``. On a machine that other jobs also use, the
+  spinning threads take the cores the working ones need: a ``tiny`` pretrain stage on a loaded
+  2-core machine (measured, contended cores) ran 14.5 samples/s with 2 spinning threads, 270 with
+  ``PASSIVE`` and 281 with one thread. But a stage alone on its cores pays ``PASSIVE``'s wake-up on
+  every one of its many short parallel regions (``benchmarks/bench_wait_policy.py``, the demo's
+  autoencoder, 2 threads, 100 steps; ``benchmarks/results/cpu_wait_policy.json``): 20.4 s passive,
+  11.1 s with libgomp's default, 14.4 s with one thread. So idle threads spin a bounded
+  ``SPIN_COUNT`` iterations, then sleep (``GOMP_SPINCOUNT``): the setting with the smallest worst
+  case measured. 2,000 took 13.7 s alone and 26.1 s beside a busy single-thread job (``PASSIVE``:
+  24.1 s, libgomp's default: 125.0 s), and left that job 762 matmul/s of its 803 (``PASSIVE``: 776,
+  ``ACTIVE``: 576); 10,000 took 12.0 s alone but 33.2 s beside it. libgomp reads both once, when
+  torch loads it, so the console entry point sets ``GOMP_SPINCOUNT`` (unless the user set it or
+  ``OMP_WAIT_POLICY``) before anything imports torch; set later, they have no effect (measured).
+  Beside another job, one thread beat two under every wait setting (15.3 s): give each job its own
+  cores (README).
 * ``threads`` is a setting of every stage (``--threads``, a recipe key, ``[run] threads`` for all
   stages of a recipe); a stage's threads are set for its run and the caller's restored after it.
   Training stages log the count, its source and the wait policy when training starts
@@ -79,11 +88,24 @@ def default_threads(root: Path = CGROUP_ROOT) -> tuple[int, str]:
     return max(1, cores // ranks), why
 
 
-def prefer_passive_wait() -> None:
-    """``OMP_WAIT_POLICY=PASSIVE`` unless the user chose a policy; only before torch is imported
-    (libgomp reads it when it loads), so the console entry point calls this first."""
-    if "torch" not in sys.modules:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+#: Iterations an idle OpenMP thread spins before it sleeps (libgomp's ``GOMP_SPINCOUNT``; module docstring).
+SPIN_COUNT = 2_000
+
+
+def bounded_spin_wait() -> None:
+    """``GOMP_SPINCOUNT=SPIN_COUNT`` unless the user chose how OpenMP waits (``OMP_WAIT_POLICY`` or
+    ``GOMP_SPINCOUNT`` set); only before torch is imported (libgomp reads it when it loads), so
+    the console entry point calls this first."""
+    if "torch" not in sys.modules and "OMP_WAIT_POLICY" not in os.environ:
+        os.environ.setdefault("GOMP_SPINCOUNT", str(SPIN_COUNT))
+
+
+def describe_wait() -> str:
+    """How idle OpenMP threads wait, as the environment tells libgomp."""
+    policy, spin = os.environ.get("OMP_WAIT_POLICY"), os.environ.get("GOMP_SPINCOUNT")
+    if policy:
+        return f"OMP_WAIT_POLICY {policy}" + (f", GOMP_SPINCOUNT {spin}" if spin else "")
+    return f"OpenMP wait: spin {spin} then sleep (GOMP_SPINCOUNT)" if spin else "OpenMP wait: libgomp's default"
 
 
 @contextmanager
@@ -105,12 +127,13 @@ def stage_threads(threads: int | None) -> Iterator[int]:
 
 
 def describe_threads() -> str:
-    """``threads: N (source); OMP_WAIT_POLICY P``: torch's thread count now and where it comes from."""
+    """``threads: N (source); <wait>``: torch's thread count now, where it comes from, and how idle
+    threads wait (:func:`describe_wait`)."""
     import torch
 
     n = torch.get_num_threads()
     why = _current[1] if _current and _current[0] == n else "torch's default"
-    return f"threads: {n} ({why}); OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset (OpenMP spins)')}"
+    return f"threads: {n} ({why}); {describe_wait()}"
 
 
 def close_process_group() -> None:

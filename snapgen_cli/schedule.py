@@ -1,7 +1,7 @@
 """Independent recipe stages side by side: ``snapgen run --jobs N`` (``[run] jobs``).
 
 A recipe is a list, but its stages form a graph: the DiT teacher of the demo reads only the
-precomputed shards and the decoder, so it can train while the student's pretrain -> fine-tune
+precomputed shards, so it can train while the student's pretrain -> fine-tune
 chain runs. With ``jobs > 1`` the runner starts every stage whose inputs are done, up to ``jobs``
 at a time, each in its own process.
 
@@ -117,9 +117,9 @@ def _worker() -> int:
     """A worker process (``python -m snapgen_cli.schedule``): runs the job files named on its stdin
     one after another and answers each with one JSON line ``[exit code, error]``. A worker imports
     torch and the stage modules once, not once per stage (about 4 s a stage on a 2-core CPU)."""
-    from .cpu import prefer_passive_wait
+    from .cpu import bounded_spin_wait
 
-    prefer_passive_wait()  # before torch loads (cpu.py)
+    bounded_spin_wait()  # before torch loads (cpu.py)
     answers = os.fdopen(os.dup(1), "w", buffering=1)
     for line in sys.stdin:
         answers.write(json.dumps(_run_job(line.strip())) + "\n")

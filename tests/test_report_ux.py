@@ -120,7 +120,10 @@ def test_model_with_init_from_is_refused_naming_both_keys(demo):
     run, sets = demo
     code, _, err = _cli("run", "--out", run, *sets, "--set", 'stages.finetune-64.model="tiny"', "--dry-run")
     assert code == 2 and err.count("\n") == 1, err
-    assert err.startswith("error: stages[8].model: set together with init_from") and 'init_from = "none"' in err
+    from snapgen_cli.recipe import DEMO_RECIPE, load_recipe
+
+    i = [st.name for st in load_recipe(DEMO_RECIPE).stages].index("finetune-64")
+    assert err.startswith(f"error: stages[{i}].model: set together with init_from") and 'init_from = "none"' in err
     flags = ("finetune", "--out", run / "x", "--data", run / "precompute", "--resolution", "32", "--dry-run", "--json")
     code, _, err = _cli(*flags, "--init-from", run / "finetune-32", "--set", "model_overrides={layers_per_block=1}")
     assert code == 2 and err.startswith("error: model_overrides: set together with init_from"), err
@@ -225,15 +228,18 @@ def test_threads_flag_sets_the_stage_threads_and_restores_the_callers(demo, tmp_
                           "--steps", 1, "--batch-size", 2, "--tracker", "none", "--json", "--threads", 1,
                           "--out", tmp_path / "t")
     assert code == 0, err
-    assert json.loads(out)["threads"] == 1 and "threads: 1 (--threads); OMP_WAIT_POLICY" in err
+    assert json.loads(out)["threads"] == 1 and "threads: 1 (--threads); " in err
     assert torch.get_num_threads() == 2
 
 
-def test_default_threads_follow_the_affinity_mask_and_passive_waiting(demo, tmp_path):
+def test_default_threads_follow_the_affinity_mask_and_bounded_spinning(demo, tmp_path):
     run, _ = demo
     if not shutil.which("taskset") or not hasattr(os, "sched_getaffinity"):
         pytest.skip("needs taskset and affinity masks")
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "LOCAL_WORLD_SIZE")}
+    from snapgen_cli.cpu import SPIN_COUNT
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "LOCAL_WORLD_SIZE")}
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
     cpu = sorted(os.sched_getaffinity(0))[0]
     proc = subprocess.run(["taskset", "-c", str(cpu), sys.executable, "-m", "snapgen_cli", "pretrain", "--data",
@@ -242,7 +248,22 @@ def test_default_threads_follow_the_affinity_mask_and_passive_waiting(demo, tmp_
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout)["threads"] == 1
-    assert "threads: 1 (1 core available); OMP_WAIT_POLICY PASSIVE" in proc.stderr
+    assert f"threads: 1 (1 core available); OpenMP wait: spin {SPIN_COUNT} then sleep (GOMP_SPINCOUNT)" in proc.stderr
+
+
+@pytest.mark.parametrize("given, expected", [
+    ({}, "2000 None"),                                       # the default: bounded spinning
+    ({"OMP_WAIT_POLICY": "PASSIVE"}, "None PASSIVE"),        # the user's policy is kept, no spin count added
+    ({"GOMP_SPINCOUNT": "500"}, "500 None"),                 # the user's spin count is kept
+])
+def test_bounded_spin_wait_leaves_the_users_choice(given, expected):
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env.update(given, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    code = ("import os; from snapgen_cli.cpu import bounded_spin_wait, SPIN_COUNT; assert SPIN_COUNT == 2000; "
+            "bounded_spin_wait(); print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OMP_WAIT_POLICY'))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == expected.split()
 
 
 def test_default_threads_divide_the_cores_and_honour_quotas(tmp_path, monkeypatch):
@@ -290,10 +311,11 @@ def test_demo_stage_graph_lets_the_teacher_train_beside_the_student():
     from snapgen_cli.schedule import stage_dependencies
 
     after = stage_dependencies(load_recipe(DEMO_RECIPE), Path("runs/x"))
-    assert after["teacher"] == ["decoder", "precompute"]  # not the student's chain
+    assert after["teacher"] == ["precompute"]  # not the student's chain, nor the tiny decoder
+    assert after["eval-teacher"] == ["decoder", "teacher"]
     assert after["finetune-64"] == ["decoder", "precompute", "finetune-32"]  # init_from = "previous"
     assert after["pretrain"] == ["precompute-classes"]
-    assert after["distill"] == ["decoder", "precompute", "finetune-64", "teacher"]
+    assert after["distill"] == ["decoder", "precompute", "teacher", "finetune-64"]
     assert after["eval-4step"] == ["data", "fid-reference", "step-distill"]  # reads the saved FID reference
     assert after["eval-4step-before"] == ["data", "fid-reference", "distill"] and after["fid-reference"] == ["data"]
     assert after["data"] == [] and after["bench-export"] == ["export"]
