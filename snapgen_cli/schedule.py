@@ -1,9 +1,9 @@
 """Independent recipe stages side by side: ``snapgen run --jobs N`` (``[run] jobs``).
 
 A recipe is a list, but its stages form a graph: the DiT teacher of the demo reads only the
-precomputed shards, so it can train while the student's pretrain -> fine-tune
-chain runs. With ``jobs > 1`` the runner starts every stage whose inputs are done, up to ``jobs``
-at a time, each in its own process.
+precomputed shards, so it can train while the student's pretrain -> fine-tune chain runs. With
+``jobs > 1`` the runner starts every stage whose inputs are done, up to ``jobs`` at a time, each
+in its own process.
 
 Decisions:
 
