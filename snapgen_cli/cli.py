@@ -209,9 +209,15 @@ def _is_toml(annotation) -> bool:
 
 
 def _metavar(annotation, multiple: bool) -> str | None:
+    import typing
+
     base, optional = _unwrap(annotation)
     if _is_toml(annotation) and not multiple:
-        return "VALUE"
+        # a number or words (``--threads INTEGER|all|none``), else any TOML value
+        names = {int: ["INTEGER"], float: ["FLOAT"], type(None): ["none"]}
+        parts = [names.get(a) or ([str(x) for x in typing.get_args(a)] if typing.get_origin(a) is typing.Literal
+                                  else None) for a in (_unwrap(x)[0] for x in typing.get_args(base))]
+        return "|".join(sum(parts, [])) if parts and all(parts) else "VALUE"
     if optional and base in (int, float):
         return f"{'INTEGER' if base is int else 'FLOAT'}|none"
     return None

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import types
 import typing
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 #: ``json_schema_extra`` of a setting that names another stage's output dir. In a recipe,
 #: ``"previous"`` becomes the previous stage's output dir (``"@stage"`` that stage's, as for every
@@ -46,9 +47,10 @@ class StageSettings(StageConfig):
     key of every recipe stage). ``threads`` is a runtime setting: it never changes what a stage
     computes beyond float rounding, so a finished stage is not redone for it (``RUNTIME_KEYS``)."""
 
-    threads: int | None = Field(None, ge=1, description="CPU threads of torch (default: $OMP_NUM_THREADS, else the "
-                                                        "cores this process may use: affinity mask and cgroup quota, "
-                                                        "divided among the processes of `accelerate launch`)")
+    threads: PositiveInt | Literal["all"] | None = Field(
+        None, description="CPU threads of torch (default: $OMP_NUM_THREADS, else the cores this process may use: "
+                          "affinity mask and cgroup quota, divided among the processes of `accelerate launch`; "
+                          "all: every available core)")
 
 
 #: Stage settings that change how a stage runs, not what it writes (``compile``: torch.compile, float rounding).

@@ -27,7 +27,10 @@ Decisions:
   Beside another job, one thread beat two under every wait setting (15.3 s): give each job its own
   cores (README).
 * ``threads`` is a setting of every stage (``--threads``, a recipe key, ``[run] threads`` for all
-  stages of a recipe); a stage's threads are set for its run and the caller's restored after it.
+  stages of a recipe; ``all``: every available core, whatever the machine); a stage's threads are
+  set for its run and the caller's restored after it. ``snapgen run --jobs`` counts them against
+  the cores (schedule.py), and its workers spin ``RUNNER_SPIN_COUNT``: no stage of the run shares
+  a multi-thread stage's cores there.
   Training stages log the count, its source and the wait policy when training starts
   (:func:`describe_threads`) and record the count in their summary (``threads``).
 """
@@ -90,14 +93,31 @@ def default_threads(root: Path = CGROUP_ROOT) -> tuple[int, str]:
 
 #: Iterations an idle OpenMP thread spins before it sleeps (libgomp's ``GOMP_SPINCOUNT``; module docstring).
 SPIN_COUNT = 2_000
+#: The same in ``snapgen run --jobs``'s workers, whose multi-thread stages hold their cores (schedule.py):
+#: the demo's DiT teacher on 2 threads ran 227 samples/s with ``SPIN_COUNT``, 276 with 10,000, 277
+#: with 30,000, against 166 on one thread (150 steps each, alone on this 2-core machine).
+RUNNER_SPIN_COUNT = 10_000
+_spin_defaulted = False  # whether bounded_spin_wait set GOMP_SPINCOUNT (the user did not)
+
+
+def _user_chose_wait(env) -> bool:
+    return "OMP_WAIT_POLICY" in env or ("GOMP_SPINCOUNT" in env and not _spin_defaulted)
 
 
 def bounded_spin_wait() -> None:
     """``GOMP_SPINCOUNT=SPIN_COUNT`` unless the user chose how OpenMP waits (``OMP_WAIT_POLICY`` or
     ``GOMP_SPINCOUNT`` set); only before torch is imported (libgomp reads it when it loads), so
     the console entry point calls this first."""
-    if "torch" not in sys.modules and "OMP_WAIT_POLICY" not in os.environ:
-        os.environ.setdefault("GOMP_SPINCOUNT", str(SPIN_COUNT))
+    global _spin_defaulted
+    if "torch" not in sys.modules and not _user_chose_wait(os.environ):
+        os.environ["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
+        _spin_defaulted = True
+
+
+def runner_wait_env(env: dict) -> dict:
+    """``env`` for the worker processes of ``snapgen run --jobs``: ``GOMP_SPINCOUNT=RUNNER_SPIN_COUNT``
+    unless the user chose how OpenMP waits."""
+    return env if _user_chose_wait(env) else {**env, "GOMP_SPINCOUNT": str(RUNNER_SPIN_COUNT)}
 
 
 def describe_wait() -> str:
@@ -109,13 +129,16 @@ def describe_wait() -> str:
 
 
 @contextmanager
-def stage_threads(threads: int | None) -> Iterator[int]:
-    """Run a stage with ``threads`` torch threads (``None``: :func:`default_threads`); the
-    caller's count is restored afterwards."""
+def stage_threads(threads: int | str | None) -> Iterator[int]:
+    """Run a stage with ``threads`` torch threads (``None``: :func:`default_threads`; ``"all"``: every
+    available core, :func:`available_cpus`); the caller's count is restored afterwards."""
     import torch
 
     global _current
-    n, why = (threads, "--threads") if threads is not None else default_threads()
+    if threads == "all":
+        n, why = available_cpus(), "--threads all"
+    else:
+        n, why = (threads, "--threads") if threads is not None else default_threads()
     before, outer = torch.get_num_threads(), _current
     torch.set_num_threads(n)
     _current = (n, why)

@@ -146,9 +146,16 @@ def _expected(err: dict) -> str:
 
 def format_validation_error(exc: ValidationError, prefix: str, allowed: list[str] | None = None) -> str:
     """The first error of ``exc`` as one line ``<key path>: <expected>, got <value>``."""
-    err = exc.errors()[0]
+    errors = exc.errors()
+    err = errors[0]
     path = _fmt_path(prefix, err["loc"])
     msg = _expected(err)
+    # a number-or-word union (``threads``: an integer or "all"): pydantic tags each member's error
+    # (``threads.constrained-int``, ``threads.literal['all']``); one line with both, under the key
+    members = [e for e in errors if len(e["loc"]) > 1 and e["loc"][:-1] == err["loc"][:-1]]
+    if len(members) > 1 and any(str(e["loc"][-1]).startswith("literal[") for e in members):
+        first, *rest = dict.fromkeys(_expected(e) for e in members)
+        path, msg = _fmt_path(prefix, err["loc"][:-1]), " or ".join([first, *(r.removeprefix("expected ") for r in rest)])
     if err["type"] == "extra_forbidden" and allowed:
         return f"{path}: unknown key; allowed keys: {', '.join(sorted(allowed))}"
     if err["type"] == "missing":

@@ -19,8 +19,18 @@ Decisions:
   config as it would in sequence (``resolve_stage``) and writes the same done-marker, so
   ``--from``, re-runs and ``--fresh`` behave as without ``--jobs``. Its progress goes to
   ``<run dir>/logs/<stage>.log``; the runner prints when each stage starts and ends.
-* **Threads**: a stage that sets none gets ``cores // jobs`` (``cpu.available_cpus``), so N stages
-  do not oversubscribe the cores (issue 16 item 6).
+* **Threads are a budget**: a stage that sets none gets ``cores // jobs`` (``cpu.available_cpus``);
+  a stage starts only when its threads fit in the cores the running stages leave free, so stages
+  never oversubscribe the cores (issue 16 item 6), and a stage may ask for more than its share: the
+  demo's teacher finishes on both cores once the student's chain is done. The first ready stage
+  (recipe order) that does not fit waits for cores, and no later stage starts before it (it would
+  hold the cores the waiting stage needs: a reservation, never starvation). A stage asking for more
+  threads than there are cores runs alone. Threads are fixed per stage, never changed while it runs,
+  so a stage computes the same numbers on every run.
+* **How idle threads wait**: the workers' OpenMP threads spin ``cpu.RUNNER_SPIN_COUNT`` iterations
+  before they sleep (unless the user set ``OMP_WAIT_POLICY`` / ``GOMP_SPINCOUNT``), longer than a
+  plain command's ``cpu.SPIN_COUNT``: the budget guarantees that no stage of the run shares a
+  multi-thread stage's cores (1-thread stages have no idle threads to spin).
 * **Same results**: each stage seeds itself from its config (``stages.base.seeded``), so with the
   same threads a stage computes the same numbers in its own process as in sequence (tested,
   bitwise).
@@ -132,9 +142,10 @@ class _Worker:
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         self.stage: Stage | None = None
         self.t0 = 0.0
+        self.cores = 0  # the cores its stage holds
 
-    def start(self, stage: Stage, job: Path) -> None:
-        self.stage, self.t0 = stage, time.perf_counter()
+    def start(self, stage: Stage, job: Path, cores: int) -> None:
+        self.stage, self.t0, self.cores = stage, time.perf_counter(), cores
         self.proc.stdin.write(f"{job}\n")
         self.proc.stdin.flush()
 
@@ -162,16 +173,18 @@ def run_parallel(recipe: Recipe, run_dir: Path, stages: list[Stage], console, jo
     import pickle
     import selectors
 
-    from .cpu import available_cpus
+    from .cpu import available_cpus, runner_wait_env
 
     deps = stage_dependencies(recipe, run_dir, console)
     todo = list(stages)
     pending = {s.name for s in todo}
     log_dir = Path(run_dir) / LOG_DIR
     log_dir.mkdir(parents=True, exist_ok=True)
-    per_stage = max(1, available_cpus() // jobs)
+    cores = available_cpus()
+    per_stage = max(1, cores // jobs)
     package_root = str(Path(__file__).resolve().parent.parent)  # the workers import this snapgen_cli
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    env = runner_wait_env({**os.environ, "PYTHONPATH": os.pathsep.join(
+        filter(None, [package_root, os.environ.get("PYTHONPATH")]))})
     workers = [_Worker(env) for _ in range(min(jobs, len(todo)))]
     failed: tuple[Stage, int, str, Path] | None = None
     done_count, total = len(recipe.stages) - len(todo), len(recipe.stages)
@@ -183,10 +196,14 @@ def run_parallel(recipe: Recipe, run_dir: Path, stages: list[Stage], console, jo
                 ready = next((s for s in todo if not pending & set(deps[s.name])), None)
                 if ready is None:
                     break
-                todo.remove(ready)
                 cfg = configs[ready.name]
                 if cfg.threads is None:
                     cfg = cfg.model_copy(update={"threads": per_stage})
+                held = sum(x.cores for x in workers if x.stage is not None)
+                need = cores if cfg.threads == "all" else min(cfg.threads, cores)
+                if held and need > cores - held:
+                    break  # it waits for cores, and no later stage takes them first
+                todo.remove(ready)
                 ctx, log = contexts[ready.name], log_dir / f"{ready.name}.log"
                 ctx.out_dir.mkdir(parents=True, exist_ok=True)
                 job = log_dir / f"{ready.name}.job"
@@ -194,9 +211,10 @@ def run_parallel(recipe: Recipe, run_dir: Path, stages: list[Stage], console, jo
                     module=ready.module.__name__, kind=ready.kind, recorded=ready.config.model_dump(mode="json"),
                     config=cfg, log=str(log),
                     context=dict(out_dir=ctx.out_dir, previous=ctx.previous, run_dir=ctx.run_dir, seed=ctx.seed))))
-                w.start(ready, job)
-                console.print(f"[bold]start[/bold] {ready.name} ({ready.kind}, {cfg.threads} thread"
-                              f"{'s' if cfg.threads > 1 else ''}; after {', '.join(deps[ready.name]) or 'nothing'})"
+                w.start(ready, job, need)
+                console.print(f"[bold]start[/bold] {ready.name} ({ready.kind}, {need} thread{'s' if need > 1 else ''}"
+                              f"{' (all)' if cfg.threads == 'all' else ''}; "
+                              f"after {', '.join(deps[ready.name]) or 'nothing'})"
                               f"; log: {log}")
             busy = [w for w in workers if w.stage is not None]
             if not busy:

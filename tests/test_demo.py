@@ -23,8 +23,8 @@ import pytest
 
 SHORT = [
     # data, autoencoder, decoder and the student as in the full demo; teacher and distill shortened
-    "eval-finetune.alignment_n=240", "teacher.steps=300", "eval-teacher.alignment_n=60", "distill.steps=100",
-    "eval.alignment_n=60", "step-distill.steps=30",
+    "eval-finetune.alignment_n=240", "teacher-start.steps=200", "teacher.steps=300", "eval-teacher.alignment_n=60",
+    "distill.steps=100", "eval.alignment_n=60", "step-distill.steps=30",
     *[f"{e}.{k}" for e in ("eval-4step-before", "eval-8step-before", "eval-4step", "eval-8step")
       for k in ("alignment_n=24", 'metrics=["alignment"]')],
 ]
@@ -43,9 +43,9 @@ def test_shortened_demo_trains_every_stage_and_passes_quality_thresholds(tmp_pat
     code, out, err = run_cli(*args)
     assert code == 0, err[-3000:]
     stages = [s["stage"] for s in json.loads(out)["stages"]]
-    assert stages == ["data", "fid-reference", "autoencoder", "decoder", "precompute-classes", "precompute", "teacher",
-                      "pretrain", "finetune-32", "finetune-64", "eval-finetune", "eval-teacher", "distill",
-                      "step-distill", "generate", "eval", "eval-4step-before", "eval-8step-before", "export",
+    assert stages == ["data", "autoencoder", "precompute", "teacher-start", "teacher", "fid-reference", "decoder",
+                      "precompute-classes", "pretrain", "finetune-32", "finetune-64", "distill", "eval-finetune",
+                      "eval-teacher", "step-distill", "generate", "eval", "eval-4step-before", "eval-8step-before", "export",
                       "bench-export", "eval-4step", "eval-8step"]
 
     report = json.loads((tmp_path / "demo" / "report.json").read_text())
@@ -88,7 +88,7 @@ def test_shortened_demo_trains_every_stage_and_passes_quality_thresholds(tmp_pat
 
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     run = tmp_path / "demo"
-    for stage in ("pretrain", "finetune-32", "finetune-64", "distill", "teacher", "step-distill"):
+    for stage in ("pretrain", "finetune-32", "finetune-64", "distill", "teacher-start", "teacher", "step-distill"):
         assert plan[(stage, "unet")] == count(denoiser.load(run / stage / "unet")), stage
     assert plan[("autoencoder", "autoencoder")] == count(AutoencoderKL.from_pretrained(run / "autoencoder" / "model_ema"))
     assert plan[("decoder", "tiny-decoder")] == count(TinyDecoder.from_pretrained(run / "decoder" / "model_ema"))

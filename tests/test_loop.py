@@ -119,6 +119,26 @@ def test_resume_after_sigkill_repeats_the_uninterrupted_run(tmp_path):
     _assert_same_run(ref, killed, tol=1e-6)
 
 
+def test_a_run_continues_from_another_runs_newest_checkpoint(tmp_path):
+    """``resume=<another run's output dir>`` (the demo's teacher, trained in two stages): that run's
+    newest intact checkpoint; the two runs together compute what one uninterrupted run does."""
+    ref, first, second = tmp_path / "ref", tmp_path / "first", tmp_path / "second"
+    train(FlowTask(), _cfg(steps=10), ref)
+    train(FlowTask(), _cfg(steps=6), first)  # checkpoints at steps 5 and 6 (the last)
+    summary = train(FlowTask(), _cfg(steps=10), second, resume=first)
+    assert summary["resumed_from"] == str(first / "checkpoints" / "step_000006")
+    assert [r["step"] for r in _losses(second)] == [7, 8, 9, 10]
+    for ra, rb in zip(_losses(ref)[6:], _losses(second), strict=True):
+        assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-6, rel=1e-6), ra["step"]
+    for sub in ("model", "model_ema"):
+        wa, wb = _weights(ref / sub), _weights(second / sub)
+        for k in wa:
+            torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=0)
+    (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"^resume: .*empty holds no complete checkpoint \(in checkpoints/\)$"):
+        train(FlowTask(), _cfg(steps=10), tmp_path / "third", resume=tmp_path / "empty")
+
+
 def _launch(out: Path, *args: str) -> list[dict]:
     """Both toy tasks (into OUT/flow and OUT/gan) for 6 steps in 2 processes; their summaries."""
     res = subprocess.run([*launch_argv(), str(SCRIPT), "--task", "both", "--out", str(out), "--steps", "6", *args],

@@ -28,6 +28,7 @@ SHRINK = [
     "data.n_captioned=48", "data.n_classes=24", "data.n_holdout=6",
     *[f"{s}.{k}" for s in ("autoencoder", "decoder") for k in ("steps=2", "batch_size=4")],
     "autoencoder.latent_stats_batches=1", "decoder.adv_start_step=1",
+    "teacher-start.steps=1", "teacher-start.batch_size=4",  # the teacher's first step; "teacher" resumes it
     *[f"{s}.{k}" for s in ("pretrain", "finetune-32", "finetune-64", "teacher", "distill", "step-distill")
       for k in ("steps=2", "batch_size=4")],
     *[f"{s}.{k}" for s in ("eval-finetune", "eval-teacher", *FID_EVALS) for k in ("alignment_n=6", "steps=1")],
@@ -111,6 +112,11 @@ def test_printed_standalone_commands_plan_what_the_recipe_planned(demo):
     # "init_from = none" is printed as such (the teacher is built from its preset)
     teacher = shlex.split(next(s["command"] for s in report["stages"] if s["stage"] == "teacher"))
     assert teacher[teacher.index("--init-from") + 1] == "none" and "sd3-tiny" in teacher
+    # it resumes the first part's newest checkpoint on all cores, as the recipe stage did
+    assert teacher[teacher.index("--resume") + 1] == str(run / "teacher-start")
+    assert teacher[teacher.index("--threads") + 1] == "all"
+    summary = json.loads((run / "teacher" / "train_summary.json").read_text())
+    assert summary["resumed_from"] == str(run / "teacher-start" / "checkpoints" / "step_000001") and summary["steps"] == 2
 
 
 # ----------------------------------------------------------------------------- item 3
@@ -254,15 +260,18 @@ def test_default_threads_follow_the_affinity_mask_and_bounded_spinning(demo, tmp
 
 
 @pytest.mark.parametrize("given, expected", [
-    ({}, "2000 None"),                                       # the default: bounded spinning
-    ({"OMP_WAIT_POLICY": "PASSIVE"}, "None PASSIVE"),        # the user's policy is kept, no spin count added
-    ({"GOMP_SPINCOUNT": "500"}, "500 None"),                 # the user's spin count is kept
+    ({}, "2000 None 10000"),                           # the default: bounded spinning, longer in run's workers
+    ({"OMP_WAIT_POLICY": "PASSIVE"}, "None PASSIVE None"),  # the user's policy is kept, no spin count added
+    ({"GOMP_SPINCOUNT": "500"}, "500 None 500"),            # the user's spin count is kept, in the workers too
 ])
 def test_bounded_spin_wait_leaves_the_users_choice(given, expected):
+    """GOMP_SPINCOUNT of a command, its OMP_WAIT_POLICY, and GOMP_SPINCOUNT of `snapgen run --jobs`'s workers."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     env.update(given, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    code = ("import os; from snapgen_cli.cpu import bounded_spin_wait, SPIN_COUNT; assert SPIN_COUNT == 2000; "
-            "bounded_spin_wait(); print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OMP_WAIT_POLICY'))")
+    code = ("import os; from snapgen_cli.cpu import bounded_spin_wait, runner_wait_env, SPIN_COUNT, RUNNER_SPIN_COUNT; "
+            "assert (SPIN_COUNT, RUNNER_SPIN_COUNT) == (2000, 10000); bounded_spin_wait(); "
+            "print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OMP_WAIT_POLICY'), "
+            "runner_wait_env(dict(os.environ)).get('GOMP_SPINCOUNT'))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == expected.split()
@@ -300,8 +309,11 @@ def test_run_threads_reach_every_stage_and_its_printed_command(tmp_path):
 
     rec = load_recipe(DEMO_RECIPE, ("run.threads=2", "stages.eval.threads=1"))
     cfgs = {st.name: resolve_stage(rec, st, _context(rec, st, tmp_path, True, None)) for st in rec.stages}
-    assert {n: c.threads for n, c in cfgs.items()} == {n: 1 if n == "eval" else 2 for n in cfgs}
+    # [run] threads fills every stage that sets none; the demo's own settings stay
+    own = {"eval": 1, "teacher-start": 1, "autoencoder": "all", "teacher": "all"}
+    assert {n: c.threads for n, c in cfgs.items()} == {n: own.get(n, 2) for n in cfgs}
     assert "--threads 2" in standalone_command("pretrain", cfgs["pretrain"], tmp_path / "pretrain")
+    assert "--threads all" in standalone_command("teacher", cfgs["teacher"], tmp_path / "teacher")
     assert load_recipe(DEMO_RECIPE).run.threads is None
 
 
@@ -313,11 +325,12 @@ def test_demo_stage_graph_lets_the_teacher_train_beside_the_student():
     from snapgen_cli.schedule import stage_dependencies
 
     after = stage_dependencies(load_recipe(DEMO_RECIPE), Path("runs/x"))
-    assert after["teacher"] == ["precompute"]  # not the student's chain, nor the tiny decoder
-    assert after["eval-teacher"] == ["decoder", "teacher"]
-    assert after["finetune-64"] == ["decoder", "precompute", "finetune-32"]  # init_from = "previous"
+    assert after["teacher-start"] == ["precompute"]  # not the student's chain, nor the tiny decoder
+    assert after["teacher"] == ["precompute", "teacher-start"]  # resumes its checkpoint
+    assert after["eval-teacher"] == ["teacher", "decoder"]
+    assert after["finetune-64"] == ["precompute", "decoder", "finetune-32"]  # init_from = "previous"
     assert after["pretrain"] == ["precompute-classes"]
-    assert after["distill"] == ["decoder", "precompute", "teacher", "finetune-64"]
+    assert after["distill"] == ["precompute", "teacher", "decoder", "finetune-64"]
     assert after["eval-4step"] == ["data", "fid-reference", "step-distill"]  # reads the saved FID reference
     assert after["eval-4step-before"] == ["data", "fid-reference", "distill"] and after["fid-reference"] == ["data"]
     assert after["data"] == [] and after["bench-export"] == ["export"]
@@ -382,6 +395,27 @@ prompts = ["a red circle"]
     assert all((tmp_path / "run" / s / ".snapgen-done.json").is_file() for s in ("a", "b"))
     assert not (tmp_path / "run" / "after-gen").exists()  # never started
     assert "no model_index.json" in (tmp_path / "run" / "logs" / "gen.log").read_text()
+
+
+def test_a_stage_waits_for_the_cores_its_threads_need_and_nothing_overtakes_it(tmp_path, monkeypatch):
+    """Threads are a budget (2 cores here): "big" (threads = "all") waits until "a" is done, and "c"
+    (ready, one thread, listed after "big") does not take the free core meanwhile; nothing runs
+    beside "big"; then "c" and "d" run side by side."""
+    from snapgen_cli import cpu
+
+    monkeypatch.setattr(cpu, "available_cpus", lambda root=None: 2)
+    body = 'kind = "shapes-data"\nn_captioned = 8\nn_classes = 4\nn_holdout = 2\n'
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("[run]\njobs = 2\n" + "".join(
+        f'[[stages]]\nname = "{n}"\n{body}' + (f"threads = {t}\n" if t else "")
+        for n, t in (("a", "1"), ("big", '"all"'), ("c", None), ("d", None))))
+    code, _, err = _cli("run", recipe, "--out", tmp_path / "run")
+    assert code == 0, err[-2000:]
+    events = [" ".join(ln.split()[:2]) if ln.startswith("start") else f"done {ln.split()[2]}"
+              for ln in err.splitlines() if ln.startswith(("start ", "done ["))]
+    assert events[:4] == ["start a", "done a", "start big", "done big"], events
+    assert sorted(events[4:6]) == ["start c", "start d"], events  # then two at once again
+    assert "start big (shapes-data, 2 threads (all);" in err
 
 
 def test_jobs_are_refused_under_a_distributed_launch(tmp_path, monkeypatch):

@@ -107,7 +107,8 @@ class Config(LoopConfig):
     eval_resolution: int | None = Field(None, gt=0, description="eval crop size (default: patch_size)")
     eval_lpips: bool | None = Field(None, description="LPIPS in the evaluation (default: when lpips_weight > 0)")
     sample_count: int = Field(8, gt=0, description="patches in each sample grid")
-    resume: str | None = Field("auto", description='"auto": continue from the latest checkpoint; a checkpoint path; '
+    resume: str | None = Field("auto", description='"auto": continue from the latest checkpoint; a checkpoint '
+                                                   "path; another run's output dir (its latest checkpoint); "
                                                    "null: start fresh")
     # The shared loop's settings, with this stage's defaults.
     steps: int = Field(1_000_000, gt=0, description="paper: 1M iterations")

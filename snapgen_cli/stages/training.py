@@ -88,7 +88,8 @@ def plan_training(cfg: DiffusionConfig, ctx: StageContext) -> list[PlanItem]:
     else:
         note += "; the latent channels are known once the autoencoder exists"
     what = f"unet:{cfg.model}" if init is None else f"unet from {init} (its saved architecture)"
-    return [PlanItem(model=what, params=params, inputs=[str(data)] + ([str(init)] if init else []),
+    resumed = [str(cfg.resume)] if cfg.resume not in (None, "auto") else []  # a checkpoint, or a run's newest one
+    return [PlanItem(model=what, params=params, inputs=[str(data)] + ([str(init)] if init else []) + resumed,
                      outputs=[str(ctx.out_dir / "model_index.json"), str(ctx.out_dir / "unet")], notes=note,
                      provides={"unet_config": config} if config else {})]
 

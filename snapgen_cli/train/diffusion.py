@@ -62,7 +62,9 @@ class DiffusionConfig(LoopConfig):
                                                      "condition the model (teacher: train a teacher on its own)")
     decoder: str | None = Field(None, description="tiny decoder dir for sample grids and the saved pipeline")
     vae: str | None = Field(None, description="override the latent space's AutoencoderKL (default: from the shards)")
-    resume: str | None = Field("auto", description='"auto": continue from the latest checkpoint in the output dir; a checkpoint path; null: start fresh')
+    resume: str | None = Field("auto", description='"auto": continue from the latest checkpoint in the output dir; '
+                                                   "a checkpoint path; another run's output dir (its latest "
+                                                   "checkpoint); null: start fresh")
     sample_prompts: list[str] = Field(default_factory=list)
     sample_steps: int = Field(28, gt=0)
     sample_guidance: float = Field(4.5, gt=0)

@@ -612,8 +612,9 @@ def train(task: TrainTask, cfg: LoopConfig, out_dir: str | Path, resume: Literal
 
     ``resume``: ``"auto"`` continues from the newest intact checkpoint in
     ``out_dir/checkpoints`` (skipping corrupt newer ones with a warning; starting fresh if there
-    is none), a path resumes from that checkpoint, ``None`` starts fresh (and refuses to mix
-    with an earlier run's checkpoints).
+    is none), a checkpoint path resumes from that checkpoint, another run's output dir from its
+    newest intact checkpoint (a recipe continuing an earlier stage: the demo's teacher), ``None``
+    starts fresh (and refuses to mix with an earlier run's checkpoints).
     Writes ``model/`` (raw), ``model_ema/`` (``task.ema_dir``), one dir per other trainable, ``losses.jsonl``,
     ``logs/`` (trackers), ``samples/step_*.png``, ``checkpoints/`` and ``train_summary.json``.
     """
@@ -728,6 +729,10 @@ class _Run:
             path, (manifest, tensors) = self._newest_intact(ckpts)
             if path is None:
                 return None
+        elif (Path(resume) / CHECKPOINTS).is_dir():  # another run's output dir: its newest intact checkpoint
+            path, (manifest, tensors) = self._newest_intact(complete_checkpoints(Path(resume)))
+            if path is None:
+                raise ConfigError(f"resume: {resume} holds no complete checkpoint (in {CHECKPOINTS}/)")
         else:
             path = Path(resume)
             if not path.is_dir() or path.name.endswith(".tmp") or not (
