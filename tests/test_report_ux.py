@@ -226,17 +226,22 @@ def test_eval_contact_sheet_samples_every_prompt(demo, tmp_path):
 # ----------------------------------------------------------------------------- item 6
 
 
-def test_threads_flag_sets_the_stage_threads_and_restores_the_callers(demo, tmp_path):
+def test_threads_flag_sets_the_stage_threads_and_restores_the_callers(demo, tmp_path, monkeypatch):
     """The training loop records torch's thread count while it trains (its summary)."""
+    from snapgen_cli import cpu
+
     run, _ = demo
     torch.set_num_threads(2)  # the caller's count, which --threads must override and restore
-    code, out, err = _cli("pretrain", "--data", run / "precompute-classes", "--model", "tiny", "--resolution", 32,
-                          "--steps", 1, "--batch-size", 2, "--tracker", "none", "--json", "--threads", 1,
-                          "--out", tmp_path / "t")
+    args = ("pretrain", "--data", run / "precompute-classes", "--model", "tiny", "--resolution", 32,
+            "--steps", 1, "--batch-size", 2, "--tracker", "none", "--json")
+    code, out, err = _cli(*args, "--threads", 1, "--out", tmp_path / "t")
     assert code == 0, err
-    from snapgen_cli.cpu import describe_wait
-
-    assert json.loads(out)["threads"] == 1 and f"threads: 1 (--threads); {describe_wait()}" in err
+    assert json.loads(out)["threads"] == 1 and f"threads: 1 (--threads); {cpu.describe_wait()}" in err
+    assert torch.get_num_threads() == 2
+    monkeypatch.setattr(cpu, "available_cpus", lambda root=None: 3)  # --threads all: every available core
+    code, out, err = _cli(*args, "--threads", "all", "--out", tmp_path / "all")
+    assert code == 0, err
+    assert json.loads(out)["threads"] == 3 and "threads: 3 (--threads all); " in err
     assert torch.get_num_threads() == 2
 
 
