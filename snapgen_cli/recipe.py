@@ -155,7 +155,8 @@ def format_validation_error(exc: ValidationError, prefix: str, allowed: list[str
     members = [e for e in errors if len(e["loc"]) > 1 and e["loc"][:-1] == err["loc"][:-1]]
     if len(members) > 1 and any(str(e["loc"][-1]).startswith("literal[") for e in members):
         first, *rest = dict.fromkeys(_expected(e) for e in members)
-        path, msg = _fmt_path(prefix, err["loc"][:-1]), " or ".join([first, *(r.removeprefix("expected ") for r in rest)])
+        path = _fmt_path(prefix, err["loc"][:-1])
+        msg = " or ".join([first, *(r.removeprefix("expected ") for r in rest)])
     if err["type"] == "extra_forbidden" and allowed:
         return f"{path}: unknown key; allowed keys: {', '.join(sorted(allowed))}"
     if err["type"] == "missing":

@@ -116,7 +116,8 @@ def test_printed_standalone_commands_plan_what_the_recipe_planned(demo):
     assert teacher[teacher.index("--resume") + 1] == str(run / "teacher-start")
     assert teacher[teacher.index("--threads") + 1] == "all"
     summary = json.loads((run / "teacher" / "train_summary.json").read_text())
-    assert summary["resumed_from"] == str(run / "teacher-start" / "checkpoints" / "step_000001") and summary["steps"] == 2
+    assert summary["resumed_from"] == str(run / "teacher-start" / "checkpoints" / "step_000001")
+    assert summary["steps"] == 2
 
 
 # ----------------------------------------------------------------------------- item 3
