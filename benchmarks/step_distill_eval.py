@@ -4,7 +4,8 @@ and after step distillation, over several seeds, next to its many-step score.
 For each of ``--seeds``: ``snapgen step-distill`` from the demo's distilled student
 (``distill``) with that seed (the demo recipe's settings), then ``snapgen eval`` of the model
 before (``distill``) and after step distillation at 4 and 8 steps with that seed for the
-sampling noise: the built-in alignment suite on its held-out prompts and FID against the
+sampling noise (the model after step distillation at the guidance it was distilled for, its
+stage's ``guidance``): the built-in alignment suite on its held-out prompts and FID against the
 held-out images (``data/holdout``, 96 images: read FID as a relative figure between rows).
 The many-step row is the distilled model at the demo's 20 steps. Prints mean and spread over
 seeds next to the paper's GenEval figures (Fig. 9: 0.66 at 28 steps, 0.63 at 8, 0.61 at 4
@@ -97,8 +98,9 @@ def main() -> None:
             cfg = vcfg.model_copy(update=dict(steps=steps, seed=seed, sample_every=0))
             step_distill.run(cfg, StageContext(out_dir=vout, previous=distilled, run_dir=args.run_dir, console=console))
             console.print(f"step-distill {name or ''} seed {seed}: {time.perf_counter() - t0:.0f} s")
-            for n in args.counts:
-                score(f"after-{n}" + (f"/{name}" if name else ""), ev, vout, seed, vout / f"eval-after-{n}", steps=n)
+            for n in args.counts:  # at the guidance the model was distilled and saved for
+                score(f"after-{n}" + (f"/{name}" if name else ""), ev, vout, seed, vout / f"eval-after-{n}", steps=n,
+                      guidance=cfg.guidance)
 
     def mean_sd(xs: list[float]) -> tuple[float, float]:
         return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)

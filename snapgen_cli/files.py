@@ -49,6 +49,15 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def cache_dir() -> Path:
+    """Where derived files are cached between runs: ``$SNAPGEN_CACHE``, else ``$XDG_CACHE_HOME/snapgen``,
+    else ``~/.cache/snapgen`` (created on first use)."""
+    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    path = Path(os.environ.get("SNAPGEN_CACHE") or Path(xdg) / "snapgen")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 

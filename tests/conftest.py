@@ -1,6 +1,7 @@
 import os
 import socket
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -11,6 +12,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Derived files (the Inception's ONNX conversion) in one test cache, not the user's ~/.cache/snapgen.
+os.environ.setdefault("SNAPGEN_CACHE", os.path.join(tempfile.gettempdir(), "snapgen-test-cache"))
 
 
 @pytest.fixture(scope="module")

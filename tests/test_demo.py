@@ -44,8 +44,8 @@ def test_shortened_demo_trains_every_stage_and_passes_quality_thresholds(tmp_pat
     assert code == 0, err[-3000:]
     stages = [s["stage"] for s in json.loads(out)["stages"]]
     assert stages == ["data", "autoencoder", "precompute", "teacher-start", "teacher", "fid-reference", "decoder",
-                      "precompute-classes", "pretrain", "finetune-32", "finetune-64", "distill", "eval-finetune",
-                      "eval-teacher", "step-distill", "generate", "eval", "eval-4step-before", "eval-8step-before",
+                      "precompute-classes", "pretrain", "finetune-32", "finetune-64", "distill", "step-distill",
+                      "eval-finetune", "eval-teacher", "generate", "eval", "eval-4step-before", "eval-8step-before",
                       "export", "bench-export", "eval-4step", "eval-8step"]
 
     report = json.loads((tmp_path / "demo" / "report.json").read_text())

@@ -114,6 +114,36 @@ def test_fid_from_features_equals_clean_fids_matrix_square_root():
     assert M.frechet_distance(many, few) == cleanfid_fd(many.mu, many.sigma, few.mu, few.sigma)
 
 
+def test_on_cpu_the_inception_runs_in_onnx_runtime_with_torchscripts_features(tmp_path, monkeypatch, photo_dirs):
+    """The default runtime on CPU is an ONNX conversion of the same network, made once into the cache
+    dir after a check against TorchScript; its features equal TorchScript's to float rounding."""
+    monkeypatch.setenv("SNAPGEN_CACHE", str(tmp_path / "cache"))
+    ort, script = M.load_inception(), M.load_inception(runtime="torch")
+    assert ort.session is not None and script.session is None
+    assert ort.name == script.name  # the same network: reference statistics stay interchangeable
+    (cached,) = (tmp_path / "cache").iterdir()
+    batch = torch.stack([M.to_uint8_chw(M.load_rgb(p)) for p in M.list_images(photo_dirs[0])[:4]])
+    batch = torch.nn.functional.interpolate(batch.float(), size=(299, 299), mode="bilinear")
+    a, b = ort(batch), script(batch)
+    assert a.shape == b.shape == (4, 2048)
+    assert torch.equal(a, torch.from_numpy(ort.session.run(None, {"x": ((batch - 128) / 128).numpy()})[0]))
+    assert (a - b).abs().max() < 1e-4 < b.abs().max()  # measured 7e-6
+    stamp = cached.stat().st_mtime_ns
+    M.load_inception()
+    assert cached.stat().st_mtime_ns == stamp  # converted once, then read
+
+    # the check at conversion is real: at a zero tolerance the conversion is refused and nothing is cached
+    monkeypatch.setenv("SNAPGEN_CACHE", str(tmp_path / "strict"))
+    monkeypatch.setattr(M, "INCEPTION_ONNX_TOLERANCE", 0.0)
+    with pytest.raises(SnapgenError, match=r"ONNX conversion differs from TorchScript .*--inception-runtime torch"):
+        M.load_inception()
+    assert list((tmp_path / "strict").iterdir()) == []
+    with pytest.raises(ConfigError, match="--inception-runtime 'tf': choose from auto, torch, onnxruntime"):
+        M.load_inception(runtime="tf")
+    with pytest.raises(ConfigError, match="runs on the CPU, not cuda"):
+        M.load_inception(device="cuda", runtime="onnxruntime")
+
+
 def test_unavailable_inception_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"--inception .*nope\.pt.*no such file"):
         M.load_inception(tmp_path / "nope.pt")

@@ -316,7 +316,7 @@ def test_run_threads_reach_every_stage_and_its_printed_command(tmp_path):
     rec = load_recipe(DEMO_RECIPE, ("run.threads=2", "stages.eval.threads=1"))
     cfgs = {st.name: resolve_stage(rec, st, _context(rec, st, tmp_path, True, None)) for st in rec.stages}
     # [run] threads fills every stage that sets none; the demo's own settings stay
-    own = {"eval": 1, "teacher-start": 1, "autoencoder": "all", "teacher": "all"}
+    own = {"eval": 1, "teacher-start": 1, "autoencoder": "all", "teacher": "all", "distill": "all"}
     assert {n: c.threads for n, c in cfgs.items()} == {n: own.get(n, 2) for n in cfgs}
     assert "--threads 2" in standalone_command("pretrain", cfgs["pretrain"], tmp_path / "pretrain")
     assert "--threads all" in standalone_command("teacher", cfgs["teacher"], tmp_path / "teacher")

