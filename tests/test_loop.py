@@ -137,6 +137,14 @@ def test_a_run_continues_from_another_runs_newest_checkpoint(tmp_path):
     (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
     with pytest.raises(ConfigError, match=r"^resume: .*empty holds no complete checkpoint \(in checkpoints/\)$"):
         train(FlowTask(), _cfg(steps=10), tmp_path / "third", resume=tmp_path / "empty")
+    # the second run's settings must be the first's: a changed lr or betas is refused, naming both values
+    with pytest.raises(ConfigError, match=r"^resume: .*step_000006 was trained with lr 0\.01 \('model' optimizer, "
+                                          r"param group 0\), this run sets 0\.02; .*set lr as there"):
+        train(FlowTask(), _cfg(steps=10, lr=2e-2), tmp_path / "fourth", resume=first)
+    with pytest.raises(ConfigError, match=r"was trained with betas \[0\.9, 0\.999\].*sets \[0\.9, 0\.99\]"):
+        train(FlowTask(), _cfg(steps=10, betas=(0.9, 0.99)), tmp_path / "fifth", resume=first)
+    refused = tmp_path / "fourth" / "checkpoints"
+    assert not refused.exists() or not list(refused.iterdir())  # nothing trained
 
 
 def _launch(out: Path, *args: str) -> list[dict]:

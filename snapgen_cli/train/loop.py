@@ -73,7 +73,9 @@ Decisions where the paper is silent:
   on disk until overwritten); a corrupt checkpoint passed as ``resume`` is a
   :class:`SnapgenError` naming the file. A checkpoint of another model (other trainables,
   tensor names or shapes), of another format, or of older snapgen versions (``accelerate``
-  pickles, never opened) is a :class:`ConfigError` naming it, the tensor and the fix; nothing
+  pickles, never opened) is a :class:`ConfigError` naming it, the tensor and the fix; so is one
+  whose optimizer ran with another lr (after ``lr_reference_batch`` scaling), betas, eps or
+  weight decay than this run's (a resumed optimizer would silently keep the checkpoint's); nothing
   on disk is changed by a refused resume. **No RNG state is saved**: every
   random draw comes from per-sample generators seeded by ``(seed, step, slot)`` and the data
   order is a function of ``(seed, epoch)`` (above), so the global RNG state does not affect
@@ -834,6 +836,7 @@ class _Run:
         except (KeyError, TypeError, ValueError) as e:
             raise CorruptCheckpoint(f"{path / CHECKPOINT_MANIFEST}: malformed ({type(e).__name__}: {e})") from None
         same("EMA", {k: v.shape for k, v in ema.items()}, {k: p.shape for k, p in self.main_module.named_parameters()})
+        self._same_hyperparameters(path, manifest)
 
         for n, module in self.modules.items():
             live = module.state_dict()
@@ -860,6 +863,24 @@ class _Run:
         if self.acc.scaler is not None and manifest["scaler"] is not None:
             self.acc.scaler.load_state_dict(manifest["scaler"])
         self.state.step = int(manifest["loop"]["step"])
+
+    #: Optimizer settings a resumed run must share with its checkpoint (the saved ones would be used
+    #: silently otherwise: a resumed optimizer takes its param groups from the checkpoint), by the
+    #: name a recipe gives them. ``initial_lr`` is the base lr after ``lr_reference_batch`` scaling.
+    RESUME_MUST_MATCH = {"initial_lr": "lr", "betas": "betas", "eps": "eps", "weight_decay": "weight_decay"}
+
+    def _same_hyperparameters(self, path: Path, manifest: dict[str, Any]) -> None:
+        """Refuse a checkpoint whose optimizer ran with other settings than this run's (e.g. the demo's
+        teacher, whose two stages repeat its settings: a lr changed in one of them only)."""
+        for n, opt in manifest["optimizers"].items():
+            for i, (saved, live) in enumerate(zip(opt["param_groups"], self.optimizers[n].param_groups)):
+                for key, name in self.RESUME_MUST_MATCH.items():
+                    a, b = saved.get(key), live.get(key)
+                    a, b = (list(v) if isinstance(v, (list, tuple)) else v for v in (a, b))
+                    if a is not None and b is not None and a != b:
+                        raise ConfigError(f"resume: {path} was trained with {name} {a} ({n!r} optimizer, param group "
+                                          f"{i}), this run sets {b}; a resumed run continues the checkpoint's "
+                                          f"training: set {name} as there, or train into a new --out without resume")
 
     def _prepare_out_dir(self) -> None:
         """Main process: drop half-written checkpoints and losses logged after the resume point."""
