@@ -873,7 +873,7 @@ class _Run:
         """Refuse a checkpoint whose optimizer ran with other settings than this run's (e.g. the demo's
         teacher, whose two stages repeat its settings: a lr changed in one of them only)."""
         for n, opt in manifest["optimizers"].items():
-            for i, (saved, live) in enumerate(zip(opt["param_groups"], self.optimizers[n].param_groups)):
+            for i, (saved, live) in enumerate(zip(opt["param_groups"], self.optimizers[n].param_groups, strict=False)):
                 for key, name in self.RESUME_MUST_MATCH.items():
                     a, b = saved.get(key), live.get(key)
                     a, b = (list(v) if isinstance(v, (list, tuple)) else v for v in (a, b))
