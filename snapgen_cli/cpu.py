@@ -128,6 +128,14 @@ def describe_wait() -> str:
     return f"OpenMP wait: spin {spin} then sleep (GOMP_SPINCOUNT)" if spin else "OpenMP wait: libgomp's default"
 
 
+def resolve_threads(threads: int | str | None) -> tuple[int, str]:
+    """The thread count a stage's ``threads`` setting means, and where it comes from: ``None``:
+    :func:`default_threads`; ``"all"``: every available core (:func:`available_cpus`)."""
+    if threads == "all":
+        return available_cpus(), "--threads all"
+    return (threads, "--threads") if threads is not None else default_threads()
+
+
 @contextmanager
 def stage_threads(threads: int | str | None) -> Iterator[int]:
     """Run a stage with ``threads`` torch threads (``None``: :func:`default_threads`; ``"all"``: every
@@ -135,10 +143,7 @@ def stage_threads(threads: int | str | None) -> Iterator[int]:
     import torch
 
     global _current
-    if threads == "all":
-        n, why = available_cpus(), "--threads all"
-    else:
-        n, why = (threads, "--threads") if threads is not None else default_threads()
+    n, why = resolve_threads(threads)
     before, outer = torch.get_num_threads(), _current
     torch.set_num_threads(n)
     _current = (n, why)

@@ -173,7 +173,7 @@ def run_parallel(recipe: Recipe, run_dir: Path, stages: list[Stage], console, jo
     import pickle
     import selectors
 
-    from .cpu import available_cpus, runner_wait_env
+    from .cpu import available_cpus, resolve_threads, runner_wait_env
 
     deps = stage_dependencies(recipe, run_dir, console)
     todo = list(stages)
@@ -200,7 +200,7 @@ def run_parallel(recipe: Recipe, run_dir: Path, stages: list[Stage], console, jo
                 if cfg.threads is None:
                     cfg = cfg.model_copy(update={"threads": per_stage})
                 held = sum(x.cores for x in workers if x.stage is not None)
-                need = cores if cfg.threads == "all" else min(cfg.threads, cores)
+                need = min(resolve_threads(cfg.threads)[0], cores)
                 if held and need > cores - held:
                     break  # it waits for cores, and no later stage takes them first
                 todo.remove(ready)
