@@ -51,7 +51,6 @@ import contextlib
 import functools
 import hashlib
 import io
-import os
 import socket
 import sys
 import urllib.error
@@ -189,7 +188,8 @@ def load_inception(source: str | Path = INCEPTION_BUNDLED, device: str | torch.d
     per 24 images, measured) with features equal to 1e-5; ``"torch"`` runs the TorchScript file."""
     if runtime not in INCEPTION_RUNTIMES:
         raise ConfigError(f"--inception-runtime {runtime!r}: choose from {', '.join(INCEPTION_RUNTIMES)}")
-    if runtime == "onnxruntime" and torch.device(device).type != "cpu":
+    on_cpu = torch.device(device).type == "cpu"
+    if runtime == "onnxruntime" and not on_cpu:
         raise ConfigError(f"--inception-runtime onnxruntime runs on the CPU, not {device}; pass --device cpu or "
                           "--inception-runtime torch")
     if str(source) == INCEPTION_BUNDLED:
@@ -206,7 +206,7 @@ def load_inception(source: str | Path = INCEPTION_BUNDLED, device: str | torch.d
     except (RuntimeError, ValueError) as e:
         raise ConfigError(f"--inception {str(path)!r}: not a TorchScript Inception file ({e})") from None
     features = InceptionFeatures(net, str(source), extractor_name(path)).to(device)
-    if runtime == "onnxruntime" or (runtime == "auto" and torch.device(device).type == "cpu"):
+    if runtime == "onnxruntime" or (runtime == "auto" and on_cpu):
         from ..export.onnx import session
 
         features.session = session(_inception_onnx(features, path))
@@ -219,19 +219,23 @@ def _inception_onnx(features: InceptionFeatures, path: Path) -> Path:
     import warnings
 
     from ..export.onnx import session
-    from ..files import cache_dir
+    from ..files import cache_dir, staged_outputs
 
     st = path.stat()
     target = cache_dir() / f"inception-{_sha256(str(path), st.st_size, st.st_mtime_ns)[:16]}.onnx"
     if target.is_file():
         return target
-    tmp = target.with_name(f".{target.name}.{os.getpid()}")
     x = torch.linspace(-1, 1, 2 * 3 * 299 * 299).reshape(2, 3, 299, 299)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
-            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation note
-            torch.onnx.export(features.layers, (x,), str(tmp), dynamo=False, opset_version=17, input_names=["x"],
-                              output_names=["features"], dynamic_axes={"x": {0: "n"}, "features": {0: "n"}})
+    with staged_outputs([target]) as (tmp,):  # nothing is cached unless the check passes
+        try:
+            with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
+                warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation note
+                torch.onnx.export(features.layers, (x,), str(tmp), dynamo=False, opset_version=17, input_names=["x"],
+                                  output_names=["features"], dynamic_axes={"x": {0: "n"}, "features": {0: "n"}})
+        except Exception as e:  # noqa: BLE001 - the exporter raises many types; the fix is the same
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise SnapgenError(f"--inception {str(path)!r}: cannot convert it to ONNX ({first}); "
+                               "pass --inception-runtime torch") from None
         with torch.inference_mode():
             want = features.layers(x).numpy()
         got = session(tmp).run(None, {"x": x.numpy()})[0]
@@ -239,14 +243,6 @@ def _inception_onnx(features: InceptionFeatures, path: Path) -> Path:
         if got.shape != want.shape or not err <= INCEPTION_ONNX_TOLERANCE:
             raise SnapgenError(f"--inception {str(path)!r}: its ONNX conversion differs from TorchScript by {err:.3g} "
                                f"(> {INCEPTION_ONNX_TOLERANCE:g}); pass --inception-runtime torch")
-        os.replace(tmp, target)
-    except Exception as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, SnapgenError):
-            raise
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise SnapgenError(f"--inception {str(path)!r}: cannot convert it to ONNX ({first}); "
-                           "pass --inception-runtime torch") from None
     return target
 
 
