@@ -157,3 +157,57 @@ def test_train_step_benchmark_times_the_demo_finetune_unet_against_a_same_size_d
                             for m in (build_unet("tiny", **kw), bench.diffusers_unet(4, 384)))
     assert n_ours == 2_617_604
     assert abs(n_theirs / n_ours - 1) < 0.05 and abs(theirs / ours - 1) < 0.05, (n_theirs, theirs, ours)
+
+
+def test_dit_rmsnorms_get_the_fused_backward_with_the_same_numbers(tmp_path):
+    """denoiser.build / load give an SD3 DiT's QK RMSNorms the fused CPU backward
+    (teacher.fused_norms): the same float32 forward to the bit, the same gradients up to
+    float32 summation order, the same state dict; diffusers' own norm elsewhere."""
+    from diffusers import SD3Transformer2DModel
+    from diffusers.models.normalization import RMSNorm as DiffusersRMSNorm
+
+    from snapgen_cli.core import denoiser
+
+    config = dict(sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+                  num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8,
+                  pos_embed_max_size=8, qk_norm="rms_norm", dual_attention_layers=())
+    torch.manual_seed(0)
+    ref = SD3Transformer2DModel(**config).train()
+    with torch.no_grad():
+        for m in ref.modules():
+            if isinstance(m, DiffusersRMSNorm):
+                m.weight.uniform_(0.5, 1.5)
+    fused = denoiser.build(config).train()
+    fused.load_state_dict(ref.state_dict())
+    assert fused.state_dict().keys() == ref.state_dict().keys()
+    norms = [m for m in fused.modules() if isinstance(m, DiffusersRMSNorm)]
+    assert len(norms) == 2 * 4 and all(type(m) is not DiffusersRMSNorm for m in norms)
+
+    x, ctx, pooled, t = torch.randn(3, 4, 4, 4), torch.randn(3, 5, 16), torch.randn(3, 8), torch.rand(3) * 1000
+    captured = []
+    norms[0].register_forward_hook(lambda m, a, out: captured.append(out))
+
+    def run(model):
+        out = model(hidden_states=x, encoder_hidden_states=ctx, pooled_projections=pooled, timestep=t,
+                    return_dict=False)[0]
+        return out, torch.autograd.grad((out * out.detach().cos()).sum(), list(model.parameters()))
+
+    out, grads = run(fused)
+    out_ref, grads_ref = run(ref)
+    assert type(captured[0].grad_fn).__name__ == "_RMSNormFunctionBackward"  # the fused path ran
+    torch.testing.assert_close(out, out_ref, rtol=0, atol=0)
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-6)
+    # negative control: a changed norm weight changes the gradients beyond that tolerance
+    with torch.no_grad():
+        norms[0].weight.mul_(1.01)
+    _, moved = run(fused)
+    assert any(not torch.allclose(g, g_ref, rtol=1e-4, atol=1e-6) for g, g_ref in zip(moved, grads_ref, strict=True))
+    with torch.no_grad():  # inference runs diffusers' own norm
+        captured.clear()
+        fused(hidden_states=x, encoder_hidden_states=ctx, pooled_projections=pooled, timestep=t)
+        assert captured[0].grad_fn is None
+    fused.save_pretrained(tmp_path)  # the saved files are diffusers' own; loading fuses again
+    assert SD3Transformer2DModel.from_pretrained(tmp_path).state_dict().keys() == ref.state_dict().keys()
+    assert all(type(m) is not DiffusersRMSNorm for m in denoiser.load(tmp_path).modules()
+               if isinstance(m, DiffusersRMSNorm))

@@ -24,7 +24,7 @@ import torch
 from diffusers import SD3Transformer2DModel
 
 from ..errors import ConfigError
-from .teacher import TEACHER_PRESETS, data_overrides, teacher_config, teacher_forward
+from .teacher import TEACHER_PRESETS, data_overrides, fused_norms, teacher_config, teacher_forward
 from .unet import UNET_PRESETS, SnapGenUNet, unet_config
 
 #: Model names of the DiT presets (the teacher registry's, ``tiny`` renamed apart from the UNet's).
@@ -56,13 +56,15 @@ def fresh_config(name: str, latent_channels: int, layout, overrides: dict | None
 
 
 def build(config: dict) -> SnapGenUNet | SD3Transformer2DModel:
-    """The denoiser of a config (from :func:`fresh_config` or a saved ``config.json``)."""
+    """The denoiser of a config (from :func:`fresh_config` or a saved ``config.json``); a DiT's
+    RMSNorms get the fused CPU backward (``teacher.fused_norms``), as :func:`load` gives them."""
     config = {k: v for k, v in config.items() if not k.startswith("_")}
-    cls = SD3Transformer2DModel if is_dit(config) else SnapGenUNet
+    dit = is_dit(config)
     try:
-        return cls(**config)
+        model = (SD3Transformer2DModel if dit else SnapGenUNet)(**config)
     except TypeError as exc:
         raise ConfigError(f"model_overrides: {exc}") from None
+    return fused_norms(model) if dit else model
 
 
 def saved_config(path) -> dict:
@@ -72,7 +74,9 @@ def saved_config(path) -> dict:
 
 def load(path) -> SnapGenUNet | SD3Transformer2DModel:
     """A saved denoiser (``save_pretrained`` dir), whichever class its ``config.json`` names."""
-    return (SD3Transformer2DModel if is_dit(saved_config(path)) else SnapGenUNet).from_pretrained(path)
+    if is_dit(saved_config(path)):
+        return fused_norms(SD3Transformer2DModel.from_pretrained(path))
+    return SnapGenUNet.from_pretrained(path)
 
 
 def text_dims(config) -> dict[str, int]:
