@@ -185,25 +185,17 @@ class _RMSNormFunction(torch.autograd.Function):
         return grad_x, grad_w, None
 
 
-def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float | None,
-                   dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float64)) -> torch.Tensor | None:
-    """``x`` RMS-normalised over its last dim times ``weight`` by :class:`_RMSNormFunction` where
-    its fused backward pays (CPU, gradients on, ``x`` and a 1-d ``weight`` of one dtype in
-    ``dtypes``); else ``None``, and the caller runs its own norm (inference, other devices: CUDA
-    has its own fused kernels, half precision)."""
-    if (torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype in dtypes and weight is not None
-            and weight.dim() == 1 and eps is not None and x.dtype == weight.dtype):
-        return _RMSNormFunction.apply(x, weight, eps)
-    return None
-
-
 class RMSNorm(nn.RMSNorm):
     """``nn.RMSNorm`` over the last dim (same parameters and state dict) whose CPU training
-    path uses :func:`fused_rms_norm`."""
+    path uses :class:`_RMSNormFunction`'s fused backward; inference, other devices (CUDA has
+    its own fused kernels) and float16/bfloat16 inputs run ``nn.RMSNorm`` itself."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = fused_rms_norm(x, self.weight, self.eps) if len(self.normalized_shape) == 1 else None
-        return super().forward(x) if out is None else out
+        if (torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+                and self.weight is not None and len(self.normalized_shape) == 1 and self.eps is not None
+                and x.dtype == self.weight.dtype):
+            return _RMSNormFunction.apply(x, self.weight, self.eps)
+        return super().forward(x)
 
 
 def _training_kernels(module: nn.Module) -> bool:

@@ -24,7 +24,7 @@ import torch
 from diffusers import SD3Transformer2DModel
 
 from ..errors import ConfigError
-from .teacher import TEACHER_PRESETS, data_overrides, fused_norms, teacher_config, teacher_forward
+from .teacher import TEACHER_PRESETS, data_overrides, teacher_config, teacher_forward
 from .unet import UNET_PRESETS, SnapGenUNet, unet_config
 
 #: Model names of the DiT presets (the teacher registry's, ``tiny`` renamed apart from the UNet's).
@@ -56,15 +56,13 @@ def fresh_config(name: str, latent_channels: int, layout, overrides: dict | None
 
 
 def build(config: dict) -> SnapGenUNet | SD3Transformer2DModel:
-    """The denoiser of a config (from :func:`fresh_config` or a saved ``config.json``); a DiT's
-    RMSNorms get the fused CPU backward (``teacher.fused_norms``), as :func:`load` gives them."""
+    """The denoiser of a config (from :func:`fresh_config` or a saved ``config.json``)."""
     config = {k: v for k, v in config.items() if not k.startswith("_")}
-    dit = is_dit(config)
+    cls = SD3Transformer2DModel if is_dit(config) else SnapGenUNet
     try:
-        model = (SD3Transformer2DModel if dit else SnapGenUNet)(**config)
+        return cls(**config)
     except TypeError as exc:
         raise ConfigError(f"model_overrides: {exc}") from None
-    return fused_norms(model) if dit else model
 
 
 def saved_config(path) -> dict:
@@ -74,9 +72,7 @@ def saved_config(path) -> dict:
 
 def load(path) -> SnapGenUNet | SD3Transformer2DModel:
     """A saved denoiser (``save_pretrained`` dir), whichever class its ``config.json`` names."""
-    if is_dit(saved_config(path)):
-        return fused_norms(SD3Transformer2DModel.from_pretrained(path))
-    return SnapGenUNet.from_pretrained(path)
+    return (SD3Transformer2DModel if is_dit(saved_config(path)) else SnapGenUNet).from_pretrained(path)
 
 
 def text_dims(config) -> dict[str, int]:

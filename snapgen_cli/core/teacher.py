@@ -108,11 +108,9 @@ from typing import Any
 
 import torch
 from diffusers import SD3Transformer2DModel
-from diffusers.models.normalization import RMSNorm as DiffusersRMSNorm
 
 from ..errors import ConfigError
 from ..files import model_location
-from .blocks import fused_rms_norm
 from .presets import preset_config
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -188,28 +186,6 @@ def _dtype(dtype: torch.dtype | str | None, device: torch.device | None) -> torc
     return dtype
 
 
-class _FusedRMSNorm(DiffusersRMSNorm):
-    """diffusers' ``RMSNorm`` (SD3.5's QK norm: four a block) with ``blocks.fused_rms_norm``'s
-    fused CPU backward for float32 (the same forward to the bit: ``x * rsqrt(mean(x^2) + eps) *
-    weight``); anything else runs diffusers' own. Measured on the demo's DiT teacher, one core,
-    batch 32: a training step 4-6% faster; the step-distill generator's backward through the
-    frozen teacher uses it too."""
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        out = (fused_rms_norm(hidden_states, self.weight, self.eps, dtypes=(torch.float32,))
-               if self.bias is None else None)
-        return super().forward(hidden_states) if out is None else out
-
-
-def fused_norms(model: torch.nn.Module) -> torch.nn.Module:
-    """Give every diffusers ``RMSNorm`` of ``model`` the fused CPU backward (:class:`_FusedRMSNorm`),
-    in place: same parameters, state dict and saved files."""
-    for m in model.modules():
-        if type(m) is DiffusersRMSNorm:
-            m.__class__ = _FusedRMSNorm
-    return model
-
-
 def _looks_local(path: str) -> bool:
     """A filesystem path rather than a hub id (``owner/name``): absolute, ``.``/``~``-relative,
     or not exactly one ``/``."""
@@ -252,7 +228,7 @@ def load_teacher(path: str | Path, subfolder: str | None = "transformer", *, dty
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         name = option.lstrip("-")
         raise ConfigError(f"{name}: cannot load an SD3Transformer2DModel from {at}: {reason}; {fix}") from None
-    freeze(fused_norms(model))
+    freeze(model)
     if offload:
         from accelerate import cpu_offload
 
