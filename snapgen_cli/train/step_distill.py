@@ -40,7 +40,8 @@ Decisions where the paper is silent (each a setting):
 * **The discriminator phase reuses the generator phase's fakes**: the teacher's features of
   the re-noised fakes, detached, from the same micro-batch (the frozen teacher computes the same
   numbers with or without gradients, so only the real batch costs a teacher pass: one of four
-  teacher passes a step saved; the demo's step-distill on one core, 56 -> 65 samples/s). Run alone (no
+  teacher passes a step saved; the demo's step-distill on one core: 59.5 -> 70.7 samples/s, the
+  same losses to the bit, ``benchmarks/results/stage_speed_step_distill.json``). Run alone (no
   generator phase before it) it computes them itself from the same per-sample randomness, so its
   update does not depend on whether the generator stepped first.
 """
