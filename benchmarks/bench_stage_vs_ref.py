@@ -63,17 +63,25 @@ def checkout(ref: str, into: Path) -> Path:
     return into
 
 
-def run_once(code: Path, argv: list[str], out: Path) -> dict:
-    cmd = [sys.executable, "-m", "snapgen_cli.cli", *with_option(argv, "--out", str(out)), "--json"]
-    # cwd outside any checkout: `python -m` puts the cwd first on sys.path, before PYTHONPATH
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=out.parent,
+def python(code: Path, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """``python args`` importing ``snapgen_cli`` from ``code``; ``cwd`` outside any checkout, as
+    ``python -m`` / ``-c`` put the cwd first on sys.path, before ``PYTHONPATH``."""
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd,
                           env={**os.environ, "PYTHONPATH": str(code)})
-    where = subprocess.run([sys.executable, "-c", "import snapgen_cli; print(snapgen_cli.__file__)"], cwd=out.parent,
-                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(code)}).stdout.strip()
+
+
+def check_imports(code: Path, cwd: Path) -> None:
+    """Stop unless ``snapgen_cli`` really comes from ``code`` (an installed copy could shadow it)."""
+    where = python(code, ["-c", "import snapgen_cli; print(snapgen_cli.__file__)"], cwd).stdout.strip()
     if not where.startswith(str(code)):
         raise SystemExit(f"PYTHONPATH={code} imports snapgen_cli from {where}; is snapgen installed non-editable?")
+
+
+def run_once(code: Path, argv: list[str], out: Path) -> dict:
+    cmd = ["-m", "snapgen_cli.cli", *with_option(argv, "--out", str(out)), "--json"]
+    proc = python(code, cmd, out.parent)
     if proc.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
+        raise SystemExit(f"python {' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
     summary = json.loads(proc.stdout)
     return {"samples_per_s": summary["samples_per_s"], "wall_s": summary["wall_s"],
             "final_losses": summary.get("final_losses", {})}
@@ -97,6 +105,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         codes = {"this": REPO, "ref": checkout(args.ref, tmp / "ref")}
+        for code in codes.values():
+            check_imports(code, tmp)
         for i in range(args.pairs):
             for name in ("ref", "this") if i % 2 else ("this", "ref"):
                 res = run_once(codes[name], argv, tmp / f"{name}-{i}")

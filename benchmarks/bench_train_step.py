@@ -24,14 +24,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import io
 import json
 import os
 import random
 import statistics
-import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from collections import Counter
@@ -77,11 +74,9 @@ def demo_setup(recipe_path: Path, stage_name: str) -> dict:
 
 def import_ref(ref: str, tmp: Path):
     """``snapgen_cli`` as it is at git ``ref``, imported as the package ``snapgen_ref``."""
-    data = subprocess.run(["git", "-C", str(REPO), "archive", ref, "snapgen_cli"], check=True,
-                          capture_output=True).stdout
-    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        tar.extractall(tmp, filter="data")
-    pkg = tmp / "snapgen_cli"
+    from bench_stage_vs_ref import checkout  # this script's folder is first on sys.path
+
+    pkg = checkout(ref, tmp) / "snapgen_cli"
     spec = importlib.util.spec_from_file_location("snapgen_ref", pkg / "__init__.py",
                                                   submodule_search_locations=[str(pkg)])
     module = importlib.util.module_from_spec(spec)
