@@ -74,7 +74,7 @@ from snapgen_cli.core.pipeline import SnapGenPipeline, load_pipeline
 from snapgen_cli.core.speed import DTYPES, compile_module, mfu_report
 from snapgen_cli.core.text import EncoderSpec, TextEncoderStack, make_tiny_clip, make_tiny_gemma
 from snapgen_cli.core.unet import build_unet
-from snapgen_cli.train.loop import _adamw
+from snapgen_cli.train.loop import LerpEMA, _adamw
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT = "a tiger wearing a tuxedo, studio photo"
@@ -298,15 +298,13 @@ def count_all_macs(scale: dict, layout) -> dict:
 class TrainStep:
     """One optimizer step as ``train/loop.py`` takes it for ``pretrain`` / ``finetune``: the flow loss of
     ``train/diffusion.py`` (Eq. 1-2, logit-normal timesteps, shift 3) under bf16 autocast, backward,
-    gradient clipping at 1.0, fused AdamW (``_adamw``: lr 5e-5 at batch 1024, wd 0.01), EMA 0.999."""
+    gradient clipping at 1.0, fused AdamW (``_adamw``: lr 5e-5 at batch 1024, wd 0.01), EMA 0.999 (``LerpEMA``)."""
 
     def __init__(self, unet, layout, batch: int, lat: int, device: torch.device):
-        from diffusers.training_utils import EMAModel
-
         self.unet, self.device, self.obj = unet, device, RectifiedFlow(shift=3.0)
         self.params = [p for p in unet.parameters() if p.requires_grad]
         self.opt = _adamw(self.params, lr=5e-5 * batch / 1024, betas=(0.9, 0.999), weight_decay=0.01)
-        self.ema = EMAModel(self.params, decay=0.999, foreach=True)
+        self.ema = LerpEMA(self.params, decay=0.999, foreach=True)
         c = denoiser.text_dims(unet.config)
         self.g = torch.Generator(device=device).manual_seed(0)
         self.x0 = torch.randn(batch, c["in_channels"], lat, lat, device=device, generator=self.g)

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -23,8 +24,16 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 from snapgen_cli.errors import ConfigError, SnapgenError
-from snapgen_cli.train.loop import (GlobalBatchSampler, LoopConfig, StepContext, TrainTask, complete_checkpoints,
-                                   shard_ranges, train)
+from snapgen_cli.train.loop import (
+    GlobalBatchSampler,
+    LerpEMA,
+    LoopConfig,
+    StepContext,
+    TrainTask,
+    complete_checkpoints,
+    shard_ranges,
+    train,
+)
 
 SCRIPT = Path(__file__).with_name("_loop_script.py")
 
@@ -520,6 +529,54 @@ def _accelerate_checkpoint(path: Path, task: FlowTask) -> None:
     acc.register_for_checkpointing(EMAModel(model.parameters()), Steps())
     acc.save_state(str(path))
     AcceleratorState._reset_state(reset_partial_state=False)
+
+
+def test_the_loops_ema_update_is_diffusers_to_the_bit():
+    """LerpEMA (one fused lerp a step) computes diffusers' EMAModel update exactly: the same shadow
+    weights to the bit through the warm-up's changing decay, and the same state to save."""
+    from diffusers.training_utils import EMAModel
+
+    torch.manual_seed(0)
+    model = ToyVelocity(hidden=64)  # tensors of up to 2,304 floats: the vectorised kernels' main loops
+    params = list(model.parameters())
+    ours, theirs = LerpEMA(params, decay=0.99, foreach=True), EMAModel(params, decay=0.99, foreach=True)
+    start = [s.clone() for s in ours.shadow_params]
+    diffusers_step, own = EMAModel.step, []  # which of our updates took diffusers' own path
+    with mock.patch.object(EMAModel, "step", autospec=True,
+                           side_effect=lambda e, ps: (own.append(e is ours), diffusers_step(e, ps))[1]):
+        for _ in range(30):
+            with torch.no_grad():
+                for p in params:
+                    p.add_(torch.randn_like(p) * 0.1)
+            ours.step(params)
+            theirs.step(params)
+    assert sum(own) == 9  # the warm-up's first 9 steps (decay < 0.5); the other 21 are lerps
+    for a, b, s0 in zip(ours.shadow_params, theirs.shadow_params, start, strict=True):
+        assert torch.equal(a, b)
+        assert not torch.equal(a, s0)  # the negative control: the shadows moved
+    state = lambda e: {k: v for k, v in e.state_dict().items() if k != "shadow_params"}  # noqa: E731
+    assert state(ours) == state(theirs) and ours.cur_decay_value == theirs.cur_decay_value
+    # A frozen parameter (copied, not averaged) takes diffusers' own path.
+    params[0].requires_grad_(False)
+    ours.step(params)
+    theirs.step(params)
+    assert all(torch.equal(a, b) for a, b in zip(ours.shadow_params, theirs.shadow_params, strict=True))
+    assert torch.equal(ours.shadow_params[0], params[0])
+
+
+def test_clipping_skips_only_the_identity_multiply(tmp_path, monkeypatch):
+    """The loop's gradient clipping (``_Run._clip``: no multiply by 1.0 when the norm is within
+    max_grad_norm) trains to the bit what accelerate's clip_grad_norm_ trains, through clipped and
+    unclipped steps alike."""
+    from snapgen_cli.train import loop
+
+    cfg = _cfg(steps=10, max_grad_norm=1.0)
+    train(FlowTask(), cfg, tmp_path / "ours")
+    norms = [r["grad_norm"] for r in _losses(tmp_path / "ours")]
+    assert min(norms) < 1.0 < max(norms)  # both kinds of step happened (the test is not vacuous)
+    monkeypatch.setattr(loop._Run, "_clip", lambda self, params, max_norm: self.acc.clip_grad_norm_(params, max_norm))
+    train(FlowTask(), cfg, tmp_path / "accelerate")
+    _assert_same_run(tmp_path / "ours", tmp_path / "accelerate", tol=0)
 
 
 def test_a_checkpoint_carrying_a_pickle_payload_is_refused_and_runs_nothing(tmp_path):

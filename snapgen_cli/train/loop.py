@@ -84,7 +84,7 @@ Decisions where the paper is silent:
   ranks gather the full tensors for it, below); every process reads.
 * **EMA** is diffusers' ``EMAModel`` (its default warm-up: decay ``min(0.999, (1+n)/(10+n))``
   at update ``n``), kept on every process (its shard under FSDP) and saved as ``model_ema``
-  apart from ``model``.
+  apart from ``model``; its update is one fused ``lerp`` (:class:`LerpEMA`).
 * **LR overrides** (``lr_overrides``, e.g. for a discriminator) are, like ``lr``, values at
   ``lr_reference_batch`` and are scaled the same way. ``max_grad_norm`` defaults to 1.0;
   ``lr_warmup_steps`` (default 0) adds a linear warm-up. ``lr_schedule`` is ``"constant"``
@@ -588,6 +588,28 @@ def save_module(module: nn.Module, path: Path) -> None:
     _replace_dir(tmp, path)
 
 
+class LerpEMA(EMAModel):
+    """diffusers' ``EMAModel`` whose ``foreach`` update is one ``torch._foreach_lerp_``:
+    ``s + w * (p - s)`` with ``w = 1 - decay``, the same numbers as diffusers'
+    ``s - w * (s - p)`` (the negations are exact; ``tests/test_loop.py`` checks bitwise
+    equality), in one pass over the weights instead of two and a temporary copy of them: 2.5x
+    faster on a CPU (1.3 ms against 3.3 ms a step for the demo's 2.6M-parameter UNet), every
+    training step. ``lerp`` computes ``w >= 0.5`` the other way round (``p - (1 - w) * (p - s)``,
+    other rounding), so those steps (the first few of the warm-up), and anything else (no
+    ``foreach``, frozen parameters, which diffusers copies) are diffusers' own step."""
+
+    @torch.no_grad()
+    def step(self, parameters) -> None:
+        parameters = list(parameters)
+        decay = self.get_decay(self.optimization_step + 1)
+        weight = 1 - decay  # diffusers' one_minus_decay
+        if weight >= 0.5 or not self.foreach or not all(p.requires_grad for p in parameters):
+            return super().step(parameters)
+        self.optimization_step += 1
+        self.cur_decay_value = decay
+        torch._foreach_lerp_(self.shadow_params, parameters, weight)
+
+
 @contextlib.contextmanager
 def ema_weights(ema: EMAModel, model: nn.Module) -> Iterator[nn.Module]:
     """``model`` with its EMA weights swapped in, restored on exit."""
@@ -709,7 +731,7 @@ class _Run:
         self.modules = {n: acc.unwrap_model(m) for n, m in self.models.items()}
         self.main_module = self.modules[self.main]
         # DTensors have no _foreach_copy_ (EMA's copy_to / restore)
-        self.ema = EMAModel(self.main_module.parameters(), decay=cfg.ema_decay, foreach=not self.sharded)
+        self.ema = LerpEMA(self.main_module.parameters(), decay=cfg.ema_decay, foreach=not self.sharded)
 
     def _enable_checkpointing(self, trainables: dict[str, nn.Module]) -> None:
         if not self.cfg.gradient_checkpointing:
@@ -981,7 +1003,7 @@ class _Run:
 
     def _update(self, step: int, phase: str, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
         params = [p for n in names for p in self.params[n]]
-        norm = self.acc.clip_grad_norm_(params, self.cfg.max_grad_norm or math.inf)
+        norm = self._clip(params, self.cfg.max_grad_norm or math.inf)
         norm = torch.as_tensor(norm).detach().float()
         norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
         if self.cfg.mixed_precision != "fp16":  # fp16's loss scaler skips overflowing steps itself
@@ -993,6 +1015,19 @@ class _Run:
                 self.schedulers[n].step()
             self.optimizers[n].zero_grad(set_to_none=True)
         return {self._key(phase, "grad_norm"): norm}
+
+    def _clip(self, params: list[nn.Parameter], max_norm: float):
+        """accelerate's ``clip_grad_norm_`` without its multiply of every gradient by 1.0 when the
+        norm is within ``max_norm``: torch scales by ``min(max_norm / (norm + 1e-6), 1)``, so a
+        coefficient of 1 or more leaves the gradients as they are, and skipping it is exact (a pass
+        over the gradients saved: 1.3 ms a step for the demo's UNet on a CPU, and most fine-tune
+        steps do not clip). Sharded gradients keep accelerate's own path."""
+        if self.sharded or not math.isfinite(max_norm):
+            return self.acc.clip_grad_norm_(params, max_norm)
+        norm = self.acc.clip_grad_norm_(params, math.inf)  # the norm alone (unscaled first under fp16)
+        if max_norm / (norm + 1e-6) < 1:  # torch.nn.utils.clip_grads_with_norm_'s coefficient
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        return norm
 
     def _key(self, phase: str, name: str) -> str:
         return name if len(self.phases) == 1 else f"{phase}/{name}"
