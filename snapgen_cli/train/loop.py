@@ -1021,7 +1021,8 @@ class _Run:
         norm is within ``max_norm``: torch scales by ``min(max_norm / (norm + 1e-6), 1)``, so a
         coefficient of 1 or more leaves the gradients as they are, and skipping it is exact (a pass
         over the gradients saved: 1.3 ms a step for the demo's UNet on a CPU, and most fine-tune
-        steps do not clip). Sharded gradients keep accelerate's own path."""
+        steps do not clip). On an accelerator the comparison reads the norm on the host, as the NaN
+        guard (``_guard``) does right after it anyway. Sharded gradients keep accelerate's own path."""
         if self.sharded or not math.isfinite(max_norm):
             return self.acc.clip_grad_norm_(params, max_norm)
         norm = self.acc.clip_grad_norm_(params, math.inf)  # the norm alone (unscaled first under fp16)
