@@ -74,7 +74,7 @@ from snapgen_cli.core.pipeline import SnapGenPipeline, load_pipeline
 from snapgen_cli.core.speed import DTYPES, compile_module, mfu_report
 from snapgen_cli.core.text import EncoderSpec, TextEncoderStack, make_tiny_clip, make_tiny_gemma
 from snapgen_cli.core.unet import build_unet
-from snapgen_cli.train.loop import LerpEMA, _adamw
+from snapgen_cli.train.loop import LerpEMA, _adamw, clip_grad_norm
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT = "a tiger wearing a tuxedo, studio photo"
@@ -298,7 +298,8 @@ def count_all_macs(scale: dict, layout) -> dict:
 class TrainStep:
     """One optimizer step as ``train/loop.py`` takes it for ``pretrain`` / ``finetune``: the flow loss of
     ``train/diffusion.py`` (Eq. 1-2, logit-normal timesteps, shift 3) under bf16 autocast, backward,
-    gradient clipping at 1.0, fused AdamW (``_adamw``: lr 5e-5 at batch 1024, wd 0.01), EMA 0.999 (``LerpEMA``)."""
+    gradient clipping at 1.0 (``clip_grad_norm``), fused AdamW (``_adamw``: lr 5e-5 at batch 1024,
+    wd 0.01), EMA 0.999 (``LerpEMA``)."""
 
     def __init__(self, unet, layout, batch: int, lat: int, device: torch.device):
         self.unet, self.device, self.obj = unet, device, RectifiedFlow(shift=3.0)
@@ -319,7 +320,7 @@ class TrainStep:
         with torch.autocast(self.device.type, dtype=torch.bfloat16):
             pred, _ = denoiser.denoise(self.unet, obj.noisy(x0, noise, sigma), obj.model_timestep(sigma), self.cond)
         task_loss(pred.float(), obj.target(x0, noise, sigma)).mean().backward()
-        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        clip_grad_norm(self.params, 1.0)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.ema.step(self.params)

@@ -30,6 +30,7 @@ from snapgen_cli.train.loop import (
     LoopConfig,
     StepContext,
     TrainTask,
+    clip_grad_norm,
     complete_checkpoints,
     shard_ranges,
     train,
@@ -562,6 +563,26 @@ def test_the_loops_ema_update_is_diffusers_to_the_bit():
     theirs.step(params)
     assert all(torch.equal(a, b) for a, b in zip(ours.shadow_params, theirs.shadow_params, strict=True))
     assert torch.equal(ours.shadow_params[0], params[0])
+
+
+def test_clip_grad_norm_is_torchs_to_the_bit():
+    """``clip_grad_norm`` (the loop's and gpu_bench's) leaves the gradients and the norm exactly as
+    torch's ``clip_grad_norm_`` does, whether the norm is above max_norm (clipped) or within it."""
+    torch.manual_seed(0)
+    params = list(ToyVelocity(hidden=64).parameters())
+    for p in params:
+        p.grad = torch.randn_like(p)
+    total = torch.nn.utils.get_total_norm([p.grad for p in params])
+    for max_norm in (0.5 * float(total), 2.0 * float(total)):
+        grads = [p.grad.clone() for p in params]
+        theirs = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        expected = [p.grad.clone() for p in params]
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.clone()
+        ours = clip_grad_norm(params, max_norm)
+        assert torch.equal(ours, theirs)
+        assert all(torch.equal(p.grad, e) for p, e in zip(params, expected, strict=True))
+        assert all(torch.equal(p.grad, g) for p, g in zip(params, grads, strict=True)) == (max_norm > total)
 
 
 def test_clipping_skips_only_the_identity_multiply(tmp_path, monkeypatch):
