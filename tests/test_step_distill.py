@@ -66,8 +66,9 @@ def _grads(module) -> list:
     return [p.grad for p in module.parameters()]
 
 
-def test_gradients_stay_where_they_belong(kd, tmp_path):
-    h = _Harness(kd, tmp_path / "a")
+@pytest.mark.parametrize("disc_text", [False, True])
+def test_gradients_stay_where_they_belong(kd, tmp_path, disc_text):
+    h = _Harness(kd, tmp_path / "a", disc_text=disc_text)
     h.backward("generator")
     assert all(g is None for g in _grads(h.task.heads)), "the generator's loss left gradients in the heads"
     assert all(g is None for g in _grads(h.task.teacher))
@@ -78,9 +79,11 @@ def test_gradients_stay_where_they_belong(kd, tmp_path):
     assert all(g is None for g in _grads(h.task.teacher))
     after_g = [g.clone() for g in _grads(h.task.heads)]
     assert sum(g.abs().sum() for g in after_g) > 0
+    if disc_text:  # the prompt's projection learns too (it starts at zero, like the output layer)
+        assert all(p.grad.abs().sum() > 0 for p in h.task.heads.cond.parameters())
 
     # the discriminator's update after a generator step equals a discriminator step alone
-    alone = _Harness(kd, tmp_path / "b")
+    alone = _Harness(kd, tmp_path / "b", disc_text=disc_text)
     alone.backward("discriminator")
     for a, b in zip(after_g, _grads(alone.task.heads), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -294,3 +297,49 @@ def test_conv_heads_need_the_grid_and_an_odd_kernel():
         heads([torch.randn(2, 16, 16)], torch.rand(2), (3, 4))
     with pytest.raises(ConfigError, match="disc_kernel"):
         FeatureHeads(16, (0,), kernel_size=2)
+
+
+@pytest.mark.parametrize("text", [True, False])
+def test_text_conditioned_heads_tell_matched_prompts_from_mismatched_ones(text):
+    """Real pairs: token features that carry their prompt's embedding; fake pairs: features drawn
+    the same way for another, independent prompt, judged with the first. Both sides have the same
+    feature and prompt distributions, only the pairing differs: heads with ``cond_dim`` (ADD's
+    projection) learn it, plain heads cannot (the negative control)."""
+    torch.manual_seed(0)
+    heads = FeatureHeads(16, (0,), hidden=32, cond_dim=8 if text else 0)
+    loss_fn = StepDistillLoss()
+    opt = torch.optim.Adam(heads.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(1)
+
+    def features(c: torch.Tensor) -> list[torch.Tensor]:
+        f = torch.randn(len(c), 6, 16, generator=g)
+        f[..., :8] += 2 * c[:, None]
+        return [f]
+
+    def judged(n: int):
+        c, other = torch.randn(n, 8, generator=g), torch.randn(n, 8, generator=g)
+        s = torch.rand(n, generator=g)
+        cond = c if text else None
+        return heads(features(c), s, cond=cond), heads(features(other), s, cond=cond)
+
+    for _ in range(150):
+        loss, _ = loss_fn.discriminator(*judged(32), ["a"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        _, logs = loss_fn.discriminator(*judged(512), ["a"])
+    if text:
+        assert logs["acc/a"] > 0.9 and logs["adv_d"] < 1.0, logs
+    else:
+        assert abs(logs["acc/a"] - 0.5) < 0.1 and logs["adv_d"] > 2 * math.log(2) - 0.02, logs
+
+
+def test_text_conditioned_heads_start_at_zero_and_need_their_embedding():
+    heads = FeatureHeads(16, (0, 1), hidden=8, cond_dim=4)
+    f = [torch.randn(2, 5, 16), torch.randn(2, 5, 16)]
+    assert all(torch.equal(lg, torch.zeros(2, 5)) for lg in heads(f, torch.rand(2), cond=torch.randn(2, 4)))
+    with pytest.raises(ValueError, match="cond_dim 4 got no text embedding"):
+        heads(f, torch.rand(2))
+    with pytest.raises(ValueError, match="cond_dim 0 got a text embedding"):
+        FeatureHeads(16, (0,), hidden=8)(f[:1], torch.rand(2), cond=torch.randn(2, 4))

@@ -103,10 +103,16 @@ class FeatureHeads(ModelMixin, ConfigMixin):
     noise level ``sigma`` enters as SD3 embeds it (``sigma * 1000`` through sinusoidal features
     and a 2-layer MLP, diffusers' ``Timesteps`` / ``TimestepEmbedding``), giving a per-head
     scale and shift of the hidden layer: "heads conditioned on the noise level". Decisions where
-    the paper is silent: token-wise logits (LADD's heads are also token-/patch-wise), no text
-    conditioning in the heads (the teacher's features already carry the prompt), the last layer
-    zero-initialised so that every head starts at logit 0 (the discriminator loss then starts at
-    its analytic value, 2 ln 2 for the log form).
+    the paper is silent: token-wise logits (LADD's heads are also token-/patch-wise), by default no
+    text conditioning in the heads (the teacher's features already carry the prompt), the last
+    layer zero-initialised so that every head starts at logit 0 (the discriminator loss then starts
+    at its analytic value, 2 ln 2 for the log form).
+
+    ``cond_dim`` > 0 conditions every head on a text embedding (B, ``cond_dim``) as ADD does
+    (Sauer et al. 2023, after StyleGAN-T and Miyato & Koyama's projection discriminator): a
+    per-head linear map of the embedding, zero-initialised, is dotted with each token's hidden
+    features and added to its logit, ``logit += <silu(h), W_c c> / sqrt(hidden)``. A head can then
+    score how well an image matches its prompt, not only whether it looks real.
 
     ``kernel_size`` 1 (default) is the paper's "linear layers": each token judged on its own.
     ``kernel_size`` k > 1 makes the first layer a k x k convolution over the teacher's token grid
@@ -116,7 +122,7 @@ class FeatureHeads(ModelMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, feature_dim: int, blocks: tuple[int, ...] = (-1,), hidden: int = 256, embed_dim: int = 256,
-                 kernel_size: int = 1):
+                 kernel_size: int = 1, cond_dim: int = 0):
         super().__init__()
         from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 
@@ -131,24 +137,30 @@ class FeatureHeads(ModelMixin, ConfigMixin):
                                  nn.Conv2d(feature_dim, hidden, kernel_size, padding=kernel_size // 2) for _ in blocks)
         self.film = nn.ModuleList(nn.Linear(hidden, 2 * hidden) for _ in blocks)
         self.out = nn.ModuleList(nn.Linear(hidden, 1) for _ in blocks)
-        for lin in [*self.film, *self.out]:
+        self.cond = nn.ModuleList(nn.Linear(cond_dim, hidden) for _ in blocks) if cond_dim else None
+        for lin in [*self.film, *self.out, *(self.cond or [])]:
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
 
     def forward(self, features: list[torch.Tensor], sigma: torch.Tensor,
-                grid: tuple[int, int] | None = None) -> list[torch.Tensor]:
+                grid: tuple[int, int] | None = None, cond: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Per-token logits (B, N) of each head, from the teacher's tokens after each block
         (``core.teacher.teacher_block_features``) and the noise level (B,) in [0, 1]; ``grid``:
-        the tokens' (h, w) layout, which convolutional heads need."""
+        the tokens' (h, w) layout, which convolutional heads need; ``cond``: the text embedding
+        (B, ``cond_dim``) that text-conditioned heads need."""
         if len(features) != len(self.inp):
             raise ValueError(f"{len(features)} feature maps for {len(self.inp)} heads")
+        if (self.cond is not None) != (cond is not None):
+            raise ValueError(f"heads with cond_dim {self.config.cond_dim} got "
+                             f"{'no' if cond is None else 'a'} text embedding")
         if self.config.kernel_size > 1 and (grid is None or grid[0] * grid[1] != features[0].shape[1]):
             raise ValueError(f"convolutional heads need the token grid (h, w) of {features[0].shape[1]} tokens, "
                              f"got {grid}")
         emb = self.time_embed(self.time_proj(sigma.reshape(-1).float() * 1000.0).to(features[0].dtype))
         emb = nn.functional.silu(emb)
         logits = []
-        for f, inp, film, out in zip(features, self.inp, self.film, self.out, strict=True):
+        projections = [None] * len(self.inp) if self.cond is None else [lin(cond.to(emb.dtype)) for lin in self.cond]
+        for f, inp, film, out, proj in zip(features, self.inp, self.film, self.out, projections, strict=True):
             scale, shift = film(emb).unsqueeze(1).chunk(2, dim=-1)
             f = self.norm(f)
             if isinstance(inp, nn.Conv2d):  # tokens -> (B, C, h, w) -> conv -> tokens
@@ -156,6 +168,9 @@ class FeatureHeads(ModelMixin, ConfigMixin):
                 f = inp(f.transpose(1, 2).reshape(b, c, *grid)).flatten(2).transpose(1, 2)
             else:
                 f = inp(f)
-            h = f * (1 + scale) + shift
-            logits.append(out(nn.functional.silu(h)).squeeze(-1))
+            h = nn.functional.silu(f * (1 + scale) + shift)
+            logit = out(h).squeeze(-1)
+            if proj is not None:
+                logit = logit + (h * proj.unsqueeze(1)).sum(-1) * h.shape[-1] ** -0.5
+            logits.append(logit)
         return logits

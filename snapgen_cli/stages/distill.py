@@ -50,7 +50,8 @@ class Config(DistillConfig):
 
 def teacher_plan_item(cfg: TeacherConfig, ctx: StageContext, role: str = "frozen") -> PlanItem:
     """The teacher built on the meta device: from its local config, a known hub id's preset,
-    or the plan of the stage that trains it (``provides`` its width as ``inner_dim``)."""
+    or the plan of the stage that trains it (``provides`` its width as ``inner_dim``, its pooled
+    text width as ``pooled_dim``)."""
     from diffusers import SD3Transformer2DModel
 
     path, sub = teacher_location(cfg.teacher, cfg.teacher_subfolder)
@@ -67,7 +68,8 @@ def teacher_plan_item(cfg: TeacherConfig, ctx: StageContext, role: str = "frozen
     note = f"{role}; " + ("config unknown until it exists" if model is None else
                          f"{count_teacher_params(model) / 1e9:.3g}B with its positional table"
                          + (f" (published {paper / 1e9:.1f}B)" if paper else ""))
-    inner = {"inner_dim": model.config.num_attention_heads * model.config.attention_head_dim} if model else {}
+    inner = ({"inner_dim": model.config.num_attention_heads * model.config.attention_head_dim,
+              "pooled_dim": model.config.pooled_projection_dim} if model else {})
     return PlanItem(model=f"teacher SD3Transformer2DModel {cfg.teacher}", params=params, inputs=[cfg.teacher],
                     notes=note, provides=inner)
 

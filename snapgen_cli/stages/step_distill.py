@@ -51,11 +51,12 @@ def plan(cfg: Config, ctx: StageContext) -> list[PlanItem]:
                          f" steps, saved guidance {cfg.guidance}")
     teacher = teacher_plan_item(cfg, ctx, role="few-step teacher + discriminator backbone")
     heads = PlanItem(model=f"discriminator heads on teacher blocks {cfg.disc_blocks}",
-                     notes=f"{len(cfg.disc_blocks)} heads of width {cfg.disc_hidden} (kernel {cfg.disc_kernel}), sized "
-                           "from the teacher at run time")
+                     notes=f"{len(cfg.disc_blocks)} heads of width {cfg.disc_hidden} (kernel {cfg.disc_kernel}"
+                           + (", text-conditioned" if cfg.disc_text else "") + "), sized from the teacher at run time")
     if teacher.params is not None and teacher.provides.get("inner_dim"):
-        heads.params = sum(p.numel() for p in FeatureHeads(teacher.provides["inner_dim"], tuple(cfg.disc_blocks),
-                                                           cfg.disc_hidden, kernel_size=cfg.disc_kernel).parameters())
+        heads.params = sum(p.numel() for p in FeatureHeads(
+            teacher.provides["inner_dim"], tuple(cfg.disc_blocks), cfg.disc_hidden, kernel_size=cfg.disc_kernel,
+            cond_dim=teacher.provides["pooled_dim"] if cfg.disc_text else 0).parameters())
     return [*student, teacher, heads]
 
 

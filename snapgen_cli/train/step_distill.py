@@ -30,7 +30,8 @@ Decisions where the paper is silent (each a setting):
   ``"next-step"`` noise in 300 steps, and 0.73-0.75 on clean samples in 150.
 * **Text.** The student keeps the paper's per-encoder dropout (so any subset of encoders still
   works after step distillation, sec. 4); the teacher's conditioning follows it as in
-  ``distill`` (``FrozenTeacher``); the heads see the prompt only through the teacher's features.
+  ``distill`` (``FrozenTeacher``); the heads see the prompt only through the teacher's features
+  unless ``disc_text`` conditions them on its pooled embedding as well (ADD's projection).
 * **Guidance.** The KD target is the turbo teacher's velocity without classifier-free guidance
   (SD3.5-Large-Turbo samples with guidance 0 in diffusers, i.e. no CFG), so the distilled
   student is saved to sample without CFG (``guidance = 1``), one UNet call per step. A teacher
@@ -81,6 +82,8 @@ class StepDistillConfig(TeacherConfig):
     disc_hidden: int = Field(256, gt=0, description="width of each head's hidden layer")
     disc_kernel: int = Field(1, ge=1, description="each head's first layer: 1 = linear per token (the paper's "
                              "\"linear layers\"), k > 1 = a k x k conv over the token grid (LADD's conv heads)")
+    disc_text: bool = Field(False, description="condition the heads on the prompt's pooled embedding by projection "
+                            "(ADD's text-conditioned heads; off: the paper's heads, text only through the teacher)")
     disc_noise: Literal["logit-normal", "next-step"] = Field("logit-normal", description="the discriminator's "
                                                              "noise level: LADD's logit-normal or the next grid sigma")
     disc_logit_mean: float = Field(1.0, description="logit-normal mean of the discriminator's noise level (LADD: 1)")
@@ -143,7 +146,7 @@ class StepDistillTask(DiffusionTask):
         self.blocks = block_indices(self.teacher, cfg.disc_blocks)  # checked before training starts
         t = self.teacher.config
         self.heads = FeatureHeads(t.num_attention_heads * t.attention_head_dim, tuple(self.blocks), cfg.disc_hidden,
-                                  kernel_size=cfg.disc_kernel)
+                                  kernel_size=cfg.disc_kernel, cond_dim=t.pooled_projection_dim if cfg.disc_text else 0)
         self.loss_fn = StepDistillLoss(cfg.adv_loss, cfg.adv_weight, cfg.kd, cfg.r1_gamma)
         self.grid = few_step_grid(self.objective, cfg.student_steps)
         # D's noise level: the logit-normal sampler of the flow objective, unshifted
@@ -207,10 +210,12 @@ class StepDistillTask(DiffusionTask):
         return teacher_block_features(self.frozen_teacher.module(ctx), x, self.objective.model_timestep(s),
                                       *teacher_cond, self.blocks, grad=grad)
 
-    def judge(self, heads, feats: list[torch.Tensor], s: torch.Tensor, latent: torch.Tensor):
-        """The heads' logits on the teacher's ``feats`` of latents shaped like ``latent``: D of Eq. 9."""
+    def judge(self, heads, feats: list[torch.Tensor], s: torch.Tensor, latent: torch.Tensor, pooled: torch.Tensor):
+        """The heads' logits on the teacher's ``feats`` of latents shaped like ``latent``: D of Eq. 9
+        (``pooled``: the teacher's pooled text, which text-conditioned heads read)."""
         p = self.teacher.config.patch_size
-        return heads(feats, s, (latent.shape[-2] // p, latent.shape[-1] // p))
+        return heads(feats, s, (latent.shape[-2] // p, latent.shape[-1] // p),
+                     cond=pooled if self.cfg.disc_text else None)
 
     def loss(self, phase, batch, ctx: StepContext):
         heads = ctx.accelerator.unwrap_model(ctx.models["discriminator"])
@@ -219,7 +224,7 @@ class StepDistillTask(DiffusionTask):
             v_s, fake = self.generate(ctx.models["unet"], d)
             fake_s = self.objective.noisy(fake, d.renoise, d.s)
             fake_feats = self.features(fake_s, d.s, d.teacher_cond, ctx, grad=True)
-            logits = self.judge(heads, fake_feats, d.s, fake_s)
+            logits = self.judge(heads, fake_feats, d.s, fake_s, d.teacher_cond[1])
             v_t = self.kd_target(ctx, d) if self.cfg.kd else None
             self._fake = ((ctx.step, ctx.micro), d, [f.detach() for f in fake_feats])
             return self.loss_fn.generator(logits, v_s, self.objective.target(d.x0, d.noise, d.t), d.t, v_t)
@@ -237,13 +242,15 @@ class StepDistillTask(DiffusionTask):
         real_s = self.objective.noisy(d.x0, d.renoise, d.s)
         both = [torch.cat(pair) for pair in zip(self.features(real_s, d.s, d.teacher_cond, ctx), fake_feats,
                                                  strict=True)]
-        logits = self.judge(ctx.models["discriminator"], both, torch.cat([d.s, d.s]), real_s)
+        pooled = d.teacher_cond[1]
+        logits = self.judge(ctx.models["discriminator"], both, torch.cat([d.s, d.s]), real_s,
+                            torch.cat([pooled, pooled]))
         real, fake_logits = [lg[:b] for lg in logits], [lg[b:] for lg in logits]
         perturbed = None
         if self.cfg.r1_gamma:
             jitter = ctx.randn(*d.x0.shape[1:]) * self.cfg.r1_sigma
             jittered = self.features(real_s + jitter, d.s, d.teacher_cond, ctx)
-            perturbed = self.judge(ctx.models["discriminator"], jittered, d.s, real_s)
+            perturbed = self.judge(ctx.models["discriminator"], jittered, d.s, real_s, pooled)
         return self.loss_fn.discriminator(real, fake_logits, self.head_names, perturbed)
 
     # -- the saved pipeline ----------------------------------------------------------------
