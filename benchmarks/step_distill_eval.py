@@ -116,11 +116,43 @@ def main() -> None:
         paper = PAPER_GENEVAL.get(name.split("/")[0])
         console.print(f"{name:<24} {r[0]['steps']:>5} {am:>10.4f} +- {asd:.4f} {fm:>10.2f} +- {fsd:.2f}   "
                       f"{paper if paper is not None else '-'}")
+    paired = paired_differences(rows)
+    if paired:
+        console.print("\nAfter - before, paired by seed (mean +- standard error; seeds better):")
+    for name, p in paired.items():
+        n = len(p["seeds"])
+        console.print(f"{name:<24} alignment {p['alignment_diff']:+.4f} +- {p['alignment_se']:.4f} "
+                      f"({p['seeds_alignment_up']}/{n} up)   FID {p['fid_diff']:+.2f} +- {p['fid_se']:.2f} "
+                      f"({p['seeds_fid_lower']}/{n} lower)")
     result = dict(step_distill_steps=steps, seeds=args.seeds, alignment_n=args.alignment_n, run_dir=str(args.run_dir),
-                  overrides=args.overrides, variants=variants if args.variant else None, rows=table)
+                  overrides=args.overrides, variants=variants if args.variant else None, rows=table,
+                  paired_after_minus_before=paired)
     if args.json_out:
         args.json_out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
+
+
+def paired_differences(rows: dict[str, list[dict]]) -> dict[str, dict]:
+    """Each ``after-N[/variant]`` row minus ``before-N``, seed by seed (the same sampling noise and
+    prompts on both sides, so the seed-to-seed spread of the sampler cancels): mean, its standard
+    error over seeds, and how many seeds got better (alignment up, FID lower)."""
+    out = {}
+    for name, runs in rows.items():
+        before = {r["seed"]: r for r in rows.get("before-" + name.split("/")[0].removeprefix("after-"), [])}
+        seeds = [r["seed"] for r in runs if r["seed"] in before] if name.startswith("after-") else []
+        if not seeds:
+            continue
+        after = {r["seed"]: r for r in runs}
+        da = [after[s]["alignment"] - before[s]["alignment"] for s in seeds]
+        df = [after[s]["fid"] - before[s]["fid"] for s in seeds]
+
+        def se(xs: list[float]) -> float:
+            return statistics.stdev(xs) / len(xs) ** 0.5 if len(xs) > 1 else 0.0
+
+        out[name] = dict(seeds=seeds, alignment_diff=statistics.mean(da), alignment_se=se(da),
+                         seeds_alignment_up=sum(d > 0 for d in da), fid_diff=statistics.mean(df), fid_se=se(df),
+                         seeds_fid_lower=sum(d < 0 for d in df))
+    return out
 
 
 if __name__ == "__main__":

@@ -343,3 +343,27 @@ def test_text_conditioned_heads_start_at_zero_and_need_their_embedding():
         heads(f, torch.rand(2))
     with pytest.raises(ValueError, match="cond_dim 0 got a text embedding"):
         FeatureHeads(16, (0,), hidden=8)(f[:1], torch.rand(2), cond=torch.randn(2, 4))
+
+
+def test_the_few_step_benchmark_pairs_after_with_before_seed_by_seed():
+    """``benchmarks/step_distill_eval.py``'s summary: each after-N row minus before-N on the seeds
+    both have (a seed only one side has is left out), with the standard error over seeds."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sde", Path(__file__).parents[1] / "benchmarks" /
+                                                  "step_distill_eval.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def run(seed, alignment, fid):
+        return dict(seed=seed, alignment=alignment, fid=fid, steps=4)
+
+    rows = {"before-4": [run(0, 0.25, 280.0), run(1, 0.30, 270.0)],
+            "after-4/x": [run(0, 0.35, 270.0), run(1, 0.30, 280.0), run(2, 0.9, 1.0)],
+            "after-8": [run(0, 0.5, 1.0)], "many": [run(0, 0.5, 1.0)]}
+    paired = bench.paired_differences(rows)
+    assert list(paired) == ["after-4/x"]  # no before-8; "many" is not an after row
+    p = paired["after-4/x"]
+    assert p["seeds"] == [0, 1] and p["seeds_alignment_up"] == 1 and p["seeds_fid_lower"] == 1
+    assert p["alignment_diff"] == pytest.approx(0.05) and p["alignment_se"] == pytest.approx(0.05)
+    assert p["fid_diff"] == pytest.approx(0.0) and p["fid_se"] == pytest.approx(10.0)
