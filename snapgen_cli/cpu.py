@@ -164,12 +164,23 @@ def describe_threads() -> str:
     return f"threads: {n} ({why}); {describe_wait()}"
 
 
-def close_process_group() -> None:
+def close_process_group(wait: bool = False) -> None:
     """Destroy torch.distributed's default process group, if one is up, when the process is done
     with it: the console entry point calls this on exit (``train`` leaves the group up for the
     stages after it). A gloo group left to the interpreter's teardown can abort a rank after its
-    work is done ("terminate called without an active exception", SIGABRT; seen once in a
-    2-process CPU FSDP run). Imports nothing: without torch loaded there is no group."""
+    work is done ("terminate called without an active exception", SIGABRT; seen twice in a
+    2-process CPU FSDP run, once after this function destroyed the group): gloo's worker threads
+    may still hold finished collectives' work objects, whose tensors are freed during interpreter
+    finalization. So, in this order: ``wait`` (on a normal exit; not after an error, when another
+    rank may never get there) waits until every rank is done with its collectives (a barrier),
+    then a garbage collection frees the models and optimizer states that ``train`` left in
+    reference cycles (FSDP's hold work objects) while the interpreter is whole, then the group
+    goes. Imports nothing: without torch loaded there is no group."""
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
+        if wait and dist.get_world_size() > 1:
+            dist.barrier()
+        import gc
+
+        gc.collect()
         dist.destroy_process_group()

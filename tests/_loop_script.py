@@ -165,7 +165,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    done = False
     try:
         main()
+        done = True
     finally:
-        close_process_group()  # as the console entry point does
+        close_process_group(wait=done)  # as the console entry point does

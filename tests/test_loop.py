@@ -736,5 +736,20 @@ def test_the_entry_point_closes_a_process_group_left_up(tmp_path):
     close_process_group()  # nothing up: a no-op
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     assert dist.is_initialized()
-    close_process_group()
+    close_process_group(wait=True)  # one rank: no barrier to wait at
     assert not dist.is_initialized()
+
+
+def test_the_entry_point_waits_for_the_other_ranks_only_after_a_success(monkeypatch):
+    """On exit 0 every rank reaches the barrier; after an error another rank may never get there,
+    so the group goes without waiting."""
+    import snapgen_cli.cpu
+    from snapgen_cli import cli
+
+    waits = []
+    monkeypatch.setattr(snapgen_cli.cpu, "close_process_group", lambda wait=False: waits.append(wait))
+    for argv, code in ((["--help"], 0), (["no-such-command"], 2)):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(argv)
+        assert exc.value.code == code
+    assert waits == [True, False]
