@@ -138,21 +138,24 @@ def paired_differences(rows: dict[str, list[dict]]) -> dict[str, dict]:
     error over seeds, and how many seeds got better (alignment up, FID lower)."""
     out = {}
     for name, runs in rows.items():
-        before = {r["seed"]: r for r in rows.get("before-" + name.split("/")[0].removeprefix("after-"), [])}
-        seeds = [r["seed"] for r in runs if r["seed"] in before] if name.startswith("after-") else []
-        if not seeds:
+        if not name.startswith("after-"):
             continue
-        after = {r["seed"]: r for r in runs}
-        da = [after[s]["alignment"] - before[s]["alignment"] for s in seeds]
-        df = [after[s]["fid"] - before[s]["fid"] for s in seeds]
-
-        def se(xs: list[float]) -> float:
-            return statistics.stdev(xs) / len(xs) ** 0.5 if len(xs) > 1 else 0.0
-
-        out[name] = dict(seeds=seeds, alignment_diff=statistics.mean(da), alignment_se=se(da),
-                         seeds_alignment_up=sum(d > 0 for d in da), fid_diff=statistics.mean(df), fid_se=se(df),
+        before = {r["seed"]: r for r in rows.get("before-" + name.split("/")[0].removeprefix("after-"), [])}
+        pairs = [(r, before[r["seed"]]) for r in runs if r["seed"] in before]
+        if not pairs:
+            continue
+        da = [a["alignment"] - b["alignment"] for a, b in pairs]
+        df = [a["fid"] - b["fid"] for a, b in pairs]
+        out[name] = dict(seeds=[a["seed"] for a, _ in pairs],
+                         alignment_diff=statistics.mean(da), alignment_se=_standard_error(da),
+                         seeds_alignment_up=sum(d > 0 for d in da),
+                         fid_diff=statistics.mean(df), fid_se=_standard_error(df),
                          seeds_fid_lower=sum(d < 0 for d in df))
     return out
+
+
+def _standard_error(xs: list[float]) -> float:
+    return statistics.stdev(xs) / len(xs) ** 0.5 if len(xs) > 1 else 0.0
 
 
 if __name__ == "__main__":

@@ -349,17 +349,16 @@ def main(argv=None) -> None:
     bounded_spin_wait()  # before anything imports torch (cpu.py)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    done = False
+    code = None  # stays None if something other than _main's exit propagates
     try:
-        _main(argv)
-        done = True
-    except SystemExit as exc:  # _main exits with its documented code, 0 on success
-        done = exc.code in (0, None)
+        _main(argv)  # always ends in sys.exit with the documented code, 0 on success
+    except SystemExit as exc:
+        code = exc.code
         raise
     finally:
         from .cpu import close_process_group
 
-        close_process_group(wait=done)  # a training stage under `accelerate launch` set one up
+        close_process_group(wait=code == 0)  # a training stage under `accelerate launch` set one up
 
 
 def _main(argv) -> None:
