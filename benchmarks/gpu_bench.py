@@ -1,6 +1,6 @@
 """SnapGen against SDXL on one GPU, side by side in one process (issue 17, "What to build" 3).
 
-    python benchmarks/gpu_bench.py                       # CUDA, the paper's sizes, ~8 min on an H200
+    python benchmarks/gpu_bench.py                       # CUDA, the paper's sizes, ~15 min on an H200
     python benchmarks/gpu_bench.py --device cpu --quick  # tiny models in seconds (tests/test_gpu_bench.py)
 
 Sections, in the order they run (each one's figures are written to the JSON as soon as it ends, so
@@ -24,8 +24,9 @@ error and the run goes on):
   Distillation with a teacher is not measured: SD3.5-Large's weights are not here (the row says so).
 * ``generate``: the shipped default of ``snapgen generate`` on this device (``--dtype auto
   --compile`` default: bf16 + ``torch.compile`` with CUDA graphs on CUDA, fp32 eager on a CPU):
-  28 steps with CFG 4.5 and 4 steps without, batches 16, 4, 1 (the goals' batch first); the first
-  call's time (compilation) is reported apart. Then the compiled UNet and decoder forward
+  28 steps with CFG 4.5 and 4 steps without, at the goals' batch (16) only, since every new shape
+  compiles anew (140-170 s each on an H200's host); the first call's time (compilation) is reported
+  apart. Then the compiled UNet and decoder forward
   latencies of ``forward`` again, with the ratios against SDXL's eager ones.
 * ``generate_eager``: ``snapgen generate``'s pipeline (``load_pipeline`` on a saved pipeline dir,
   as the CLI loads it) in bf16 without compilation, the same rows; and the 28-step rows with SD3's
@@ -92,9 +93,13 @@ SCALES = {
 }
 #: The SD3 VAE at CPU size for ``--quick`` (16 latent channels, f=8, as SD3's).
 SD3_VAE_TINY = dict(block_out_channels=[8, 8, 16, 16], layers_per_block=1, norm_num_groups=8)
-#: Rough seconds of each section on an H200 (full scale), for the budget; quick runs ignore it.
-COST_S = {"forward": 30, "sdxl": 80, "training": 90, "generate": 120, "generate_eager": 45, "profiles": 40,
-          "training_compiled": 150}
+#: Seconds of each section on an H200 (full scale), for the budget; quick runs ignore it. Measured
+#: 2026-12-04 (benchmarks/results/gpu_bench_h200*.json): forward 43, sdxl 69, training 63,
+#: generate_eager 99, two profiles 16; generate 329 with two compiled shapes, so ~450 with the three
+#: it now compiles (28 steps + CFG and 4 steps at batch 16, the UNet alone at batch 8); training_compiled
+#: (two static graphs) not yet measured. All sections: ~15 minutes, two device calls (gpu_bench.sh).
+COST_S = {"forward": 45, "sdxl": 70, "training": 65, "generate": 450, "generate_eager": 100, "profiles": 40,
+          "training_compiled": 300}
 SECTIONS = tuple(COST_S)
 GOALS = {"samples_per_s_28_cfg": 4.0, "vs_sdxl_28_cfg": 3.0, "images_per_s_4_steps_b16": 25.0,
          "unet_latency_ratio_b8": 3.5, "decoder_latency_ratio": 10.0, "training_mfu_1024": 0.35}
@@ -151,14 +156,14 @@ def save_snapgen_pipeline(root: Path, scale: dict) -> Path:
 
 
 def generation_rows(pipe, name: str, scale: dict, device: torch.device, only_cfg: bool = False,
-                    time_left=lambda: math.inf) -> list[dict]:
+                    time_left=lambda: math.inf, batches: tuple[int, ...] | None = None) -> list[dict]:
     """``pipe`` (a SnapGenPipeline or diffusers' SDXL pipeline) at ``scale``'s resolution: 28 steps
-    with CFG 4.5 and 4 steps without, each batch size (:func:`generation_row`); once ``time_left()``
-    is spent, the remaining rows are only listed as skipped."""
+    with CFG 4.5 and 4 steps without, each batch size (``batches``, default the scale's;
+    :func:`generation_row`); once ``time_left()`` is spent, the remaining rows are only listed as skipped."""
     runs = [(scale["steps"][0], 4.5)] + ([] if only_cfg else [(scale["steps"][1], 1.0)])
     rows = []
     for steps, guidance in runs:
-        for batch in scale["batches"]:
+        for batch in batches or scale["batches"]:
             if time_left() <= 0:
                 rows.append(dict(pipeline=name, steps=steps, guidance=guidance, batch=batch, skipped="budget"))
                 continue
@@ -246,14 +251,15 @@ def timed_forward(call, device, runs: int, cudagraphs: bool) -> dict:
                                                   ("latency_ms_p75", "p75"))}
 
 
-def forward_section(snap, sdxl_unet, sd3_vae, scale: dict, device, dt, state: dict, compiled: bool = False) -> dict:
-    """UNet and decoder forward latencies against SDXL's UNet and SD3's decoder (see module doc).
-    ``compiled``: ``snap`` is the shipped (compiled) pipeline; the baselines' eager figures come from
-    ``state`` (the eager section)."""
+def forward_section(snap, sdxl_unet, sd3_vae, scale: dict, device, dt, state: dict, compiled: bool = False,
+                    batches: tuple[int, ...] | None = None) -> dict:
+    """UNet and decoder forward latencies against SDXL's UNet and SD3's decoder (see module doc), at
+    ``batches`` (default the scale's ``forward_batches``). ``compiled``: ``snap`` is the shipped
+    (compiled) pipeline; the baselines' eager figures come from ``state`` (the eager section)."""
     lat, layout = scale["res"] // 8, snap.layout
     graphs = snap.speed_settings["compile_mode"] == "reduce-overhead"
     out: dict = dict(compiled=compiled, dtype=snap.speed_settings["dtype"], unet=[], decoder={})
-    for b in scale["forward_batches"]:
+    for b in batches or scale["forward_batches"]:
         x, t, cond = unet_inputs(snap.unet, b, lat, layout, device, snap.unet.dtype)
         row = dict(batch=b, snapgen=timed_forward(partial(denoiser.denoise, snap.unet, x, t, cond), device,
                                                   scale["forward_runs"], graphs))
@@ -476,13 +482,18 @@ class Run:
 
     def generate_shipped(self) -> dict:
         self.shipped = load_pipeline(self.pipe_dir, device=self.device, dtype="auto", compile=None)
-        rows = generation_rows(self.shipped, "snapgen", self.scale, self.device, time_left=self.row_time)
+        # Compiled, only the goals' batches: each new shape compiles anew (140-170 s a shape for the
+        # UNet on an H200's host, measured 2026-12-04), so every batch would not fit one device call.
+        compiled = self.shipped.speed_settings["compile"] and not self.args.quick
+        rows = generation_rows(self.shipped, "snapgen", self.scale, self.device, time_left=self.row_time,
+                               batches=(max(self.scale["batches"]),) if compiled else None)
         self.state["generate"] = rows
         out = dict(settings=self.shipped.speed_settings, rows=rows)
         if self.shipped.speed_settings["compile"] and "forward_eager" in self.state and self.row_time() > 0:
             with torch.no_grad():
                 out["forward_compiled"] = forward_section(self.shipped, None, None, self.scale, self.device, self.dt,
-                                                          self.state, compiled=True)
+                                                          self.state, compiled=True,
+                                                          batches=self.scale["forward_batches"][-1:])
         return out
 
     def training(self, compiled: bool = False) -> dict:
@@ -498,8 +509,8 @@ class Run:
             unet = build_unet(sc["unet"], **{**sc["unet_overrides"], **layout.unet_kwargs()})
             self.state["train_unet"] = unet.to(self.device)
         unet = self.state["train_unet"]
-        if compiled:
-            compile_module(unet)
+        if compiled:  # one static graph per resolution (compile_module's note)
+            compile_module(unet, dynamic=False)
         peak = self.args.peak_tflops * 1e12 if self.args.peak_tflops else None
         rows = training_rows(unet, self.state["layout"], sc, self.device, compiled, peak)
         self.state["training_compiled" if compiled else "training"] = rows

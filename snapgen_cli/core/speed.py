@@ -80,12 +80,14 @@ def compile_cache_dir() -> Path:
     return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
 
 
-def compile_module(module: nn.Module, mode: str | None = None) -> nn.Module:
-    """``module.compile(mode=mode)`` in place (its class, attributes and state dict keys stay),
-    with inductor's caches in :func:`compile_cache_dir`. Compilation itself happens at the first
-    call, once per input shape (a second shape compiles a version with a dynamic batch size)."""
+def compile_module(module: nn.Module, mode: str | None = None, dynamic: bool | None = None) -> nn.Module:
+    """``module.compile(mode=mode, dynamic=dynamic)`` in place (its class, attributes and state dict
+    keys stay), with inductor's caches in :func:`compile_cache_dir`. Compilation itself happens at the
+    first call, once per input shape: by default a second shape compiles a version with dynamic sizes;
+    ``dynamic=False`` compiles each shape on its own (inductor's dynamic-shape path fails on the UNet's
+    training step at a second resolution: "cannot determine truth value of Relational", torch 2.14)."""
     compile_cache_dir()
-    module.compile(mode=mode)
+    module.compile(mode=mode, dynamic=dynamic)
     return module
 
 
