@@ -5,9 +5,10 @@ import pytest
 import torch
 from torch import nn
 
-from snapgen_cli.core import text
+from snapgen_cli.core import denoiser, text
 from snapgen_cli.core.teacher import (
     PUBLISHED_PARAMS,
+    JointAttnProcessor,
     build_teacher,
     check_teacher,
     count_teacher_params,
@@ -17,6 +18,7 @@ from snapgen_cli.core.teacher import (
     teacher_config,
     teacher_forward,
     teacher_head,
+    use_joint_attn_processor,
 )
 from snapgen_cli.errors import ConfigError
 
@@ -188,3 +190,40 @@ def test_teacher_gets_no_gradients():
     (v_g.square().mean() + f_g.square().mean()).backward()
     assert xg.grad is not None and xg.grad.abs().sum() > 0
     assert all(p.grad is None for p in teacher.parameters())
+
+
+@pytest.mark.parametrize("dual", [(), (0,)], ids=["mmdit", "mmdit-x"])
+def test_joint_attn_processor_is_diffusers_function(dual, tmp_path):
+    """The teacher's attention processor (QK norms before the head transpose, the fused RMSNorm
+    backward on the CPU) computes diffusers' JointAttnProcessor2_0: the same forward bits, with
+    and without autograd, and the same gradients up to float rounding; the builders install it."""
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    torch.manual_seed(0)
+    ref = build_teacher("tiny", dual_attention_layers=dual, num_layers=2)
+    assert all(isinstance(p, JointAttnProcessor2_0) for p in ref.attn_processors.values())
+    ours = use_joint_attn_processor(build_teacher("tiny", dual_attention_layers=dual, num_layers=2))
+    ours.load_state_dict(ref.state_dict())
+    assert {type(p) for p in ours.attn_processors.values()} == {JointAttnProcessor}
+    x, t, ctx, pooled = _inputs()
+
+    def run(model):
+        return model(hidden_states=x, timestep=t, encoder_hidden_states=ctx, pooled_projections=pooled,
+                     return_dict=False)[0]
+
+    with torch.no_grad():
+        assert torch.equal(run(ours), run(ref))
+    out_ours, out_ref = run(ours), run(ref)
+    assert torch.equal(out_ours, out_ref)
+    (out_ours * out_ref.detach()).sum().backward()
+    (out_ref * out_ref.detach()).sum().backward()
+    for (name, a), b in zip(ours.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
+    norm_grads = [b.grad for name, b in ref.named_parameters() if "norm_q" in name or "norm_added_k" in name]
+    assert norm_grads and all(g.abs().sum() > 0 for g in norm_grads)  # the QK norms are on the checked path
+    # installed wherever a DiT is built or loaded
+    assert {type(p) for p in denoiser.build(dict(ref.config)).attn_processors.values()} == {JointAttnProcessor}
+    ref.save_pretrained(tmp_path / "dit")
+    assert {type(p) for p in denoiser.load(tmp_path / "dit").attn_processors.values()} == {JointAttnProcessor}
+    assert {type(p) for p in load_teacher(tmp_path / "dit", subfolder=None).attn_processors.values()} == {
+        JointAttnProcessor}

@@ -185,17 +185,24 @@ class _RMSNormFunction(torch.autograd.Function):
         return grad_x, grad_w, None
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float | None, norm: nn.Module) -> torch.Tensor:
+    """RMSNorm over the last dim: :class:`_RMSNormFunction` on the CPU training path (grad
+    enabled, float32/64 input of the weight's dtype), else ``norm(x)`` -- the module itself
+    (inference, other devices, whose kernels are fused, float16/bfloat16)."""
+    if (torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and weight is not None and eps is not None and x.dtype == weight.dtype):
+        return _RMSNormFunction.apply(x, weight, eps)
+    return norm(x)
+
+
 class RMSNorm(nn.RMSNorm):
     """``nn.RMSNorm`` over the last dim (same parameters and state dict) whose CPU training
-    path uses :class:`_RMSNormFunction`'s fused backward; inference, other devices (CUDA has
-    its own fused kernels) and float16/bfloat16 inputs run ``nn.RMSNorm`` itself."""
+    path uses :class:`_RMSNormFunction`'s fused backward (:func:`rms_norm`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-                and self.weight is not None and len(self.normalized_shape) == 1 and self.eps is not None
-                and x.dtype == self.weight.dtype):
-            return _RMSNormFunction.apply(x, self.weight, self.eps)
-        return super().forward(x)
+        if len(self.normalized_shape) != 1:
+            return super().forward(x)
+        return rms_norm(x, self.weight, self.eps, super().forward)
 
 
 def _training_kernels(module: nn.Module) -> bool:

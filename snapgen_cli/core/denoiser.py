@@ -24,7 +24,7 @@ import torch
 from diffusers import SD3Transformer2DModel
 
 from ..errors import ConfigError
-from .teacher import TEACHER_PRESETS, data_overrides, teacher_config, teacher_forward
+from .teacher import TEACHER_PRESETS, data_overrides, teacher_config, teacher_forward, use_joint_attn_processor
 from .unet import UNET_PRESETS, SnapGenUNet, unet_config
 
 #: Model names of the DiT presets (the teacher registry's, ``tiny`` renamed apart from the UNet's).
@@ -60,9 +60,10 @@ def build(config: dict) -> SnapGenUNet | SD3Transformer2DModel:
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     cls = SD3Transformer2DModel if is_dit(config) else SnapGenUNet
     try:
-        return cls(**config)
+        model = cls(**config)
     except TypeError as exc:
         raise ConfigError(f"model_overrides: {exc}") from None
+    return use_joint_attn_processor(model) if cls is SD3Transformer2DModel else model
 
 
 def saved_config(path) -> dict:
@@ -72,7 +73,9 @@ def saved_config(path) -> dict:
 
 def load(path) -> SnapGenUNet | SD3Transformer2DModel:
     """A saved denoiser (``save_pretrained`` dir), whichever class its ``config.json`` names."""
-    return (SD3Transformer2DModel if is_dit(saved_config(path)) else SnapGenUNet).from_pretrained(path)
+    if is_dit(saved_config(path)):
+        return use_joint_attn_processor(SD3Transformer2DModel.from_pretrained(path))
+    return SnapGenUNet.from_pretrained(path)
 
 
 def text_dims(config) -> dict[str, int]:
