@@ -243,8 +243,9 @@ class JointAttnProcessor:
 
 
 def use_joint_attn_processor(model: torch.nn.Module) -> torch.nn.Module:
-    """Every ``JointAttnProcessor2_0`` of an SD3 DiT replaced by :class:`JointAttnProcessor`,
-    in place (MMDiT-X's image-only second attention keeps its own processor); returns the model."""
+    """Every ``JointAttnProcessor2_0`` of an SD3 DiT replaced by :class:`JointAttnProcessor`, in
+    place, MMDiT-X's image-only second attention included (diffusers runs it with the same processor,
+    without text tokens: plain self-attention); returns the model."""
     from diffusers.models.attention_processor import JointAttnProcessor2_0
 
     processors = model.attn_processors
