@@ -23,8 +23,9 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
+from pydantic import Field
 from rich.console import Console
 
 from ..config import StageConfig
@@ -100,6 +101,16 @@ def seeded(cfg: C, ctx: StageContext) -> C:
         cfg = cfg.model_copy(update={"seed": ctx.seed})
     set_seed(cfg.seed)
     return cfg
+
+
+#: The sampler settings of the stages that sample (``generate``, ``eval``), described once.
+Steps = Annotated[int | None, Field(gt=0, description="sampling steps (default: the pipeline's: 28, or the 4/8 it "
+                                                        "was step-distilled for)")]
+CfgScale = Annotated[float | None, Field(gt=0, description="classifier-free guidance scale, 1: none (default: the "
+                                                           "pipeline's: 4.5, or 1 after step distillation)")]
+CfgEnd = Annotated[float | None, Field(gt=0, description="varied CFG: ramp the scale to this value (sup. H)")]
+CfgInterval = Annotated[tuple[int, int] | None, Field(description="guide only in sampling steps [start, end)")]
+ImageSize = Annotated[int | None, Field(gt=0, description="image size in pixels (default: the training resolution)")]
 
 
 def sampler_defaults(cfg: StageConfig, pipe) -> StageConfig:

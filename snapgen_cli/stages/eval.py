@@ -79,7 +79,7 @@ from ..data.shapes import EVAL_PROMPT_SEED
 from ..errors import ConfigError
 from ..eval.metrics import InceptionRuntime
 from ..files import atomic_write_json, atomic_write_text
-from .base import PlanItem, StageContext, sampler_defaults
+from .base import CfgEnd, CfgInterval, CfgScale, ImageSize, PlanItem, StageContext, Steps, sampler_defaults
 
 METRICS = ("alignment", "fid", "clip", "recon", "image_reward", "geneval", "dpg")
 PROMPT_SET_METRICS = ("fid", "clip", "image_reward")  # scored on the prompt set
@@ -135,15 +135,13 @@ class Config(InferenceSpeed):
     image_reward: str = Field("ImageReward-v1.0", description="image_reward: ImageReward.pt path, or the hub "
                                                                "name (downloads)")
     image_reward_med_config: str | None = Field(None, description="image_reward: its med_config.json (offline)")
-    steps: int | None = Field(None, gt=0, description="sampling steps (default: the pipeline's: 28, or the 4/8 "
-                                                       "it was step-distilled for)")
-    guidance: float | None = Field(None, gt=0, description="classifier-free guidance scale, 1: none (default: the "
-                                                           "pipeline's: 4.5, or 1 after step distillation)")
-    guidance_end: float | None = Field(None, gt=0, description="varied CFG: ramp the scale to this value (sup. H)")
-    guidance_interval: tuple[int, int] | None = Field(None, description="guide only in sampling steps [start, end)")
+    steps: Steps = None
+    guidance: CfgScale = None
+    guidance_end: CfgEnd = None
+    guidance_interval: CfgInterval = None
     shift: float | None = Field(None, gt=0, description="flow time shift (default: the pipeline's, paper: 3)")
     seed: int = Field(0, ge=0, description="image i of a set uses seed + i (benchmarks: sample j uses seed + j)")
-    size: int | None = Field(None, gt=0, description="image size in pixels (default: the training resolution)")
+    size: ImageSize = None
     batch_size: int = Field(8, gt=0)
     encoders: list[str] | None = Field(None, description="use only these text encoders (others dropped)")
     device: str = "cpu"

@@ -29,7 +29,7 @@ from ..core.flow import Guidance
 from ..core.speed import InferenceSpeed
 from ..errors import ConfigError
 from ..files import atomic_write_text
-from .base import PlanItem, StageContext, sampler_defaults
+from .base import CfgEnd, CfgInterval, CfgScale, ImageSize, PlanItem, StageContext, Steps, sampler_defaults
 
 
 class Config(InferenceSpeed):
@@ -37,14 +37,12 @@ class Config(InferenceSpeed):
                                                       "stage", json_schema_extra=UNSET_IS_PREVIOUS)
     prompts: list[str] = Field(default_factory=list)
     prompt_file: str | None = Field(None, description="a text file, one prompt per line")
-    steps: int | None = Field(None, gt=0, description="sampling steps (default: the pipeline's: 28, or the 4/8 "
-                                                       "it was step-distilled for)")
-    guidance: float | None = Field(None, gt=0, description="classifier-free guidance scale, 1: none (default: the "
-                                                           "pipeline's: 4.5, or 1 after step distillation)")
-    guidance_end: float | None = Field(None, gt=0, description="varied CFG: ramp the scale to this value (sup. H)")
-    guidance_interval: tuple[int, int] | None = Field(None, description="guide only in sampling steps [start, end)")
+    steps: Steps = None
+    guidance: CfgScale = None
+    guidance_end: CfgEnd = None
+    guidance_interval: CfgInterval = None
     seed: int = Field(0, ge=0)
-    size: int | None = Field(None, gt=0, description="image size in pixels (default: the training resolution)")
+    size: ImageSize = None
     batch_size: int = Field(4, gt=0)
     images_per_prompt: int = Field(1, gt=0)
     encoders: list[str] | None = Field(None, description="use only these text encoders (others dropped)")
