@@ -111,6 +111,7 @@ from diffusers import SD3Transformer2DModel
 
 from ..errors import ConfigError
 from ..files import model_location
+from .blocks import rms_norm
 from .presets import preset_config
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -217,8 +218,6 @@ class JointAttnProcessor:
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, *args, **kwargs):
-        from .blocks import rms_norm
-
         tokens = hidden_states.shape[1]
 
         def project(x, to_q, to_k, to_v, norm_q, norm_k):
