@@ -1,6 +1,6 @@
 """SnapGen against SDXL on one GPU, side by side in one process (issue 17, "What to build" 3).
 
-    python benchmarks/gpu_bench.py                       # CUDA, the paper's sizes, ~15 min on an H200
+    python benchmarks/gpu_bench.py                       # CUDA, the paper's sizes, ~18 min on an H200
     python benchmarks/gpu_bench.py --device cpu --quick  # tiny models in seconds (tests/test_gpu_bench.py)
 
 Sections, in the order they run (each one's figures are written to the JSON as soon as it ends, so
@@ -97,7 +97,8 @@ SD3_VAE_TINY = dict(block_out_channels=[8, 8, 16, 16], layers_per_block=1, norm_
 #: 2026-12-04 (benchmarks/results/gpu_bench_h200*.json): forward 43, sdxl 69, training 63,
 #: generate_eager 99, two profiles 16; generate 329 with two compiled shapes, so ~450 with the three
 #: it now compiles (28 steps + CFG and 4 steps at batch 16, the UNet alone at batch 8); training_compiled
-#: (two static graphs) not yet measured. All sections: ~15 minutes, two device calls (gpu_bench.sh).
+#: (two static graphs) not yet measured. All sections: ~18 minutes (their sum), more than one device call
+#: (gpu_bench.sh).
 COST_S = {"forward": 45, "sdxl": 70, "training": 65, "generate": 450, "generate_eager": 100, "profiles": 40,
           "training_compiled": 300}
 SECTIONS = tuple(COST_S)

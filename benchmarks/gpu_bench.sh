@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Issue 17's GPU check (benchmarks/gpu_bench.py on one GPU). All sections take ~17 minutes on an H200
-# (gpu_bench.py's COST_S), more than one device call (10 minutes) or a session's device time (15), so
+# Issue 17's GPU check (benchmarks/gpu_bench.py on one GPU). All sections take ~18 minutes on an H200
+# (the sum of gpu_bench.py's COST_S), more than one device call (10 minutes) or a session's device time (15), so
 # a call runs the sections its session needs (SECTIONS). The first figures (2026-12-04) are in
 # benchmarks/results/gpu_bench_h200*.json; what they lack (the compiled rows at batch 16 with the
 # compiled UNet and decoder latencies, and the profiles behind the goals they miss) is one call:
