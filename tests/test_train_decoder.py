@@ -146,6 +146,48 @@ def test_resume_repeats_the_uninterrupted_run_with_lpips_and_adversarial_terms(d
     assert summary["eval"]["tiny_decoder"]["lpips"] > 0 and "lpips" in summary["eval"]["vae_decoder"]
 
 
+def test_two_processes_train_one_run_with_the_global_batch(photos, tmp_path):
+    """A real 2-process CPU ``accelerate launch`` of ``snapgen train-decoder`` x batch 2 is one run of global
+    batch 4: the 1-process run's losses and weights. Before ``loop.process_state`` the stage's own
+    ``PartialState()`` (no ``cpu=True``) took the launch for two independent processes: each trained alone at
+    batch 2 and half the lr into the same folder (every step twice in ``losses.jsonl``)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import launch_argv
+
+    common = dict(mode="autoencoder", steps=3, lr_reference_batch=4, eval_images=None)
+    one = tmp_path / "one"
+    run(_cfg(photos, batch_size=4, **common), StageContext(one))
+    two = tmp_path / "two"
+    argv = [*launch_argv(), "-m", "snapgen_cli", "train-decoder", "--out", str(two), "--threads", "1",
+            "--mode", "autoencoder", "--data", str(photos[0]), "--patch-size", "32", "--steps", "3",
+            "--batch-size", "2", "--lr", "2e-3", "--lr-reference-batch", "4", "--lpips-weight", "0",
+            "--adv-start-step", str(10**6), "--ema-decay", "0.9", "--checkpoint-every", str(10**6),
+            "--sample-every", "0", "--tracker", "none"]
+    res = subprocess.run(argv, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                         timeout=300, cwd=Path(__file__).parents[1])
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((two / "train_summary.json").read_text())
+    assert (summary["num_processes"], summary["global_batch"]) == (2, 4), sys.executable
+    la, lb = _losses(one), _losses(two)
+    assert [r["step"] for r in lb] == [1, 2, 3]
+    # gloo sums the two halves' gradients in another order than one batch's backward: float32 rounding,
+    # which Adam's normalisation carries into the next steps (1e-4: about 1000 float32 epsilons)
+    for ra, rb in zip(la, lb, strict=True):
+        assert ra.keys() == rb.keys()
+        for k in ra:
+            assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-6), (ra["step"], k)
+    wa, wb = load_file(one / "model" / "diffusion_pytorch_model.safetensors"), \
+        load_file(two / "model" / "diffusion_pytorch_model.safetensors")
+    assert wa.keys() == wb.keys()
+    # Adam moves a weight by about lr a step whatever its gradient's size, so an element whose gradient is
+    # within rounding of zero may go either way: nearly all elements agree, none by more than 3 steps' lr
+    diff = torch.cat([(wb[k] - wa[k]).abs().flatten() for k in wa])
+    assert float((diff <= 1e-5).float().mean()) >= 0.999 and float(diff.max()) <= 3 * 2e-3
+
+
 def test_no_discriminator_step_before_adv_start_step(demo, photos, tmp_path):
     torch.manual_seed(0)
     data = ImageDataset(open_source(str(photos[0]), caption_column=None), min_side=32)

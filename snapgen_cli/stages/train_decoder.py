@@ -46,7 +46,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from accelerate import PartialState
 from pydantic import Field, PositiveFloat, field_validator
 
 from ..config import PREVIOUS_OR_PATH
@@ -63,7 +62,7 @@ from ..eval.metrics import list_images
 from ..files import atomic_write_json, find_model_dir
 from ..train.decoder_task import (AutoencoderTask, ImageDataset, TinyDecoderTask, build_autoencoder,
                                   evaluate_decoder, latent_statistics, load_patches, random_patches)
-from ..train.loop import LoopConfig, sample_generators, save_module, train
+from ..train.loop import LoopConfig, process_state, sample_generators, save_module, train
 from .base import PlanItem, StageContext, seeded, vae_config
 
 SD3_VAE, SD3_VAE_SUBFOLDER = SD3_VAE_HUB
@@ -264,7 +263,7 @@ def _set_latent_statistics(cfg: Config, data: ImageDataset, out_dir: Path) -> di
                                       sample_generators(cfg.seed, 0, range(k * b, (k + 1) * b))))
     factors = {}
     for sub in ("model_ema", "model"):
-        ae = AutoencoderKL.from_pretrained(out_dir / sub).to(PartialState().device).eval()
+        ae = AutoencoderKL.from_pretrained(out_dir / sub).to(process_state().device).eval()
         shift, scale = latent_statistics(ae, batches)
         ae.register_to_config(shift_factor=shift, scaling_factor=scale)
         save_module(ae, out_dir / sub)
@@ -285,7 +284,7 @@ def _evaluate(cfg: Config, model: torch.nn.Module, vae, out_dir: Path, name: str
 
 def run(cfg: Config, ctx: StageContext) -> dict:
     out = Path(ctx.out_dir)
-    state = PartialState()
+    state = process_state()
     cfg = seeded(cfg, ctx)  # model initialisation follows the run's seed
     data = _dataset(cfg)
     objective = _objective(cfg)  # fails early (clear ConfigError) when LPIPS weights are missing
@@ -316,7 +315,7 @@ def run(cfg: Config, ctx: StageContext) -> dict:
 def _eval_saved(cfg: Config, out: Path, vae) -> dict[str, Any]:
     from diffusers import AutoencoderKL
 
-    device = PartialState().device
+    device = process_state().device
     if cfg.mode == "autoencoder":
         ae = AutoencoderKL.from_pretrained(out / "model_ema").to(device).eval()
         return _evaluate(cfg, ae, ae, out, "autoencoder")

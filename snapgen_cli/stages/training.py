@@ -15,7 +15,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
 
 from ..core import denoiser
 from ..core.measure import count_params
@@ -23,7 +22,7 @@ from ..core.text import TextLayout, parse_specs
 from ..data.shards import MANIFEST, encoder_specs, read_manifest
 from ..errors import ConfigError
 from ..train.diffusion import DiffusionConfig, DiffusionTask, init_unet_dir
-from ..train.loop import train
+from ..train.loop import process_state, train
 from .base import PlanItem, StageContext, seeded
 
 
@@ -99,7 +98,7 @@ def run_training(cfg: DiffusionConfig, ctx: StageContext, task_cls: type[Diffusi
     cfg = seeded(cfg, ctx)  # the UNet's initial weights follow the run's seed
     task = task_cls(cfg, data, init, ctx.console)
     summary = train(task, cfg, ctx.out_dir, resume=cfg.resume, console=ctx.console)
-    state = PartialState()
+    state = process_state()
     if state.is_main_process:
         task.save_pipeline(ctx.out_dir)
     state.wait_for_everyone()

@@ -140,7 +140,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.models.modeling_utils import ModelMixin
@@ -642,6 +642,18 @@ def _tracker_config(cfg: LoopConfig) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------
 # The loop.
+
+
+def process_state() -> PartialState:
+    """This process's place in a launch (``accelerate launch``, ``torchrun``) as :func:`train` sees it.
+
+    ``PartialState`` is one state per process, fixed by whichever call comes first. On a machine
+    without an accelerator, ``PartialState()`` (no ``cpu=True``) takes a launch of P processes for
+    P independent single processes, and :func:`train`'s ``Accelerator(cpu=True)`` then inherits
+    that: each process trained alone on its own slice, at 1/P of the global batch and lr, and all
+    wrote the same outputs. So every stage asks through here, with :func:`train`'s ``cpu`` flag.
+    """
+    return PartialState(cpu=not torch.accelerator.is_available())
 
 
 def train(task: TrainTask, cfg: LoopConfig, out_dir: str | Path, resume: Literal["auto"] | str | Path | None = "auto",
@@ -1163,4 +1175,4 @@ class _Run:
 
 
 __all__ = ["GlobalBatchSampler", "LoopConfig", "StepContext", "TrainTask", "complete_checkpoints", "ema_weights",
-           "sample_generators", "save_module", "shard_ranges", "train"]
+           "process_state", "sample_generators", "save_module", "shard_ranges", "train"]
