@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import re
 import shutil
 import time
@@ -38,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .config import PREVIOUS_OR_PATH, RUNTIME_KEYS, UNSET_IS_PREVIOUS
 from .errors import ConfigError
 from .files import atomic_write_json
-from .stages.base import PlanItem, StageContext, run_stage
+from .stages.base import PlanItem, StageContext, is_main_process, launched_processes, run_stage, wait_for_everyone
 
 #: Stage kinds and the modules that implement them (imported lazily).
 STAGE_KINDS: dict[str, str] = {
@@ -403,7 +402,9 @@ def run_one_stage(module_name: str, kind: str, recorded: dict, cfg, ctx: StageCo
     t0 = time.perf_counter()
     summary = run_stage(importlib.import_module(module_name), cfg, ctx)
     record = dict(summary=summary, wall_s=round(time.perf_counter() - t0, 3), kind=kind, config=recorded)
-    atomic_write_json(ctx.out_dir / DONE_MARKER, record)
+    if is_main_process():  # under a distributed launch: the main process's record, once
+        atomic_write_json(ctx.out_dir / DONE_MARKER, record)
+    wait_for_everyone()
     return record
 
 
@@ -416,8 +417,8 @@ def run_recipe(recipe: Recipe, run_dir: Path, stages: list[Stage], console, fres
     (``schedule.py``); 1 runs them in order in this process."""
     check_done_stages([s for s in recipe.stages if not (fresh and s in stages)], run_dir)
     jobs = jobs or recipe.run.jobs
-    world = os.environ.get("WORLD_SIZE", "1")
-    if jobs > 1 and world.isdigit() and int(world) > 1:  # every rank would start its own workers
+    world = launched_processes()
+    if jobs > 1 and world > 1:  # every rank would start its own workers
         raise ConfigError(f"jobs = {jobs}: this is one of {world} processes of a distributed launch (WORLD_SIZE); "
                           "stages run side by side only in a single-process `snapgen run`: use --jobs 1 here")
     contexts = {st.name: _context(recipe, st, run_dir, False, console) for st in stages}
@@ -428,9 +429,10 @@ def run_recipe(recipe: Recipe, run_dir: Path, stages: list[Stage], console, fres
         if marker.is_file() and not fresh:
             console.print(f"[dim][{n}/{len(stages)}] {st.name}: done already, skipped[/dim]")
             continue
-        if fresh:  # start over: the stage's old outputs and checkpoints go
+        if fresh and is_main_process():  # start over: the stage's old outputs and checkpoints go
             remove_stage_dir(contexts[st.name].out_dir, run_dir)
         todo.append(st)
+    wait_for_everyone()
     if jobs > 1 and len(todo) > 1:
         from .schedule import run_parallel
 
@@ -457,6 +459,8 @@ def run_recipe(recipe: Recipe, run_dir: Path, stages: list[Stage], console, fres
             results.append(reported[-1])
         commands[st.name] = standalone_command(st.kind, configs[st.name], run_dir / st.name)
     elapsed = time.perf_counter() - t_run if todo else None
+    if not is_main_process():
+        return results
     report = write_run_report(run_dir, recipe.run.name, reported, commands, elapsed_s=elapsed, jobs=jobs)
     console.print(f"[bold]report:[/bold] {run_dir / 'report.md'} (stages {report['total_wall_s']:.1f} s"
                   + (f", elapsed {elapsed:.1f} s for {len(todo)} with {jobs} jobs)" if elapsed and jobs > 1 else ")"))

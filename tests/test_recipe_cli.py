@@ -317,3 +317,109 @@ def test_report_command_round_trips_nested_specs(tmp_path, run_cli):
     code, out, err = run_cli(*argv[1:], "--dry-run", "--json")
     assert code == 0, err
     assert precompute.Config.model_validate(json.loads(out)["config"]) == cfg
+
+
+DISTRIBUTED = """
+[run]
+name = "dist"
+out_dir = "{out}"
+jobs = 1
+
+[[stages]]
+name = "data"
+kind = "shapes-data"
+resolution = 64
+n_captioned = 64
+n_classes = 40
+n_holdout = 8
+
+[[stages]]
+name = "autoencoder"
+kind = "train-decoder"
+mode = "autoencoder"
+data = "@data/captioned"
+autoencoder_overrides = {{latent_channels = 4}}
+patch_size = 32
+eval_resolution = 64
+eval_images = "@data/holdout"
+steps = 3
+batch_size = 4
+lr_reference_batch = 8
+lpips_weight = 0.0
+tracker = "none"
+
+[[stages]]
+name = "precompute"
+kind = "precompute"
+source = "@data/captioned"
+resolutions = [64]
+vae = "@autoencoder/model_ema"
+vae_subfolder = "none"
+encoders = "minilm"
+text_max_length = 16
+dtype = "fp32"
+batch_size = 16
+
+[[stages]]
+name = "finetune"
+kind = "finetune"
+data = "@precompute"
+init_from = "none"
+model = "tiny"
+resolution = 64
+steps = 2
+batch_size = 4
+lr_reference_batch = 8
+tracker = "none"
+
+[[stages]]
+name = "eval"
+kind = "eval"
+checkpoint = "@finetune"
+metrics = ["alignment"]
+alignment_n = 16
+steps = 2
+batch_size = 8
+"""
+
+
+def test_a_recipe_runs_whole_under_a_two_process_launch(tmp_path):
+    """``accelerate launch`` (2 CPU processes) of ``snapgen run RECIPE``: the training stages and precompute run in
+    both processes (one global batch), the others (data, eval) in the main process alone, each output written
+    once. Before: both processes built the data folder ("Directory not empty"), and train-decoder's held-out
+    PSNR (torchmetrics, which gathers every process's states) hung the main process's evaluation. A re-run with
+    ``--fresh --from`` deletes the stages' old outputs once."""
+    import os
+    import signal
+    import subprocess
+
+    from conftest import launch_argv
+
+    p = _recipe(tmp_path, DISTRIBUTED)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def launch(*args):
+        proc = subprocess.Popen([*launch_argv(), "-m", "snapgen_cli", "run", str(p), "--json", *args], env=env,
+                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        try:
+            stdout, stderr = proc.communicate(timeout=240)
+        except subprocess.TimeoutExpired:  # a hung collective: the launcher and both workers go
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+        assert proc.returncode == 0, stderr[-3000:]
+        return [json.loads(line) for line in stdout.splitlines()]  # rank 0 alone prints
+
+    (out,) = launch()
+    assert [(s["stage"], s["skipped"]) for s in out["stages"]] == [
+        ("data", False), ("autoencoder", False), ("precompute", False), ("finetune", False), ("eval", False)]
+    summaries = {s["stage"]: s["summary"] for s in out["stages"]}
+    for stage in ("autoencoder", "finetune"):
+        assert (summaries[stage]["num_processes"], summaries[stage]["global_batch"]) == (2, 8), stage
+    assert summaries["autoencoder"]["eval"]["autoencoder"]["psnr"] > 0
+    run = tmp_path / "run"
+    assert len(list((run / "data" / "captioned").rglob("*.png"))) == 64
+    assert (run / "eval" / "eval_report.json").is_file() and (run / "report.md").is_file()
+    (again,) = launch("--fresh", "--from", "finetune")
+    assert [(s["stage"], s["skipped"]) for s in again["stages"]] == [("finetune", False), ("eval", False)]

@@ -527,7 +527,7 @@ def clip_score(images: Sequence[Image.Image | Tensor], prompts: Sequence[str], m
         raise ConfigError(f"clip score: need as many prompts as images (>0), got {len(images)} images, "
                           f"{len(prompts)} prompts")
     clip, processor = model if isinstance(model, tuple) else load_clip(model)
-    metric = CLIPScore(model_name_or_path=lambda: (_CLIPFeatures(clip), processor)).to(device)
+    metric = CLIPScore(model_name_or_path=lambda: (_CLIPFeatures(clip), processor), sync_on_compute=False).to(device)
     for i in range(0, len(images), batch_size):
         batch = [to_uint8_chw(im).to(device) for im in images[i:i + batch_size]]
         metric.update(batch, list(prompts[i:i + batch_size]))
@@ -562,9 +562,13 @@ class ReconstructionMetrics:
                  lpips_off: str = "lpips = false"):
         from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
+        # These figures are of the images this process is given: torchmetrics would otherwise gather
+        # every process's states in compute(), and hang when (as train-decoder's evaluation) only the
+        # main process of a distributed launch computes them.
         self.metrics: dict[str, nn.Module] = {
-            "psnr": PeakSignalNoiseRatio(data_range=1.0, reduction="elementwise_mean", dim=(1, 2, 3)),
-            "ssim": StructuralSimilarityIndexMeasure(data_range=1.0),
+            "psnr": PeakSignalNoiseRatio(data_range=1.0, reduction="elementwise_mean", dim=(1, 2, 3),
+                                         sync_on_compute=False),
+            "ssim": StructuralSimilarityIndexMeasure(data_range=1.0, sync_on_compute=False),
         }
         if lpips:
             self.metrics["lpips"] = _MeanLPIPS(lpips_net, lpips_off)

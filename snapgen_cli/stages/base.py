@@ -13,13 +13,17 @@ A stage module exposes:
 * ``run(cfg, ctx) -> dict`` -- do the work, write into ``ctx.out_dir``, return a JSON-able
   summary (it is stored in the stage's done-marker and printed with ``--json``);
 * optionally ``RESULT_FILE`` -- the file in ``ctx.out_dir`` that holds the result: the
-  subcommand prints its path instead of the output dir's.
+  subcommand prints its path instead of the output dir's;
+* optionally ``EVERY_PROCESS = True`` -- the stage splits its work among the processes of a
+  distributed launch (``accelerate launch``, ``torchrun``): the training stages and precompute.
+  Any other stage runs in the main process only, the others waiting for it (:func:`run_stage`).
 
 Stage functions know nothing about Click; ``cli.py`` turns flags into a ``Config``.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,10 +89,46 @@ class PlanItem:
     provides: dict = field(default_factory=dict)
 
 
+def launched_processes() -> int:
+    """How many processes a distributed launch (``accelerate launch``, ``torchrun``) started: ``WORLD_SIZE``."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    return int(world) if world.isdigit() and int(world) > 0 else 1
+
+
+def is_main_process() -> bool:
+    """Whether this is the main process of a distributed launch (or no launch: always)."""
+    if launched_processes() == 1:
+        return True
+    from ..train.loop import process_state
+
+    return process_state().is_main_process
+
+
+def wait_for_everyone() -> None:
+    """A barrier across the processes of a distributed launch (nothing without one)."""
+    if launched_processes() > 1:
+        from ..train.loop import process_state
+
+        process_state().wait_for_everyone()
+
+
 def run_stage(module, cfg, ctx: StageContext) -> dict:
-    """``module.run(cfg, ctx)`` with the stage's CPU threads (``cfg.threads``, see ``cpu.py``)."""
+    """``module.run(cfg, ctx)`` with the stage's CPU threads (``cfg.threads``, see ``cpu.py``).
+
+    Under a distributed launch only a stage whose module sets ``EVERY_PROCESS = True`` runs in
+    every process: the training stages and precompute, which split their work among them. Any
+    other stage (data, eval, generate, export, bench-device) runs in the main process alone while
+    the others wait for its summary, which every process returns. So ``accelerate launch ...
+    snapgen run RECIPE --jobs 1`` runs a whole recipe, and no two processes write one output (two
+    ranks building the same data folder failed with "Directory not empty")."""
     with stage_threads(cfg.threads):
-        return module.run(cfg, ctx)
+        if getattr(module, "EVERY_PROCESS", False) or launched_processes() == 1:
+            return module.run(cfg, ctx)
+        import torch.distributed as dist
+
+        summary = [module.run(cfg, ctx) if is_main_process() else None]
+        dist.broadcast_object_list(summary, src=0)  # the other processes wait here
+        return summary[0]
 
 
 def seeded(cfg: C, ctx: StageContext) -> C:

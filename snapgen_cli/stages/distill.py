@@ -40,6 +40,10 @@ HUB_PRESETS = {"stabilityai/stable-diffusion-3.5-large": "sd35-large",
                "stabilityai/stable-diffusion-3.5-medium": "sd35-medium"}
 
 
+#: Runs in every process of a distributed launch (the loop splits each global batch; stages/base.py).
+EVERY_PROCESS = True
+
+
 class Config(DistillConfig):
     init_from: str | None = Field("previous", description='the fine-tuned student ("previous": the previous stage)',
                                   json_schema_extra=PREVIOUS_OR_PATH)

@@ -18,6 +18,10 @@ from .base import PlanItem, StageContext
 from .training import plan_training, run_training
 
 
+#: Runs in every process of a distributed launch (the loop splits each global batch; stages/base.py).
+EVERY_PROCESS = True
+
+
 class Config(DiffusionConfig):
     init_from: str | None = Field("previous", description='checkpoint/stage dir to start from ("previous": the '
                                                           'previous stage)', json_schema_extra=PREVIOUS_OR_PATH)

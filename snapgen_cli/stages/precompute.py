@@ -73,6 +73,10 @@ SKIPPED_FILE = "skipped.jsonl"
 _RUNTIME_ONLY = {"batch_size", "num_workers", "device", "streaming", *RUNTIME_KEYS}
 
 
+#: Runs in every process of a distributed launch (each encodes its share of the shards; stages/base.py).
+EVERY_PROCESS = True
+
+
 class Config(StageSettings):
     """Every setting of ``snapgen precompute`` (one flag each)."""
 

@@ -15,6 +15,10 @@ from .base import PlanItem, StageContext
 from .training import plan_training, run_training
 
 
+#: Runs in every process of a distributed launch (the loop splits each global batch; stages/base.py).
+EVERY_PROCESS = True
+
+
 class Config(DiffusionConfig):
     lr: float = Field(3e-4, gt=0, description="learning rate at a global batch of lr_reference_batch (sup. H)")
     betas: tuple[float, float] = (0.9, 0.99)

@@ -35,6 +35,10 @@ from .distill import teacher_plan_item
 from .training import plan_training, run_training
 
 
+#: Runs in every process of a distributed launch (the loop splits each global batch; stages/base.py).
+EVERY_PROCESS = True
+
+
 class Config(StepDistillConfig):
     init_from: str | None = Field("previous", description='the distilled (or fine-tuned) student ("previous": '
                                                           'the previous stage)', json_schema_extra=PREVIOUS_OR_PATH)

@@ -69,6 +69,10 @@ SD3_VAE, SD3_VAE_SUBFOLDER = SD3_VAE_HUB
 EVAL_FILE = "eval.json"
 
 
+#: Runs in every process of a distributed launch (the loop splits each global batch; stages/base.py).
+EVERY_PROCESS = True
+
+
 class Config(LoopConfig):
     """Every setting of ``snapgen train-decoder`` (plus the shared loop's)."""
 
