@@ -385,8 +385,8 @@ batch_size = 8
 
 def test_a_recipe_runs_whole_under_a_two_process_launch(tmp_path):
     """``accelerate launch`` (2 CPU processes) of ``snapgen run RECIPE``: the training stages and precompute run in
-    both processes (one global batch), the others (data, eval) in the main process alone, each output written
-    once. Before: both processes built the data folder ("Directory not empty"), and train-decoder's held-out
+    both processes (one global batch), eval's generation is split between them, data runs in the main process
+    alone, each output written once. Before: both processes built the data folder ("Directory not empty"), and train-decoder's held-out
     PSNR (torchmetrics, which gathers every process's states) hung the main process's evaluation. A re-run with
     ``--fresh --from`` deletes the stages' old outputs once."""
     import os
@@ -420,6 +420,9 @@ def test_a_recipe_runs_whole_under_a_two_process_launch(tmp_path):
     assert summaries["autoencoder"]["eval"]["autoencoder"]["psnr"] > 0
     run = tmp_path / "run"
     assert len(list((run / "data" / "captioned").rglob("*.png"))) == 64
+    # eval: each process generated its half of the 16 alignment images; the main process scored them all
+    assert summaries["eval"]["meta"]["generated"] == 16 and summaries["eval"]["metrics"]["alignment"]["total"] == 16
+    assert len(list((run / "eval" / "alignment").glob("*.png"))) == 16
     assert (run / "eval" / "eval_report.json").is_file() and (run / "report.md").is_file()
     (again,) = launch("--fresh", "--from", "finetune")
     assert [(s["stage"], s["skipped"]) for s in again["stages"]] == [("finetune", False), ("eval", False)]

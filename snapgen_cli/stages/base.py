@@ -15,8 +15,8 @@ A stage module exposes:
 * optionally ``RESULT_FILE`` -- the file in ``ctx.out_dir`` that holds the result: the
   subcommand prints its path instead of the output dir's;
 * optionally ``EVERY_PROCESS = True`` -- the stage splits its work among the processes of a
-  distributed launch (``accelerate launch``, ``torchrun``): the training stages and precompute.
-  Any other stage runs in the main process only, the others waiting for it (:func:`run_stage`).
+  distributed launch (``accelerate launch``, ``torchrun``): the training stages, precompute and
+  eval. Any other stage runs in the main process only, the others waiting for it (:func:`run_stage`).
 
 Stage functions know nothing about Click; ``cli.py`` turns flags into a ``Config``.
 """
@@ -95,40 +95,75 @@ def launched_processes() -> int:
     return int(world) if world.isdigit() and int(world) > 0 else 1
 
 
-def is_main_process() -> bool:
-    """Whether this is the main process of a distributed launch (or no launch: always)."""
+def process_share() -> tuple[int, int]:
+    """``(index, count)`` of this process in a distributed launch; ``(0, 1)`` without one."""
     if launched_processes() == 1:
-        return True
+        return 0, 1
     from ..train.loop import process_state
 
-    return process_state().is_main_process
+    state = process_state()
+    return state.process_index, state.num_processes
+
+
+def is_main_process() -> bool:
+    """Whether this is the main process of a distributed launch (or no launch: always)."""
+    return process_share()[0] == 0
+
+
+#: How long a process waits for the main process at most: a main-process-only stage (an evaluation,
+#: an export) may take hours, past the default group's timeout (NCCL's watchdog: 10 minutes).
+WAIT_TIMEOUT_S = 7 * 24 * 3600
+_wait_group = None
+
+
+def _waiting_group():
+    """A gloo group of every process with :data:`WAIT_TIMEOUT_S`, made once, by every process together
+    (:func:`run_stage` makes it as each stage starts)."""
+    global _wait_group
+    import datetime
+
+    import torch.distributed as dist
+
+    process_share()  # the default group is up
+    if _wait_group is None:
+        _wait_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=WAIT_TIMEOUT_S))
+    return _wait_group
 
 
 def wait_for_everyone() -> None:
     """A barrier across the processes of a distributed launch (nothing without one)."""
     if launched_processes() > 1:
-        from ..train.loop import process_state
+        import torch.distributed as dist
 
-        process_state().wait_for_everyone()
+        dist.barrier(group=_waiting_group())
+
+
+def from_main_process(value=None):
+    """The main process's ``value`` in every process (the others wait for it); ``value`` without a launch."""
+    if launched_processes() == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0, group=_waiting_group())
+    return box[0]
 
 
 def run_stage(module, cfg, ctx: StageContext) -> dict:
     """``module.run(cfg, ctx)`` with the stage's CPU threads (``cfg.threads``, see ``cpu.py``).
 
     Under a distributed launch only a stage whose module sets ``EVERY_PROCESS = True`` runs in
-    every process: the training stages and precompute, which split their work among them. Any
-    other stage (data, eval, generate, export, bench-device) runs in the main process alone while
+    every process: the training stages, precompute and eval, which split their work among them.
+    Any other stage (data, generate, export, bench-device) runs in the main process alone while
     the others wait for its summary, which every process returns. So ``accelerate launch ...
     snapgen run RECIPE --jobs 1`` runs a whole recipe, and no two processes write one output (two
     ranks building the same data folder failed with "Directory not empty")."""
+    if launched_processes() > 1:
+        _waiting_group()  # made now, while every process is here, not when one has waited an hour
     with stage_threads(cfg.threads):
         if getattr(module, "EVERY_PROCESS", False) or launched_processes() == 1:
             return module.run(cfg, ctx)
-        import torch.distributed as dist
-
-        summary = [module.run(cfg, ctx) if is_main_process() else None]
-        dist.broadcast_object_list(summary, src=0)  # the other processes wait here
-        return summary[0]
+        return from_main_process(module.run(cfg, ctx) if is_main_process() else None)
 
 
 def seeded(cfg: C, ctx: StageContext) -> C:

@@ -79,12 +79,18 @@ from ..data.shapes import EVAL_PROMPT_SEED
 from ..errors import ConfigError
 from ..eval.metrics import InceptionRuntime
 from ..files import atomic_write_json, atomic_write_text
-from .base import CfgEnd, CfgInterval, CfgScale, ImageSize, PlanItem, StageContext, Steps, sampler_defaults
+from .base import (CfgEnd, CfgInterval, CfgScale, ImageSize, PlanItem, StageContext, Steps, from_main_process,
+                   process_share, sampler_defaults, wait_for_everyone)
 
 METRICS = ("alignment", "fid", "clip", "recon", "image_reward", "geneval", "dpg")
 PROMPT_SET_METRICS = ("fid", "clip", "image_reward")  # scored on the prompt set
 GENERATION_FILE = "generation.json"
 SAMPLES_DIR, ALIGNMENT_DIR, GENEVAL_DIR, DPG_DIR, DPG_TILES_DIR = "samples", "alignment", "geneval", "dpg", "dpg_tiles"
+
+
+#: Under a distributed launch every process generates its share of the images (image i in process
+#: i mod P, with image i's seed as always); the metrics and the report are the main process's.
+EVERY_PROCESS = True
 
 
 class Config(InferenceSpeed):
@@ -539,16 +545,29 @@ def run(cfg: Config, ctx: StageContext) -> dict:
     sets = {name: builders[name]() for name, needed in needs.items() if needed}
 
     generated, sampler = {}, None
+    rank, world = process_share()
     if pipe is not None:
         sampler = _sampler_settings(cfg, ckpt, pipe, size)
-        _check_settings(out, sampler | {f"prompts.{n}": s.fingerprint for n, s in sets.items()})
-        with Progress(console=ctx.console, transient=True) as bar:
+        if rank == 0:
+            _check_settings(out, sampler | {f"prompts.{n}": s.fingerprint for n, s in sets.items()})
+        wait_for_everyone()
+        with Progress(console=ctx.console, transient=True, disable=rank != 0) as bar:
             for name, s in sets.items():
-                task = bar.add_task(f"generating {name}", total=sum(not j.path.is_file() for j in s.jobs))
-                generated[name] = generate_missing(pipe, s.jobs, cfg, size, lambda n: bar.advance(task, n))
+                mine = s.jobs[rank::world]
+                task = bar.add_task(f"generating {name}", total=sum(not j.path.is_file() for j in mine))
+                generated[name] = generate_missing(pipe, mine, cfg, size, lambda n: bar.advance(task, n))
+        if world > 1:
+            import torch.distributed as dist
+
+            counts = [None] * world
+            dist.all_gather_object(counts, generated)
+            generated = {name: sum(c[name] for c in counts) for name in generated}
+        if rank == 0:
+            for s in sets.values():
                 if s.finish:
                     s.finish()
-
+    if rank != 0:
+        return from_main_process()
     results = {name: _metric(name, cfg, sets, ckpt, out, pipe, size, ctx.console) for name in cfg.metrics}
     meta = {"checkpoint": ckpt and str(ckpt), "out_dir": str(out), "sampler": sampler,
             "sets": {n: {"dir": str(s.folder), "images": s.total, "generated": generated[n]} for n, s in sets.items()},
@@ -558,7 +577,7 @@ def run(cfg: Config, ctx: StageContext) -> dict:
     meta["contact_sheet_images"] = [str(p.relative_to(out)) if p.is_relative_to(out) else str(p) for p, _ in shown]
     paths = write_report(out, results, samples=[(_load(p), t) for p, t in shown], meta=meta, console=ctx.console,
                          sheet_cols=cols)
-    return {**json.loads(paths["report"].read_text()), **{k: str(v) for k, v in paths.items()}}
+    return from_main_process({**json.loads(paths["report"].read_text()), **{k: str(v) for k, v in paths.items()}})
 
 
 def _sheet(sets: dict[str, ImageSet], n: int) -> tuple[list[tuple[Path, str]], int]:
