@@ -413,11 +413,16 @@ def run_recipe(recipe: Recipe, run_dir: Path, stages: list[Stage], console, fres
     """Run ``stages``; skip those already marked done (unless ``fresh``). A finished stage of the
     recipe that is not redone here and whose settings changed is an error
     (:func:`check_done_stages`): the stages after it would read stale outputs. ``jobs`` (default
-    ``[run] jobs``): how many stages may run at once, each after the stages it reads
-    (``schedule.py``); 1 runs them in order in this process."""
+    ``[run] jobs``, or 1 in a distributed launch, whose processes run every stage together): how many
+    stages may run at once, each after the stages it reads (``schedule.py``); 1 runs them in order in
+    this process."""
     check_done_stages([s for s in recipe.stages if not (fresh and s in stages)], run_dir)
-    jobs = jobs or recipe.run.jobs
     world = launched_processes()
+    if world > 1 and jobs is None and recipe.run.jobs > 1:  # the recipe's jobs are for a single-process run
+        console.print(f"[dim]one of {world} processes of a distributed launch: the stages run one at a time "
+                      f"([run] jobs = {recipe.run.jobs} applies to a single-process `snapgen run`)[/dim]")
+        jobs = 1
+    jobs = jobs or recipe.run.jobs
     if jobs > 1 and world > 1:  # every rank would start its own workers
         raise ConfigError(f"jobs = {jobs}: this is one of {world} processes of a distributed launch (WORLD_SIZE); "
                           "stages run side by side only in a single-process `snapgen run`: use --jobs 1 here")

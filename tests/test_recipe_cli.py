@@ -323,7 +323,7 @@ DISTRIBUTED = """
 [run]
 name = "dist"
 out_dir = "{out}"
-jobs = 1
+jobs = 2                     # for single-process runs: a launch runs the stages one at a time
 
 [[stages]]
 name = "data"
@@ -388,7 +388,8 @@ def test_a_recipe_runs_whole_under_a_two_process_launch(tmp_path):
     both processes (one global batch), eval's generation is split between them, data runs in the main process
     alone, each output written once. Before: both processes built the data folder ("Directory not empty"), and train-decoder's held-out
     PSNR (torchmetrics, which gathers every process's states) hung the main process's evaluation. A re-run with
-    ``--fresh --from`` deletes the stages' old outputs once."""
+    ``--fresh --from`` deletes the stages' old outputs once. The recipe's ``jobs = 2`` does not apply to a launch
+    (an explicit ``--jobs 2`` is refused: ``test_report_ux.py``)."""
     import os
     import signal
     import subprocess
