@@ -149,6 +149,17 @@ def from_main_process(value=None):
     return box[0]
 
 
+def from_every_process(value) -> list:
+    """Every process's ``value``, in process order (the first ones wait for the last); ``[value]`` without a launch."""
+    if launched_processes() == 1:
+        return [value]
+    import torch.distributed as dist
+
+    values = [None] * launched_processes()
+    dist.all_gather_object(values, value, group=_waiting_group())
+    return values
+
+
 def run_stage(module, cfg, ctx: StageContext) -> dict:
     """``module.run(cfg, ctx)`` with the stage's CPU threads (``cfg.threads``, see ``cpu.py``).
 

@@ -30,8 +30,7 @@ from ..config import PREVIOUS_OR_PATH
 from ..core.measure import count_params
 from ..core.teacher import PUBLISHED_PARAMS, build_teacher, count_teacher_params
 from ..train.distill import DistillConfig, DistillTask, TeacherConfig, teacher_location
-from ..train.loop import process_state
-from .base import PlanItem, StageContext
+from .base import PlanItem, StageContext, is_main_process
 from .training import plan_training, run_training
 
 #: Hub ids whose config is a teacher preset: planned on the meta device without a download.
@@ -94,7 +93,7 @@ def run(cfg: Config, ctx: StageContext) -> dict:
     from ..core.losses import plot_fig6
 
     summary = run_training(cfg, ctx, DistillTask)
-    if cfg.fig6_bins and process_state().is_main_process:
+    if cfg.fig6_bins and is_main_process():
         summary["fig6"] = str(plot_fig6(Path(ctx.out_dir) / "losses.jsonl", Path(ctx.out_dir) / "fig6.png"))
     projector = Path(ctx.out_dir) / "projector"
     if projector.is_dir():

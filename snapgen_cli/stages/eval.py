@@ -79,8 +79,8 @@ from ..data.shapes import EVAL_PROMPT_SEED
 from ..errors import ConfigError
 from ..eval.metrics import InceptionRuntime
 from ..files import atomic_write_json, atomic_write_text
-from .base import (CfgEnd, CfgInterval, CfgScale, ImageSize, PlanItem, StageContext, Steps, from_main_process,
-                   process_share, sampler_defaults, wait_for_everyone)
+from .base import (CfgEnd, CfgInterval, CfgScale, ImageSize, PlanItem, StageContext, Steps, from_every_process,
+                   from_main_process, process_share, sampler_defaults, wait_for_everyone)
 
 METRICS = ("alignment", "fid", "clip", "recon", "image_reward", "geneval", "dpg")
 PROMPT_SET_METRICS = ("fid", "clip", "image_reward")  # scored on the prompt set
@@ -556,12 +556,8 @@ def run(cfg: Config, ctx: StageContext) -> dict:
                 mine = s.jobs[rank::world]
                 task = bar.add_task(f"generating {name}", total=sum(not j.path.is_file() for j in mine))
                 generated[name] = generate_missing(pipe, mine, cfg, size, lambda n: bar.advance(task, n))
-        if world > 1:
-            import torch.distributed as dist
-
-            counts = [None] * world
-            dist.all_gather_object(counts, generated)
-            generated = {name: sum(c[name] for c in counts) for name in generated}
+        counts = from_every_process(generated)  # shares may finish apart: waits go through the long-timeout group
+        generated = {name: sum(c[name] for c in counts) for name in generated}
         if rank == 0:
             for s in sets.values():
                 if s.finish:

@@ -63,7 +63,7 @@ from ..files import atomic_write_json, find_model_dir
 from ..train.decoder_task import (AutoencoderTask, ImageDataset, TinyDecoderTask, build_autoencoder,
                                   evaluate_decoder, latent_statistics, load_patches, random_patches)
 from ..train.loop import LoopConfig, process_state, sample_generators, save_module, train
-from .base import PlanItem, StageContext, seeded, vae_config
+from .base import PlanItem, StageContext, is_main_process, seeded, vae_config, wait_for_everyone
 
 SD3_VAE, SD3_VAE_SUBFOLDER = SD3_VAE_HUB
 EVAL_FILE = "eval.json"
@@ -288,7 +288,7 @@ def _evaluate(cfg: Config, model: torch.nn.Module, vae, out_dir: Path, name: str
 
 def run(cfg: Config, ctx: StageContext) -> dict:
     out = Path(ctx.out_dir)
-    state = process_state()
+    process_state()  # before train()'s Accelerator: a CPU launch is seen as one (loop.process_state)
     cfg = seeded(cfg, ctx)  # model initialisation follows the run's seed
     data = _dataset(cfg)
     objective = _objective(cfg)  # fails early (clear ConfigError) when LPIPS weights are missing
@@ -307,12 +307,12 @@ def run(cfg: Config, ctx: StageContext) -> dict:
     summary = {"mode": cfg.mode, **train(task, cfg, out, resume=cfg.resume, console=ctx.console)}
     if data.skipped:
         summary["skipped_images"] = {str(i): reason for i, reason in sorted(data.skipped.items())}
-    if state.is_main_process:
+    if is_main_process():  # the others wait (through base's long-timeout group) while it evaluates
         if cfg.mode == "autoencoder":
             summary["latent_factors"] = _set_latent_statistics(cfg, data, out)
         if cfg.eval_images:
             summary["eval"] = _eval_saved(cfg, out, vae)
-    state.wait_for_everyone()
+    wait_for_everyone()
     return summary
 
 

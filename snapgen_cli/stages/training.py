@@ -22,8 +22,8 @@ from ..core.text import TextLayout, parse_specs
 from ..data.shards import MANIFEST, encoder_specs, read_manifest
 from ..errors import ConfigError
 from ..train.diffusion import DiffusionConfig, DiffusionTask, init_unet_dir
-from ..train.loop import process_state, train
-from .base import PlanItem, StageContext, seeded
+from ..train.loop import train
+from .base import PlanItem, StageContext, is_main_process, seeded, wait_for_everyone
 
 
 def refuse_model_with_init(cfg: DiffusionConfig, init: str | Path | None, where: str = "") -> None:
@@ -98,8 +98,7 @@ def run_training(cfg: DiffusionConfig, ctx: StageContext, task_cls: type[Diffusi
     cfg = seeded(cfg, ctx)  # the UNet's initial weights follow the run's seed
     task = task_cls(cfg, data, init, ctx.console)
     summary = train(task, cfg, ctx.out_dir, resume=cfg.resume, console=ctx.console)
-    state = process_state()
-    if state.is_main_process:
+    if is_main_process():
         task.save_pipeline(ctx.out_dir)
-    state.wait_for_everyone()
+    wait_for_everyone()
     return {**summary, "params": count_params(task.unet), "pipeline": str(ctx.out_dir)}
