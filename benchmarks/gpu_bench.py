@@ -10,7 +10,7 @@ error and the run goes on):
 
 * ``forward``: one UNet forward, SnapGen (``snapgen-t2i``, 333 text tokens, its mask) against
   SDXL's UNet (77 tokens), bf16 eager with SDPA, at batch 1 and 8: latency, and the latency ratio
-  next to the MAC ratio (counted here: 676.7 G against 3380.6 G, 5.0x; the paper's figures, 5.2x);
+  next to the MAC ratio (counted here: 645.1 G against 3380.6 G, 5.2x; the paper's figures, 5.2x);
   the tiny decoder against SD3's VAE decoder at 1024^2, batch 1 (MAC ratio 23.5x).
 * ``sdxl``: diffusers' ``StableDiffusionXLPipeline`` (``core/baselines.py``: public configs, random
   weights) in bf16 with SDPA at 1024^2: 28 steps with CFG 4.5 and 4 steps without, batches 16, 4

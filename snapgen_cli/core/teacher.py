@@ -66,7 +66,7 @@ Memory at the paper's scale (sup. G: batch 32 per 80 GB A100 at 1024^2 with dist
   fit together on one 80 GB GPU at batch 32 with the teacher in bf16**, tightly.
 
 Compute: the teacher forward at batch 32 is ~2.5 PFLOP (2 x 8.05B x 4429 x 32 + attention),
-~14x the student's forward + backward + checkpoint recompute (677 GMACs a sample: 2 x 677G
+~15x the student's forward + backward + checkpoint recompute (645 GMACs a sample: 2 x 645G
 x 4 passes x 32 = 0.17 PFLOP) -- the teacher dominates the step. What helps
 when memory does not fit (a larger batch, a smaller GPU):
 

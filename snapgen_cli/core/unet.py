@@ -11,16 +11,16 @@ step  change (sec. 3.1)                                      config switch
 (c)   every 3x3 conv as a separable conv; in the residual    ``resblock="sepconv"``, ``sepconv_expansion=2``
       blocks expanded: DW 3x3 -> PW C->2C -> PW 2C->C
 (d)   FFN expansion 3 (gated) and MQA                        ``ffn_mult=3``, ``attention="mqa"``
-(e)   stage 1: cross-attention + FFN transformer blocks      ``first_stage="transformer"``
-      replace the residual blocks (no self-attention)
+(e)   stage 1: cross-attention + FFN transformer blocks      ``first_stage="transformer"``,
+      replace the residual blocks (no self-attention)        ``first_stage_layers=1``
 (f)   QK RMSNorm and 2D RoPE                                 ``qk_norm=True``, ``rope=True``
 ====  ====================================================  =========================================
 
 **Reading of sec. 3.1.** ``snapgen bench-device --ablation-ladder`` (params; MACs at a
 128x128 latent, 77 CLIP-L tokens), each step against the previous one, paper in brackets:
 (b) -1.7% / -16.9% [-17% MACs]; (c) -16.4% [-15%] / -27.7% [-27%]; (d1) -12.6% [-12%] /
--12.0% [-12%]; (d2) -16.1% [-16%] / -5.9% [-6%]; (e) -0.1% ["smaller"] / +1.6%;
-(f) +0.0% / +0.0% ["negligible"]. (e)'s MACs are the one stated figure not met.
+-12.0% [-12%]; (d2) -16.1% [-16%] / -5.9% [-6%]; (e) -0.6% / -2.7% ["smaller, faster";
+Fig. 3: no metric hurt]; (f) +0.0% / +0.0% ["negligible"]. Every stated figure holds.
 
 * (c) "we replace all Conv layers with SepConv [DW + PW] ... reduces parameters by 24%":
   with both 3x3 convs of every residual block and the samplers' convs as DW + PW we
@@ -37,21 +37,26 @@ step  change (sec. 3.1)                                      config switch
   expanded samplers as well -15.7% / -25.4% (fits; the text ties the expansion to the
   residual block).
 * (e) "we replace the residual blocks with transformer blocks that include CA and FFN
-  while without SA layers": each stage-1 residual block (2 down, 3 up) becomes one
-  CA + FFN block on the pixels (``blocks.CrossAttnLayer``), a linear layer mapping a
-  concatenated skip to the stage width. Smaller, as stated, but not fewer MACs (the paper
-  gives no FLOPs figure for (e); its Fig. 3 keeps changes that hurt no metric): a CA + FFN
-  block costs 11C^2 MACs a pixel (query and output projections 2C^2, gated x3 FFN 9C^2)
-  against 8C^2 for a (c) residual block, so no one-for-one replacement with the paper's
-  FFN lowers them (stage 1 in all: 65C^2 against 55C^2 a pixel). Rejected, params / MACs:
-  a timestep projection into each stage-1 layer (as the replaced residual blocks had)
-  +0.2% / +1.6% (no longer smaller; so the layers take no timestep); a non-gated x3 FFN,
-  or a gated x2 one, in stage 1 -0.4% / -0.9% (sec. 3.1 sets every FFN to gated x3);
-  fewer stage-1 layers (1 down, 2 up) -0.6% / -2.7% (the text replaces blocks, it removes
-  none; an up stage with fewer layers than skips also breaks SDXL's skip layout); measured
-  with the pooled input below: SDXL's Transformer2D wrapper (GroupNorm, proj_in, proj_out,
-  1x1 shortcut) +0.1% / +4.0%; CA + FFN blocks in place of the residual blocks of every
-  stage +1.5% / +5.4%.
+  while without SA layers. This adjustment makes the model smaller, faster, and more
+  efficient": the stage-1 residual blocks give way to CA + FFN blocks on the pixels
+  (``blocks.CrossAttnLayer``; a linear layer maps a concatenated skip to the stage width),
+  **one per down level and two per up level** instead of SDXL's 2 and 3 residual blocks
+  (``first_stage_layers=1``; the up stage keeps one layer more than the down stage, so every
+  skip is still consumed, as in diffusers' ``layers_per_block=1``). Why fewer: Fig. 3's
+  caption keeps only changes "that improve any of the metrics without hurting others", so
+  (e) cannot add FLOPs, yet a CA + FFN block with the FFN sec. 3.1 sets for every
+  transformer block (gated, x3) costs ~11.6C^2 MACs a pixel (query and output projections
+  2C^2, FFN 9C^2, attention over 77 tokens ~0.6C^2) against 8C^2 for a (c) residual block:
+  no one-for-one replacement can be "faster". The text gives no block counts for any
+  stage (only transformer depths), so the count is the one free choice that lets every
+  stated figure hold. Rejected, params / MACs: one CA + FFN block per residual block
+  (2 down, 3 up; this code's earlier reading) -0.1% / +1.6% (more FLOPs); and so a
+  timestep projection into each stage-1 layer +0.2% / +1.6%; a non-gated x3 FFN, or a
+  gated x2 one, in one-for-one stage-1 blocks -0.4% / -0.9% (fits, but contradicts the FFN
+  sec. 3.1 states; the layer count is stated nowhere); measured with the pooled input
+  below and one-for-one blocks: SDXL's Transformer2D wrapper (GroupNorm, proj_in,
+  proj_out, 1x1 shortcut) +0.1% / +4.0%; CA + FFN blocks in place of the residual blocks
+  of every stage +1.5% / +5.4%.
 * Conditions enter by cross-attention only (``pooled_conditioning=False`` in the ladder
   and paper-size presets): the residual blocks add a timestep embedding and no pooled text
   vector. (1) Sec. 3.1 (e): SDXL's UNet, with CA only from the second stage, leaves
@@ -60,13 +65,16 @@ step  change (sec. 3.1)                                      config switch
   CLIP-G vector there); (2) sup. H: the class text "can be seamlessly fused by the
   cross-attention layer"; (3) sizes: with SD3's pooled input (CLIP-L + CLIP-G, 2048 wide;
   768 for the ImageNet model) through an MLP to the conditioning vector, the T2I model
-  adds 9.0M to the ImageNet one, against 379M - 372M = 7M (at most 8M after rounding);
-  without it 7.7M. With it the totals were 383.7M [+3.1%] and 392.7M [+3.6%]; the ladder
-  deltas move by at most 0.1 point. Rejected: keeping the pooled input with Gemma projected
+  adds 8.6M to the ImageNet one (9.0M with one-for-one stage-1 blocks), against
+  379M - 372M = 7M (at most 8M after rounding); without it 7.3M (7.7M). With it the totals
+  are 381.9M [+2.7%] and 390.5M [+3.0%] (383.7M, 392.7M); the ladder deltas move by at most
+  0.1 point. Rejected (one-for-one blocks): keeping the pooled input with Gemma projected
   to a 2048-wide context instead of SD3's zero-padding to 2304 (T2I - ImageNet 7.7M, but
   T2I 391.4M, +3.3%).
-* Totals: ``snapgen-imagenet`` 381.8M [372M: +2.6%], 37.6 GMACs at 256^2 [38G: -1.0%];
-  ``snapgen-t2i`` 389.5M [379M: +2.8%]; T2I - ImageNet 7.7M [7M]. 372M itself cannot hold
+* Totals: ``snapgen-imagenet`` 380.0M [372M: +2.2%], 35.9 GMACs at 256^2 [38G: -5.5%];
+  ``snapgen-t2i`` 387.4M [379M: +2.2%]; T2I - ImageNet 7.3M [7M]. (With one-for-one
+  stage-1 blocks: 381.8M, 37.6 GMACs, 389.5M; the alternatives below were measured so.)
+  372M itself cannot hold
   for the thin SDXL the paper starts from (ours 634.1M; diffusers' ``UNet2DConditionModel``
   so configured, with SDXL's pooled and time-id embedding, 637.5M): from (b)'s 623.6M,
   -15/-12/-16% leave 385.0M before (e) even at their rounding limits, while all
@@ -84,8 +92,9 @@ step  change (sec. 3.1)                                      config switch
 Decisions where the paper is silent (all config keys, documented here once):
 
 * **Layout** follows SDXL: ``layers_per_block=2`` layers per down stage and 3 per up
-  stage, a mid block (res, transformer, res) at the lowest resolution whose
-  transformer depth equals the last stage's, skip connections concatenated.
+  stage (stage 1 from step (e) on: ``first_stage_layers=1``, so 1 and 2), a mid block
+  (res, transformer, res) at the lowest resolution whose transformer depth equals the last
+  stage's, skip connections concatenated.
 * **Timestep** (and, with ``pooled_conditioning``, pooled text) enter the SD3 way: a
   sinusoidal timestep embedding (timestep in [0, 1000], i.e. ``sigma * 1000`` for flow
   matching) through an MLP, plus an MLP of the pooled text vector where enabled, summed
@@ -102,9 +111,10 @@ Decisions where the paper is silent (all config keys, documented here once):
   and an 8-channel autoencoder latent (sup. H), so ``in_channels=8``.
 * **Attention** uses 64-channel heads; MQA keeps one 64-channel key/value head.
   RoPE is applied in self-attention only; QK-norm in self- and cross-attention.
-* **Stage-1 layers** (step e) hold ``first_stage_depth=1`` block each and take the
-  place of the residual blocks one for one; they get no timestep input (the replaced
-  residual blocks carried it; the paper's CA + FFN blocks have none).
+* **Stage-1 layers** (step e) hold ``first_stage_depth=1`` block each, ``first_stage_layers``
+  of them per down level (one more per up level; ``None``: ``layers_per_block``, as saved
+  configs without the key were built); they get no timestep input (the replaced residual
+  blocks carried it; the paper's CA + FFN blocks have none).
 * **Expanded separable convs** (step c) have a SiLU between their two PWs and no norm.
 * **Feature distillation** (sec. 3.3, Eq. 5) reads the output of the last layer
   that contains a transformer (the last one run in the decoder path), returned by
@@ -188,6 +198,7 @@ class SnapGenUNet(ModelMixin, ConfigMixin):
         attention_head_dim: int = 64,
         first_stage: str = "transformer",
         first_stage_depth: int = 1,
+        first_stage_layers: int | None = None,
         qk_norm: bool = True,
         rope: bool = True,
         rope_theta: float = 10000.0,
@@ -204,6 +215,12 @@ class SnapGenUNet(ModelMixin, ConfigMixin):
             raise ValueError(f"attention must be 'mhsa' or 'mqa', got {attention!r}")
         if first_stage not in ("resnet", "transformer"):
             raise ValueError(f"first_stage must be 'resnet' or 'transformer', got {first_stage!r}")
+        if first_stage_layers is not None and first_stage_layers < 1:
+            raise ValueError(f"first_stage_layers must be >= 1 or None, got {first_stage_layers!r}")
+        # layers of each down stage (an up stage has one more: SDXL's skip layout)
+        stage_layers = [layers_per_block] * n
+        if first_stage_layers is not None:
+            stage_layers[0] = first_stage_layers
         self.gradient_checkpointing = False
         base = dict(context_dim=context_dim, attention_head_dim=attention_head_dim, attention=attention,
                     qk_norm=qk_norm, rope=rope, rope_theta=rope_theta, ffn_mult=ffn_mult, ffn_gated=ffn_gated,
@@ -229,7 +246,7 @@ class SnapGenUNet(ModelMixin, ConfigMixin):
         self.downsamplers = nn.ModuleList()
         for i, cout in enumerate(block_channels):
             layers = nn.ModuleList()
-            for _ in range(layers_per_block):
+            for _ in range(stage_layers[i]):
                 layers.append(make_layer(i, ch, cout))
                 ch = cout
                 skip_ch.append(ch)
@@ -247,7 +264,7 @@ class SnapGenUNet(ModelMixin, ConfigMixin):
         for i in reversed(range(n)):
             cout = block_channels[i]
             layers = nn.ModuleList()
-            for _ in range(layers_per_block + 1):
+            for _ in range(stage_layers[i] + 1):
                 layers.append(make_layer(i, ch + skip_ch.pop(), cout))
                 ch = cout
             self.up.append(layers)
@@ -382,7 +399,8 @@ _STEPS = [
     ("ladder-c", "separable convs, expanded in the residual blocks", dict(resblock="sepconv", sepconv_expansion=2)),
     ("ladder-d1", "FFN expansion 4 -> 3 (gated)", dict(ffn_mult=3.0)),
     ("ladder-d2", "MQA instead of MHSA", dict(attention="mqa")),
-    ("ladder-e", "stage 1: CA + FFN blocks instead of res blocks", dict(first_stage="transformer")),
+    ("ladder-e", "stage 1: CA + FFN blocks instead of res blocks", dict(first_stage="transformer",
+                                                                          first_stage_layers=1)),
     ("ladder-f", "QK RMSNorm + 2D RoPE", dict(qk_norm=True, rope=True)),
 ]
 
