@@ -268,6 +268,9 @@ def test_bench_device_ladder_json(tmp_path, run_cli):
     rows = json.loads(out)["ablation_ladder"]
     assert code == 0 and [r["step"] for r in rows][:2] == ["ladder-a", "ladder-b"]
     assert rows[1]["paper"] == {"macs": -17.0} and rows[1]["delta_macs_pct"] == pytest.approx(-16.9, abs=0.5)
+    claims = {r["step"]: r["paper_claim"] for r in rows if "paper_claim" in r}  # stated without a number
+    assert list(claims) == ["ladder-e", "ladder-f"] and "smaller" in claims["ladder-e"]
+    assert rows[5]["delta_params_pct"] < 0 and rows[5]["delta_macs_pct"] < 0  # (e) as claimed
     assert json.loads((tmp_path / "bench.json").read_text())["ablation_ladder"] == rows
 
 

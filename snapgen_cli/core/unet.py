@@ -413,6 +413,10 @@ PAPER_LADDER_DELTAS: dict[str, dict[str, float]] = {
     "ladder-d2": {"params": -16.0, "macs": -6.0},
 }
 
+#: What sec. 3.1 states without a number (tests/test_unet.py checks both): (e) "smaller, faster"
+#: (Fig. 3 keeps no change that hurts a metric: fewer params and MACs), (f) "negligible" overhead.
+PAPER_LADDER_CLAIMS: dict[str, str] = {"ladder-e": "< 0 (smaller, faster)", "ladder-f": "~ 0 (negligible)"}
+
 LADDER: list[tuple[str, str]] = [(name, what) for name, what, _ in _STEPS]
 
 UNET_PRESETS: dict[str, dict] = {}

@@ -35,7 +35,7 @@ from ..config import StageSettings
 from ..core import baselines
 from ..core.decoder import PAPER_DECODER, TinyDecoder, build_decoder
 from ..core.measure import count_macs, count_params, measure_latency, resolve_device
-from ..core.unet import LADDER, PAPER_LADDER_DELTAS, PAPER_PARAMS, SnapGenUNet, unet_config
+from ..core.unet import LADDER, PAPER_LADDER_CLAIMS, PAPER_LADDER_DELTAS, PAPER_PARAMS, SnapGenUNet, unet_config
 from ..files import atomic_write_json, find_model_dir
 from .base import PlanItem, StageContext
 
@@ -195,6 +195,8 @@ def ablation_ladder(cfg: Config) -> list[dict]:
     for name, what in LADDER:
         r = measure_target(ladder_cfg, "unet", preset=name)
         r.update(step=name, change=what, paper=PAPER_LADDER_DELTAS.get(name, {}))
+        if name in PAPER_LADDER_CLAIMS:
+            r["paper_claim"] = PAPER_LADDER_CLAIMS[name]
         if prev:
             r["delta_params_pct"] = 100 * (r["params"] / prev["params"] - 1)
             r["delta_macs_pct"] = 100 * (r["macs"] / prev["macs"] - 1)
@@ -367,7 +369,9 @@ def _print_ladder(rows: list[dict], console) -> None:
         t.add_column(col)
     for r in rows:
         p = r["paper"]
-        fmt = lambda v: "-" if v is None else f"{v:+.1f}%"  # noqa: E731
+        claim = r.get("paper_claim", "-")  # a stated direction without a number
+        fmt = lambda v, none="-": none if v is None else f"{v:+.1f}%"  # noqa: E731
         t.add_row(r["step"], r["change"], f"{r['params'] / 1e6:.1f}", f"{r['gmacs']:.1f}",
-                  fmt(r.get("delta_params_pct")), fmt(r.get("delta_macs_pct")), fmt(p.get("params")), fmt(p.get("macs")))
+                  fmt(r.get("delta_params_pct")), fmt(r.get("delta_macs_pct")), fmt(p.get("params"), claim),
+                  fmt(p.get("macs"), claim))
     console.print(t)
