@@ -157,3 +157,29 @@ def test_train_step_benchmark_times_the_demo_finetune_unet_against_a_same_size_d
                             for m in (build_unet("tiny", **kw), bench.diffusers_unet(4, 384)))
     assert n_ours == 2_617_604
     assert abs(n_theirs / n_ours - 1) < 0.05 and abs(theirs / ours - 1) < 0.05, (n_theirs, theirs, ours)
+
+
+def test_train_step_benchmark_steady_allocator_stops_the_page_faults_of_freed_activations():
+    """``--allocator steady`` (glibc mallopt) keeps freed blocks mapped: twenty live 786 kB tensors
+    (the tiny UNet's stage-1 GEGLU size) allocated and freed again fault no page in once warm, where
+    glibc's defaults (the negative control) return them to the OS and fault them in every time."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    script = (
+        "import sys, torch; sys.path.insert(0, %r); import bench_train_step as b\n"
+        "if sys.argv[1] == 'steady': assert b.steady_allocator()\n"
+        "def churn():\n"
+        "    xs = [torch.empty(32, 64, 96).fill_(1.0) for _ in range(20)]\n"
+        "    del xs\n"
+        "for _ in range(3): churn()\n"
+        "f0 = b._minor_faults()\n"
+        "for _ in range(10): churn()\n"
+        "print((b._minor_faults() - f0) / 10)\n"
+    ) % str(bench)
+    faults = {mode: float(subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True,
+                                         check=True).stdout.split()[-1]) for mode in ("steady", "default")}
+    assert faults["steady"] < 10, faults
+    assert faults["default"] > 1000, faults  # 20 x 192 pages of 4 kB faulted in again
