@@ -13,11 +13,13 @@ rounds, and the ratio is the median of the per-round ratios, so that a machine s
 jobs (load changes between rounds) moves both models alike. Wall time and the process's CPU time
 are both recorded: with one thread, CPU time is the steadier figure on a loaded machine.
 
-**Allocator.** A fresh process frees and re-maps the tiny UNet's large stage-1 activations
-(glibc returns freed blocks above its trim threshold to the OS), so each step page-faults them in
-again: 5,600-6,700 minor faults a step for this model, none for diffusers' (measured). A training
-stage does not pay that: after loading its data its heap stays mapped (``snapgen finetune`` at
-64 px: ~34 faults a step, from ``ru_minflt`` of 100- and 300-step runs). ``--allocator steady``
+**Allocator.** In this script's fresh process glibc hands the tiny UNet's large stage-1
+activations back to the OS when they are freed (its mmap and trim thresholds, which it raises
+as a process frees large blocks: what happens depends on what the process allocated before), so
+each step page-faults them in again: 5,600-6,700 minor faults a step for this model, none for
+diffusers' (measured). A training stage does not pay that: after loading its data its heap stays
+mapped (``snapgen finetune`` at 64 px: ~34 faults a step, from ``ru_minflt`` of 100- and 300-step
+runs). ``--allocator steady``
 (the default) therefore sets glibc's mmap and trim thresholds (``mallopt``) before any model is
 built, for both models alike, so the comparison is of the step's work; ``--allocator default``
 measures the fresh-process state. Each model's faults a step are recorded either way.

@@ -397,11 +397,16 @@ def check_done_stages(stages: list[Stage], run_dir: Path) -> None:
 
 def run_one_stage(module_name: str, kind: str, recorded: dict, cfg, ctx: StageContext) -> dict:
     """Run one stage with its resolved ``cfg`` and mark it done (atomically): the record stored in
-    ``<stage>/.snapgen-done.json`` (``recorded``: the recipe's settings, checked on re-runs)."""
+    ``<stage>/.snapgen-done.json`` (``recorded``: the recipe's settings, checked on re-runs; its wall
+    time, start time and threads)."""
+    from .cpu import resolve_threads
+
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
+    started, t0 = time.time(), time.perf_counter()
     summary = run_stage(importlib.import_module(module_name), cfg, ctx)
-    record = dict(summary=summary, wall_s=round(time.perf_counter() - t0, 3), kind=kind, config=recorded)
+    # started_at (epoch seconds) and threads: the run report's timeline (which stages ran side by side)
+    record = dict(summary=summary, wall_s=round(time.perf_counter() - t0, 3), started_at=round(started, 3),
+                  threads=resolve_threads(cfg.threads)[0], kind=kind, config=recorded)
     if is_main_process():  # under a distributed launch: the main process's record, once
         atomic_write_json(ctx.out_dir / DONE_MARKER, record)
     wait_for_everyone()

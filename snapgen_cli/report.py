@@ -142,17 +142,40 @@ def _scores_a_model(result: dict) -> bool:
     return any(name != "fid" or "fid" in m for name, m in metrics.items())
 
 
+def _timeline(report: dict, results: list[dict], elapsed_s: float | None) -> None:
+    """Each stage run this time gets ``start_s`` / ``end_s``, seconds after the first of them started
+    (from the done-markers' ``started_at``): which stages ran side by side. With the run's elapsed
+    time, ``cores_busy`` is the share of the cores' time the stages held: the sum of wall time x
+    threads (capped at the cores) over elapsed time x cores; 1 is a run with no idle core."""
+    from .cpu import available_cpus
+
+    ran = [(s, r) for s, r in zip(report["stages"], results, strict=True)
+           if not s["skipped"] and r.get("started_at") is not None and s["wall_s"] is not None]
+    if not ran:
+        return
+    t0 = min(r["started_at"] for _, r in ran)
+    for s, r in ran:
+        s["start_s"] = round(r["started_at"] - t0, 2)
+        s["end_s"] = round(s["start_s"] + s["wall_s"], 2)
+    if elapsed_s and all(s["threads"] for s, _ in ran):
+        cores = available_cpus()
+        held = sum(s["wall_s"] * min(s["threads"], cores) for s, _ in ran)
+        report["cores"], report["cores_busy"] = cores, round(held / (elapsed_s * cores), 3)
+
+
 def write_run_report(run_dir: Path, name: str, results: list[dict], commands: dict[str, str],
                      elapsed_s: float | None = None, jobs: int = 1) -> dict:
     """Write ``report.json`` and ``report.md`` for a finished (or partly skipped) run. ``total_wall_s``
     is the sum of the stages' times; ``elapsed_s`` the run's own wall time (less with ``jobs`` > 1)."""
     run_dir = Path(run_dir)
     stages = [{"stage": r["stage"], "kind": r.get("kind"), "wall_s": r.get("wall_s"), "skipped": r.get("skipped", False),
-               "summary": r.get("summary"), "command": commands.get(r["stage"])} for r in results]
+               "threads": r.get("threads"), "summary": r.get("summary"), "command": commands.get(r["stage"])}
+              for r in results]
     report: dict[str, Any] = {"run": name, "run_dir": str(run_dir), "stages": stages,
                               "total_wall_s": round(sum(s["wall_s"] or 0 for s in stages), 2), "jobs": jobs}
     if elapsed_s is not None:
         report["elapsed_s"] = round(elapsed_s, 2)
+    _timeline(report, results, elapsed_s)
     evals = [r for r in results if r.get("kind") == "eval" and _scores_a_model(r)]
     # the per-category table: the stage named "eval" (the recipe's final model), else the last eval
     ev = next((r for r in evals if r["stage"] == "eval"), evals[-1] if evals else None)
@@ -217,6 +240,8 @@ def _markdown(report: dict, run_dir: Path) -> str:
         ran = sum(not s["skipped"] for s in report["stages"])
         if ran < len(report["stages"]):
             took += f" for the {ran} run this time"
+        if report.get("cores_busy") is not None:
+            took += f"; the stages held {100 * report['cores_busy']:.0f} % of the {report['cores']} cores' time"
     lines = [f"# {report['run']}", "", f"Run directory: `{run_dir}`; {took}.", ""]
     if "sample_grid" in report:
         rel = Path(report["sample_grid"])
@@ -273,9 +298,13 @@ def _markdown(report: dict, run_dir: Path) -> str:
                              f"{_fmt(a['threshold_db'], 0)} |")
         lines.append("\nParity: PSNR of each exported model against PyTorch on fixed seeded inputs (Apple's formula); "
                      "`export.json` in the stage's folder has every figure, shape and file.\n")
-    lines += ["## Stages", "", "| # | stage | kind | wall time (s) | |", "| --- | --- | --- | --- | --- |"]
+    lines += ["## Stages", "", "Start and end: seconds after the first stage of this run started.", "",
+              "| # | stage | kind | threads | start (s) | end (s) | wall time (s) | |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for i, s in enumerate(report["stages"], 1):
-        lines.append(f"| {i} | {s['stage']} | {s['kind']} | {_fmt(s['wall_s'] or 0.0, 1)} | {'skipped (done)' if s['skipped'] else ''} |")
+        span = [_fmt(s[k], 1) if s.get(k) is not None else "" for k in ("start_s", "end_s")]
+        lines.append(f"| {i} | {s['stage']} | {s['kind']} | {s.get('threads') or ''} | {span[0]} | {span[1]} | "
+                     f"{_fmt(s['wall_s'] or 0.0, 1)} | {'skipped (done)' if s['skipped'] else ''} |")
     lines += ["", "## Reproduce each stage standalone", ""]
     for s in report["stages"]:
         if s["command"]:

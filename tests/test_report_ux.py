@@ -363,6 +363,37 @@ def test_two_jobs_give_bitwise_the_results_of_one(demo, tmp_path):
     assert par["jobs"] == 2 and seq["jobs"] == 1
     assert par["elapsed_s"] > 0 and "elapsed with 2 stages at once" in (run / "report.md").read_text()
     assert (run / "logs" / "teacher.log").stat().st_size > 0
+    spans = sorted((s["start_s"], s["end_s"]) for s in seq["stages"])  # in order: no two stages overlap
+    assert all(b[0] >= a[1] - 0.05 for a, b in zip(spans, spans[1:], strict=False)), spans
+
+
+def test_the_report_times_each_stage_and_its_dependencies_end_before_it_starts(demo):
+    """report.json gives each stage its threads and its start and end (seconds after the run's first
+    stage started); with 2 jobs every stage starts after the stages it reads have ended, some stages
+    overlap, and the stages held at most all the cores."""
+    from snapgen_cli.cpu import available_cpus
+    from snapgen_cli.recipe import DEMO_RECIPE, load_recipe
+    from snapgen_cli.schedule import stage_dependencies
+
+    run, _ = demo
+    report = json.loads((run / "report.json").read_text())
+    stages = {s["stage"]: s for s in report["stages"]}
+    assert all(s["threads"] >= 1 and 0 <= s["start_s"] < s["end_s"] for s in stages.values()), stages
+    assert stages["teacher"]["threads"] == min(2, available_cpus()) and stages["pretrain"]["threads"] == 1  # "all", 1
+    assert min(s["start_s"] for s in stages.values()) == 0
+    assert max(s["end_s"] for s in stages.values()) <= report["elapsed_s"]
+    after = stage_dependencies(load_recipe(DEMO_RECIPE), run)
+    late = [(name, dep) for name, deps in after.items() for dep in deps
+            if stages[name]["start_s"] < stages[dep]["end_s"] - 0.05]
+    assert not late, late
+    if available_cpus() >= 2:
+        overlapping = [(a, b) for a in stages for b in stages if a < b and stages[a]["start_s"] < stages[b]["end_s"]
+                       and stages[b]["start_s"] < stages[a]["end_s"]]
+        assert overlapping
+    assert 0 < report["cores_busy"] <= 1.0, report["cores_busy"]
+    md = (run / "report.md").read_text()
+    assert "| # | stage | kind | threads | start (s) | end (s) | wall time (s) | |" in md
+    assert f"of the {report['cores']} cores' time" in md
 
 
 def test_a_failing_stage_stops_new_starts_and_names_itself_and_its_log(tmp_path):
