@@ -19,10 +19,10 @@ as a process frees large blocks: what happens depends on what the process alloca
 each step page-faults them in again: 5,600-6,700 minor faults a step for this model, none for
 diffusers' (measured). A training stage does not pay that: after loading its data its heap stays
 mapped (``snapgen finetune`` at 64 px: ~34 faults a step, from ``ru_minflt`` of 100- and 300-step
-runs). ``--allocator steady``
-(the default) therefore sets glibc's mmap and trim thresholds (``mallopt``) before any model is
-built, for both models alike, so the comparison is of the step's work; ``--allocator default``
-measures the fresh-process state. Each model's faults a step are recorded either way.
+runs). ``--allocator steady`` (the default) therefore sets glibc's mmap and trim thresholds
+(``mallopt``) before any model is built, for both models alike, so the comparison is of the
+step's work; ``--allocator default`` measures the fresh-process state. Each model's faults a
+step are recorded either way.
 
 ``--ref GITREF`` also times this repository's ``snapgen_cli`` at a git ref (imported from
 ``git archive`` under another package name) in the same rounds: before/after in one run.
@@ -115,20 +115,27 @@ def meta_macs(build, pooled: bool, setup: dict) -> int:
         return count_macs(lambda: model(*args))
 
 
-def steady_allocator() -> bool:
-    """glibc: keep freed memory mapped (no mmap for large blocks, no trimming), as a training
-    stage's warm heap behaves. False where the C library is not glibc (nothing changed)."""
+def malloc_thresholds(mmap: int, trim: int, top_pad: int | None = None) -> bool:
+    """Pin glibc's mmap and trim thresholds (bytes; ``mallopt``, which also stops their dynamic
+    raise) and optionally its top pad. False where the C library is not glibc or refuses a value."""
     import ctypes
     import ctypes.util
 
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
     m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # glibc's <malloc.h>
-    return all(mallopt(opt, value) == 1 for opt, value in (
-        (m_mmap_threshold, 32 << 20), (m_trim_threshold, 1 << 30), (m_top_pad, 64 << 20)))
+    settings = [(m_mmap_threshold, mmap), (m_trim_threshold, trim)]
+    if top_pad is not None:
+        settings.append((m_top_pad, top_pad))
+    return all(mallopt(opt, value) == 1 for opt, value in settings)
+
+
+def steady_allocator() -> bool:
+    """glibc: keep freed memory mapped (no mmap for large blocks, no trimming), as a training
+    stage's warm heap behaves. False where the C library is not glibc (nothing changed)."""
+    return malloc_thresholds(mmap=32 << 20, trim=1 << 30, top_pad=64 << 20)
 
 
 def _minor_faults() -> int:

@@ -170,12 +170,11 @@ def test_train_step_benchmark_steady_allocator_stops_the_page_faults_of_freed_ac
 
     bench = Path(__file__).resolve().parents[1] / "benchmarks"
     script = (
-        "import ctypes, ctypes.util, sys, torch; sys.path.insert(0, %r); import bench_train_step as b\n"
+        "import sys, torch; sys.path.insert(0, %r); import bench_train_step as b\n"
         "if sys.argv[1] == 'steady':\n"
         "    assert b.steady_allocator()\n"
         "else:\n"
-        "    libc = ctypes.CDLL(ctypes.util.find_library('c'))\n"
-        "    assert libc.mallopt(-3, 128 << 10) == 1 and libc.mallopt(-1, 128 << 10) == 1\n"
+        "    assert b.malloc_thresholds(mmap=128 << 10, trim=128 << 10)\n"
         "def churn():\n"
         "    xs = [torch.empty(32, 64, 96).fill_(1.0) for _ in range(20)]\n"
         "    del xs\n"
