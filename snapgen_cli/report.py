@@ -298,8 +298,10 @@ def _markdown(report: dict, run_dir: Path) -> str:
                              f"{_fmt(a['threshold_db'], 0)} |")
         lines.append("\nParity: PSNR of each exported model against PyTorch on fixed seeded inputs (Apple's formula); "
                      "`export.json` in the stage's folder has every figure, shape and file.\n")
-    lines += ["## Stages", "", "Start and end: seconds after the first stage of this run started.", "",
-              "| # | stage | kind | threads | start (s) | end (s) | wall time (s) | |",
+    lines += ["## Stages", ""]
+    if any(s.get("start_s") is not None for s in report["stages"]):
+        lines += ["Start and end: seconds after the first stage of this run started.", ""]
+    lines += ["| # | stage | kind | threads | start (s) | end (s) | wall time (s) | |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for i, s in enumerate(report["stages"], 1):
         span = [_fmt(s[k], 1) if s.get(k) is not None else "" for k in ("start_s", "end_s")]
